@@ -1,0 +1,464 @@
+"""Byte-exact memory accounting on any device: ``MemoryTracker`` and ``saved_activations``.
+
+``torch.cuda.max_memory_allocated`` needs a GPU and counts the allocator's rounding and cached
+blocks. The tracker instead counts tensor *storages*: a ``TorchDispatchMode`` sees every op's
+outputs and records each new storage once (views, in-place and ``out=`` results share a storage
+of one of the op's inputs, so they are not new), and a ``weakref.finalize`` on the storage
+subtracts its bytes when it is freed. Because only storage sizes are read, the same figures come
+out on ``cpu``, ``cuda`` and ``meta``.
+
+``torch.autograd.graph.saved_tensors_hooks`` tell which storages autograd keeps for backward.
+Checkpointing pushes its own hooks inside ours, so inside a checkpointed region we see only
+what the checkpoint itself saves (its inputs), which is exactly what it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import weakref
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from remat._storage import device_of, iter_tensors, storage_of, tensors_of
+
+__all__ = [
+    "MemoryTracker",
+    "SavedActivation",
+    "SavedActivationTable",
+    "TimelineEvent",
+    "saved_activations",
+]
+
+OUTSIDE = "<outside>"  # allocated while no module of the tracked model ran (e.g. the loss)
+BACKWARD = "<backward>"  # allocated by the autograd engine outside any (recomputed) module
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """One op seen by the tracker.
+
+    Attributes:
+        op: the aten op, e.g. ``"aten.addmm.default"``.
+        module: qualified name of the innermost module running (``""`` is the root).
+        phase: ``"forward"`` or ``"backward"`` (the autograd engine is running).
+        live_bytes: bytes of live storages right after the op.
+    """
+
+    op: str
+    module: str
+    phase: str
+    live_bytes: int
+
+
+def _phase() -> str:
+    # -1 outside the autograd engine; a graph task id while backward runs (also in its threads).
+    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+
+class _Held:
+    """What our pack hook hands autograd: a detached alias, so the graph holds the storage
+    without a reference cycle through ``grad_fn``; its finalizer says when autograd lets go."""
+
+    __slots__ = ("__weakref__", "t")
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tracker._after_op(func, args, kwargs, out)
+        return out
+
+
+class MemoryTracker:
+    """Counts live and peak bytes of tensor storages, exactly, on cpu, cuda and meta.
+
+    Args:
+        module: the model whose qualified module names attribute the bytes; its forward
+            pre/post hooks mark which module runs. ``None``: everything is ``"<outside>"``.
+        count_existing: tensors and modules (parameters, buffers, inputs) whose storages count
+            as live from the start, so totals match what the device holds.
+        timeline: record a :class:`TimelineEvent` per op (turn off for very long runs).
+
+    Attributes (bytes):
+        peak_bytes: highest live total seen.
+        current_bytes: live total now (at exit: what stays allocated).
+        peak_by_phase: ``{"forward": ..., "backward": ...}``.
+        peak_by_module: for each module, the highest live total while it ran (it or a
+            submodule); backward ops outside recomputed modules count under ``"<backward>"``.
+        saved_bytes: activations autograd holds for backward at the end of forward (unique
+            storages; parameters and buffers are not activations and are left out).
+        saved_bytes_by_module: the same per module, counting what the module or its submodules
+            saved. A storage saved by two modules (a ReLU output is also the next Linear's
+            input) counts in both rows but once in ``saved_bytes``.
+        timeline: list of :class:`TimelineEvent`.
+        cuda_max_allocated, cuda_max_reserved: the CUDA allocator's own peaks (its peak stats
+            are reset on entry); ``None`` when nothing tracked lives on CUDA.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module`` or ``count_existing`` holds other things.
+
+    Example:
+        >>> with MemoryTracker(module=model, count_existing=[model, x]) as mt:
+        ...     model(x).sum().backward()
+        >>> mt.peak_by_phase["forward"], mt.saved_bytes
+    """
+
+    def __init__(
+        self,
+        *,
+        module: nn.Module | None = None,
+        count_existing: Iterable[Tensor | nn.Module] = (),
+        timeline: bool = True,
+    ) -> None:
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"MemoryTracker: module must be an nn.Module, got {type(module)!r}")
+        items = (
+            [count_existing]
+            if isinstance(count_existing, (Tensor, nn.Module))
+            else list(count_existing)
+        )
+        self.module = module
+        self._existing = tensors_of(items)
+        # Parameters and buffers are held anyway; saved_bytes counts activations only.
+        self._state = [
+            t
+            for m in [module, *items]
+            if isinstance(m, nn.Module)
+            for t in (*m.parameters(), *m.buffers())
+        ]
+        self._record_timeline = timeline
+        self._lock = threading.RLock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.peak_bytes = 0
+        self.current_bytes = 0
+        self.peak_by_phase: dict[str, int] = {"forward": 0, "backward": 0}
+        self.peak_by_module: dict[str, int] = {}
+        self.saved_bytes = 0
+        self.saved_bytes_by_module: dict[str, int] = {}
+        self.timeline: list[TimelineEvent] = []
+        self.cuda_max_allocated: int | None = None
+        self.cuda_max_reserved: int | None = None
+        self._live: dict[int, int] = {}  # storage key -> bytes
+        self._finalizers: list[weakref.finalize] = []
+        self._held: dict[int, list] = {}  # storage key -> [holders, bytes, modules]
+        self._not_activations: set[int] = set()  # parameter and buffer storages
+        self._stack: list[str] = []
+        self._last_phase = "forward"
+        self._snapshot_taken = False
+        self._active = False
+        self._internal = False
+        self._cuda_device: torch.device | None = None
+
+    # ---- context manager -------------------------------------------------------------
+    def __enter__(self) -> MemoryTracker:
+        self._reset()
+        self._active = True
+        for t in [*self._state, *(t for t in self._existing if isinstance(t, nn.Parameter))]:
+            st = storage_of(t)
+            if st is not None:
+                self._not_activations.add(st._cdata)
+        for t in self._existing:
+            st = storage_of(t)
+            if st is not None and st._cdata not in self._live:  # tied weights count once
+                self._add_storage(st)
+        self._update_peaks(self._phase_now())
+        self._start_cuda([*self._state, *self._existing])
+        self._stack_ctx = contextlib.ExitStack()
+        try:
+            if self.module is not None:
+                self._install_module_hooks(self.module)
+            self._stack_ctx.enter_context(
+                torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            )
+            self._stack_ctx.enter_context(_Mode(self))
+        except BaseException:
+            self._stack_ctx.close()
+            self._active = False
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack_ctx.close()  # pops the mode, the hooks and the module hooks, in order
+        finally:
+            with self._lock:
+                if not self._snapshot_taken:
+                    self._snapshot_saved()
+                self._active = False
+                for f in self._finalizers:
+                    f.detach()
+                self._finalizers.clear()
+                self._stack.clear()
+            self._stop_cuda()
+
+    # ---- module attribution ----------------------------------------------------------
+    def _install_module_hooks(self, root: nn.Module) -> None:
+        def pre(name: str):
+            def hook(mod, args):
+                self._stack.append(name)
+
+            return hook
+
+        def post(name: str):
+            def hook(mod, args, out):
+                # Pop our own name; an exception may have skipped inner pops.
+                while self._stack and self._stack.pop() != name:
+                    pass
+
+            return hook
+
+        for name, mod in root.named_modules():
+            self._stack_ctx.callback(mod.register_forward_pre_hook(pre(name)).remove)
+            self._stack_ctx.callback(mod.register_forward_hook(post(name), always_call=True).remove)
+
+    def _current_module(self, phase: str) -> str:
+        if self._stack:
+            return self._stack[-1]
+        return BACKWARD if phase == "backward" else OUTSIDE
+
+    def _phase_now(self) -> str:
+        phase = _phase()
+        if phase != self._last_phase:
+            if phase == "backward" and not self._snapshot_taken:
+                self._snapshot_saved()
+            self._last_phase = phase
+        return phase
+
+    # ---- storage accounting ----------------------------------------------------------
+    def _add_storage(self, st: torch.UntypedStorage) -> None:
+        key, nbytes = st._cdata, st.nbytes()
+        self._live[key] = nbytes
+        self.current_bytes += nbytes
+        self._finalizers.append(weakref.finalize(st, self._on_free, key))
+
+    def _on_free(self, key: int) -> None:
+        with self._lock:
+            if self._active and key in self._live:
+                self.current_bytes -= self._live.pop(key)
+
+    def _update_peaks(self, phase: str) -> None:
+        cur = self.current_bytes
+        self.peak_bytes = max(self.peak_bytes, cur)
+        self.peak_by_phase[phase] = max(self.peak_by_phase[phase], cur)
+        names = self._stack or [self._current_module(phase)]
+        for name in set(names):
+            if cur > self.peak_by_module.get(name, -1):
+                self.peak_by_module[name] = cur
+
+    def _after_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        if self._internal or not self._active:
+            return
+        with self._lock:
+            phase = self._phase_now()
+            inputs = {st._cdata for t in iter_tensors(args, kwargs) if (st := storage_of(t))}
+            for t in iter_tensors(out):
+                st = storage_of(t)
+                if st is None:
+                    continue
+                key = st._cdata
+                if key in self._live:
+                    grown = st.nbytes() - self._live[key]  # resize_ or out= resizing
+                    self._live[key] += grown
+                    self.current_bytes += grown
+                elif key not in inputs:
+                    self._add_storage(st)
+            self._update_peaks(phase)
+            if self._record_timeline:
+                self.timeline.append(
+                    TimelineEvent(str(func), self._current_module(phase), phase, self.current_bytes)
+                )
+
+    # ---- saved tensors ---------------------------------------------------------------
+    def _pack(self, t: Tensor) -> Any:
+        st = storage_of(t)
+        if (
+            st is None
+            or st._cdata in self._not_activations
+            or isinstance(t, nn.Parameter)
+            or isinstance(t._base, nn.Parameter)  # weight.t() saved by addmm
+        ):
+            return t
+        key = st._cdata
+        self._internal = True  # our own detach() is not part of the model's timeline
+        try:
+            holder = _Held(t.detach())
+        finally:
+            self._internal = False
+        with self._lock:
+            entry = self._held.setdefault(key, [0, st.nbytes(), set()])
+            entry[0] += 1
+            entry[2].update(self._stack or [self._current_module(_phase())])
+        weakref.finalize(holder, self._release, key)
+        return holder
+
+    @staticmethod
+    def _unpack(packed: Any) -> Tensor:
+        return packed.t if isinstance(packed, _Held) else packed
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            entry = self._held.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del self._held[key]
+
+    def _snapshot_saved(self) -> None:
+        self._snapshot_taken = True
+        by_module: dict[str, int] = {}
+        total = 0
+        for _, nbytes, modules in self._held.values():
+            total += nbytes
+            for name in modules:
+                by_module[name] = by_module.get(name, 0) + nbytes
+        self.saved_bytes = total
+        self.saved_bytes_by_module = by_module
+
+    # ---- CUDA allocator figures --------------------------------------------------------
+    def _start_cuda(self, tensors: list[Tensor]) -> None:
+        for t in tensors:
+            if t.device.type == "cuda":
+                self._cuda_device = t.device
+                torch.cuda.synchronize(t.device)
+                torch.cuda.reset_peak_memory_stats(t.device)
+                return
+
+    def _stop_cuda(self) -> None:
+        if self._cuda_device is not None:
+            torch.cuda.synchronize(self._cuda_device)
+            self.cuda_max_allocated = torch.cuda.max_memory_allocated(self._cuda_device)
+            self.cuda_max_reserved = torch.cuda.max_memory_reserved(self._cuda_device)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as a JSON-ready dict (bytes; the timeline only as its length)."""
+        return {
+            "peak_bytes": self.peak_bytes,
+            "current_bytes": self.current_bytes,
+            "peak_by_phase": dict(self.peak_by_phase),
+            "peak_by_module": dict(self.peak_by_module),
+            "saved_bytes": self.saved_bytes,
+            "saved_bytes_by_module": dict(self.saved_bytes_by_module),
+            "cuda_max_allocated": self.cuda_max_allocated,
+            "cuda_max_reserved": self.cuda_max_reserved,
+            "timeline_events": len(self.timeline),
+        }
+
+
+# ---- saved_activations: the tutorial's hook check, in bytes ------------------------------
+@dataclass(frozen=True, slots=True)
+class SavedActivation:
+    """One module's row in :func:`saved_activations`.
+
+    Attributes:
+        module: qualified name (``""`` is the root model).
+        type: the module's class name.
+        saved_bytes: activation bytes autograd keeps for backward because of ops in this module
+            or its submodules (unique storages; parameters excluded).
+        stores_activations: ``saved_bytes > 0``.
+    """
+
+    module: str
+    type: str
+    saved_bytes: int
+    stores_activations: bool
+
+
+class SavedActivationTable(list):
+    """The rows of :func:`saved_activations`; ``total_bytes`` counts each storage once."""
+
+    def __init__(self, rows: Iterable[SavedActivation], *, total_bytes: int) -> None:
+        super().__init__(rows)
+        self.total_bytes = total_bytes
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """The rows as plain dicts."""
+        return [asdict(r) for r in self]
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The rows and the total as a JSON string (``kwargs`` go to ``json.dumps``)."""
+        return json.dumps({"rows": self.to_dicts(), "total_bytes": self.total_bytes}, **kwargs)
+
+    def __str__(self) -> str:
+        names = [
+            ("  " * r.module.count(".") + (r.module or "<root>")) if r.module else "<root>"
+            for r in self
+        ]
+        w = max([len("module"), *map(len, names)])
+        tw = max([len("type"), *(len(r.type) for r in self)])
+        lines = [f"{'module':<{w}}  {'type':<{tw}}  {'saved bytes':>14}  {'MB':>9}  stores"]
+        for name, r in zip(names, self):
+            lines.append(
+                f"{name:<{w}}  {r.type:<{tw}}  {r.saved_bytes:>14,}  "
+                f"{r.saved_bytes / 1e6:>9.3f}  {'yes' if r.stores_activations else 'no'}"
+            )
+        lines.append(
+            f"{'total (each storage once)':<{w + tw + 2}}  {self.total_bytes:>14,}  "
+            f"{self.total_bytes / 1e6:>9.3f}"
+        )
+        return "\n".join(lines)
+
+
+def saved_activations(model: nn.Module, *inputs: Any, **kwargs: Any) -> SavedActivationTable:
+    """Bytes autograd keeps for backward, per module, after one forward of ``model``.
+
+    Runs ``model(*inputs, **kwargs)`` once with gradients enabled under a
+    :class:`MemoryTracker`, then drops the output and its graph.
+
+    Args:
+        model: the model; every module in ``model.named_modules()`` gets a row.
+        *inputs: positional inputs of ``model``.
+        **kwargs: keyword inputs of ``model``.
+
+    Returns:
+        A :class:`SavedActivationTable` (a list of :class:`SavedActivation`), printable.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the inputs, or inputs and parameters, are on different devices.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"saved_activations: model must be an nn.Module, got {type(model)!r}")
+    check_devices(model, inputs, kwargs)
+    tracker = MemoryTracker(
+        module=model, count_existing=[model, *iter_tensors(inputs, kwargs)], timeline=False
+    )
+    with torch.enable_grad(), tracker:
+        out = model(*inputs, **kwargs)
+    del out  # drops the graph
+    by_module = tracker.saved_bytes_by_module
+    return SavedActivationTable(
+        (
+            SavedActivation(
+                name, type(mod).__name__, by_module.get(name, 0), by_module.get(name, 0) > 0
+            )
+            for name, mod in model.named_modules()
+        ),
+        total_bytes=tracker.saved_bytes,
+    )
+
+
+def check_devices(model: nn.Module, inputs: tuple, kwargs: dict) -> None:
+    """Raise ``ValueError`` naming the culprits when inputs and parameters share no device."""
+    device = device_of([*inputs, *kwargs.values()], what="inputs")
+    param = next(iter(model.parameters()), None)
+    if device is not None and param is not None and param.device != device:
+        raise ValueError(
+            f"inputs are on {device} but the parameters of "
+            f"{type(model).__name__} are on {param.device}"
+        )
