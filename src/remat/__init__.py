@@ -5,6 +5,14 @@ The public API, grouped by pipeline stage (see DESIGN.md): engine, measure, mode
 
 from remat.checkpoint import CheckpointFunction, checkpoint, checkpoint_sequential
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
+from remat.estimate import EstimateReport, estimate
+from remat.memory import (
+    MemoryTracker,
+    SavedActivation,
+    SavedActivationTable,
+    TimelineEvent,
+    saved_activations,
+)
 
 __version__ = "0.1.0"
 
@@ -14,8 +22,16 @@ __all__ = [
     # engine
     "CheckpointError",
     "CheckpointFunction",
+    # measure
+    "EstimateReport",
+    "MemoryTracker",
     "PlanError",
     "RematError",
+    "SavedActivation",
+    "SavedActivationTable",
+    "TimelineEvent",
     "checkpoint",
     "checkpoint_sequential",
+    "estimate",
+    "saved_activations",
 ]

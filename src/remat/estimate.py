@@ -1,0 +1,262 @@
+"""Estimate a training step's memory without allocating it: ``MemoryTracker`` on the meta device.
+
+Meta tensors carry shapes, dtypes and storages of the right size but no data, so the tracker's
+storage accounting gives the same bytes as on a real device while nothing is allocated. The
+model's parameters and buffers are swapped for meta copies with ``torch.func.functional_call``
+(the model itself is left untouched), so models far larger than this machine can be measured:
+a Llama-70B-shaped model built on meta takes seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from remat._storage import device_of, iter_tensors, unique_storage_bytes
+from remat.memory import MemoryTracker, TimelineEvent
+
+__all__ = ["EstimateReport", "estimate"]
+
+ModuleFilter = Iterable[str] | Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimateReport:
+    """Memory of one training step (forward, scalar loss, backward), in bytes.
+
+    Attributes:
+        param_bytes: parameters (unique storages; tied weights once).
+        buffer_bytes: buffers.
+        input_bytes: the inputs given.
+        grad_bytes: parameter gradients after backward.
+        saved_bytes: activations autograd holds for backward at the end of forward.
+        forward_peak_bytes: peak during forward (parameters, buffers, inputs included).
+        peak_bytes: peak of the whole step, gradients included.
+        saved_bytes_by_module: ``MemoryTracker.saved_bytes_by_module``.
+        peak_by_module: ``MemoryTracker.peak_by_module``.
+        checkpointed: qualified names of the modules run under ``remat.checkpoint``.
+        timeline: the tracker's events (empty unless asked for).
+    """
+
+    param_bytes: int
+    buffer_bytes: int
+    input_bytes: int
+    grad_bytes: int
+    saved_bytes: int
+    forward_peak_bytes: int
+    peak_bytes: int
+    saved_bytes_by_module: dict[str, int]
+    peak_by_module: dict[str, int]
+    checkpointed: tuple[str, ...] = ()
+    timeline: list[TimelineEvent] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (without the timeline)."""
+        d = asdict(self)
+        d.pop("timeline")
+        d["checkpointed"] = list(self.checkpointed)
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``to_dict()`` as a JSON string."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        gib = 2**30
+        rows = [
+            ("parameters", self.param_bytes),
+            ("gradients", self.grad_bytes),
+            ("buffers", self.buffer_bytes),
+            ("inputs", self.input_bytes),
+            ("saved activations", self.saved_bytes),
+            ("forward peak", self.forward_peak_bytes),
+            ("training-step peak", self.peak_bytes),
+        ]
+        lines = [f"{name:<20} {b:>20,} B {b / gib:>10.2f} GiB" for name, b in rows]
+        lines.append(f"{'checkpointed':<20} {len(self.checkpointed)} modules")
+        return "\n".join(lines)
+
+
+def estimate(
+    model: nn.Module,
+    *inputs: Tensor | torch.Size | tuple[int, ...],
+    checkpoint_modules: ModuleFilter | None = None,
+    loss_fn: Callable[[Any], Tensor] | None = None,
+    timeline: bool = False,
+    **kwargs: Any,
+) -> EstimateReport:
+    """Measure one training step of ``model`` on the meta device, allocating nothing.
+
+    Args:
+        model: any module, on any device (``meta`` included); it is not modified.
+        *inputs: positional inputs: tensors (their shape and dtype are used), or shapes, which
+            become tensors of the model's floating dtype.
+        checkpoint_modules: modules to run under ``remat.checkpoint``: qualified names, or a
+            ``(module, fqn) -> bool`` filter. ``None``: no checkpointing.
+        loss_fn: ``output -> scalar``; default: the output's (or its ``.loss``/``.logits``, or
+            its first floating tensor's) ``.float().sum()``.
+        timeline: keep the tracker's per-op timeline in the report.
+        **kwargs: keyword inputs of ``model`` (tensors are moved to meta too).
+
+    Returns:
+        An :class:`EstimateReport`.
+
+    Raises:
+        TypeError: ``model`` is not a module, an input is neither a tensor nor a shape.
+        ValueError: unknown module name in ``checkpoint_modules``, tensor inputs on different
+            devices, or an output without a floating tensor to take the loss of.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = LlamaForCausalLM(config)
+        >>> ids = torch.zeros(1, 4096, dtype=torch.long)
+        >>> print(estimate(model, ids, use_cache=False, checkpoint_modules=lambda m, n:
+        ...     type(m).__name__ == "LlamaDecoderLayer"))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"estimate: model must be an nn.Module, got {type(model)!r}")
+    device_of([*inputs, *kwargs.values()], what="inputs")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    meta_inputs = tuple(_to_meta_input(x, i, dtype) for i, x in enumerate(inputs))
+    meta_kwargs = tree_map(_meta_like, kwargs)
+    names = _select(model, checkpoint_modules)
+
+    # Fresh meta leaves for every parameter and buffer: gradients land on these, not the model.
+    params = {
+        id(p): nn.Parameter(_meta_like(p), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    buffers = {id(b): _meta_like(b) for b in model.buffers()}
+    existing = [*params.values(), *buffers.values(), *iter_tensors(meta_inputs, meta_kwargs)]
+
+    tracker = MemoryTracker(module=model, count_existing=existing, timeline=timeline)
+    tracker._state.extend(buffers.values())  # buffers are state, not activations
+    with (
+        _swapped(model, params, buffers),
+        _checkpointed(model, names),
+        torch.enable_grad(),
+        tracker,
+    ):
+        out = model(*meta_inputs, **meta_kwargs)
+        forward_peak = tracker.peak_bytes
+        loss = (loss_fn or _default_loss)(out)
+        del out
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"estimate: loss_fn must return a scalar tensor, got {loss!r}")
+        loss.backward()
+        del loss
+
+    return EstimateReport(
+        param_bytes=unique_storage_bytes(params.values()),
+        buffer_bytes=unique_storage_bytes(buffers.values()),
+        input_bytes=unique_storage_bytes(iter_tensors(meta_inputs, meta_kwargs)),
+        grad_bytes=unique_storage_bytes(p.grad for p in params.values() if p.grad is not None),
+        saved_bytes=tracker.saved_bytes,
+        forward_peak_bytes=forward_peak,
+        peak_bytes=tracker.peak_bytes,
+        saved_bytes_by_module=dict(tracker.saved_bytes_by_module),
+        peak_by_module=dict(tracker.peak_by_module),
+        checkpointed=tuple(names),
+        timeline=tracker.timeline,
+    )
+
+
+def _meta_like(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    return x
+
+
+def _to_meta_input(x: Any, i: int, dtype: torch.dtype) -> Any:
+    if isinstance(x, Tensor):
+        return _meta_like(x)
+    if isinstance(x, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in x):
+        return torch.empty(tuple(x), dtype=dtype, device="meta")
+    raise TypeError(f"estimate: inputs[{i}] must be a tensor or a shape, got {type(x).__name__}")
+
+
+def _default_loss(out: Any) -> Tensor:
+    for attr in ("loss", "logits"):
+        value = getattr(out, attr, None)
+        if isinstance(value, Tensor):
+            return value.float().sum()
+    for t in iter_tensors(out):
+        if t.is_floating_point() and t.requires_grad:
+            return t.float().sum()
+    raise ValueError(
+        "estimate: the model's output holds no floating tensor that requires grad; pass loss_fn"
+    )
+
+
+def _select(model: nn.Module, which: ModuleFilter | None) -> list[str]:
+    if which is None:
+        return []
+    if callable(which):
+        return [n for n, m in model.named_modules() if which(m, n)]
+    if isinstance(which, str):
+        which = [which]
+    known = dict(model.named_modules())
+    names = list(which)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"checkpoint_modules: {type(model).__name__} has no module {n!r}")
+    return names
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, params: dict[int, Tensor], buffers: dict[int, Tensor]):
+    """Put the meta copies in place of the model's parameters and buffers for the whole step.
+
+    ``functional_call`` would restore the originals when forward returns, before a checkpoint
+    recomputes in backward. Keys are ``id()`` of the originals, so tied weights stay tied.
+    """
+    undo = []
+    try:
+        for mod in model.modules():
+            for slot, new in ((mod._parameters, params), (mod._buffers, buffers)):
+                for k, v in slot.items():
+                    if v is not None and id(v) in new:
+                        undo.append((slot, k, v))
+                        slot[k] = new[id(v)]
+        yield
+    finally:
+        for slot, k, v in reversed(undo):
+            slot[k] = v
+
+
+@contextlib.contextmanager
+def _checkpointed(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Run each named module's forward under ``remat.checkpoint``, restoring it afterwards.
+
+    The wrapper is an instance attribute, so module hooks still fire around it and the saved
+    inputs are attributed to the checkpointed module.
+    """
+    from remat.checkpoint import checkpoint  # late: remat.checkpoint imports heavier things
+
+    modules = dict(model.named_modules())
+    patched = []
+    try:
+        for n in names:
+            mod = modules[n]
+            orig = mod.forward
+
+            def fwd(*args: Any, _orig=orig, **kw: Any) -> Any:
+                return checkpoint(_orig, *args, **kw)
+
+            had = "forward" in mod.__dict__
+            mod.forward = fwd
+            patched.append((mod, had, orig))
+        yield
+    finally:
+        for mod, had, orig in reversed(patched):
+            if had:
+                mod.forward = orig
+            else:
+                del mod.forward
