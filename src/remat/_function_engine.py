@@ -17,7 +17,8 @@ instead of returning a wrong gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,37 @@ class _Call:
     out_leaves: list[Any] = field(default_factory=list)
     out_positions: list[int] = field(default_factory=list)
     out_records: list[_determinism.TensorRecord] = field(default_factory=list)
+    saved_records: list[_determinism.TensorRecord] = field(default_factory=list)
+
+    def record_saved(self, x: Tensor) -> None:
+        """Probe-pass pack hook: note what autograd would save, keep nothing."""
+        if self.determinism_check != "none":
+            self.saved_records.append(_determinism.record(x, self.determinism_check))
+
+    @contextlib.contextmanager
+    def checking_saved(self) -> Iterator[None]:
+        """Compare each tensor the recomputation saves with the probe pass's, in order."""
+        if self.determinism_check == "none":
+            yield
+            return
+        count = 0
+
+        def pack(x: Tensor) -> Tensor:
+            nonlocal count
+            if count < len(self.saved_records):
+                forward = self.saved_records[count]
+                again = _determinism.record(x, self.determinism_check)
+                if not forward.same_as(again):
+                    raise _determinism.mismatch_error(
+                        self.region, "saved tensor", count, forward, again
+                    )
+            count += 1
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            yield
+        if count != len(self.saved_records):
+            raise _determinism.count_error(self.region, len(self.saved_records), count)
 
     def call(self, tensors: Sequence[Tensor]) -> Any:
         leaves = list(self.flat_inputs)
@@ -52,10 +84,6 @@ class _Call:
             leaves[position] = tensor
         args, kwargs = tree_unflatten(leaves, self.spec)
         return self.fn(*args, **kwargs)
-
-
-def _discard(_: Tensor) -> None:
-    return None
 
 
 def _never_unpacked(_: Any) -> Tensor:  # pragma: no cover - the probe graph is never run
@@ -137,7 +165,7 @@ class CheckpointFunction(torch.autograd.Function):
             start = torch.empty((0,), requires_grad=True).mul(1).grad_fn._sequence_nr()
         with (
             torch.enable_grad(),
-            torch.autograd.graph.saved_tensors_hooks(_discard, _never_unpacked),
+            torch.autograd.graph.saved_tensors_hooks(call.record_saved, _never_unpacked),
         ):
             out = call.call(aliases)
         leaves, call.out_spec = tree_flatten(out)
@@ -166,25 +194,30 @@ class CheckpointFunction(torch.autograd.Function):
             # Fresh leaves: the recomputed graph ends here and is freed after this call.
             inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
         state: ForwardState = call.state  # type: ignore[assignment]
+        # Gradients are taken inside the replay, before buffers get their values back, so
+        # that a buffer the region saved is still at the version autograd recorded.
         with torch.enable_grad(), state.replay():
-            out = call.call(inputs)
-        leaves, _ = tree_flatten(out)
-        outs = [leaves[i] for i in call.out_positions if i < len(leaves)]
-        _check_outputs(call, outs)
-        needs = ctx.needs_input_grad[2:]
-        wanted = [t for t, need in zip((*inputs, *extra), needs) if need]
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
-        if not wanted or not pairs:
-            return (None, None, *(None for _ in needs))
-        grads = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs],
-                wanted,
-                [g for _, g in pairs],
-                allow_unused=True,
-                create_graph=create_graph,
+            with call.checking_saved():
+                out = call.call(inputs)
+            leaves, _ = tree_flatten(out)
+            outs = [leaves[i] for i in call.out_positions if i < len(leaves)]
+            _check_outputs(call, outs)
+            needs = ctx.needs_input_grad[2:]
+            wanted = [t for t, need in zip((*inputs, *extra), needs) if need]
+            pairs = [
+                (o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad
+            ]
+            if not wanted or not pairs:
+                return (None, None, *(None for _ in needs))
+            grads = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    wanted,
+                    [g for _, g in pairs],
+                    allow_unused=True,
+                    create_graph=create_graph,
+                )
             )
-        )
         return (None, None, *(next(grads) if need else None for need in needs))
 
 

@@ -103,49 +103,76 @@ def closure_tensors(fn: Any) -> list[Tensor]:
     return out
 
 
+# Modules whose kernels update buffers without bumping their version counter:
+# native_batch_norm's schema does not mark running_mean/running_var as mutated.
+_SILENT_MUTATORS = (nn.modules.batchnorm._NormBase,)
+
+
 @dataclass(slots=True)
 class BufferSnapshot:
     """Values of the buffers a region mutated, as they were before its forward.
 
     Buffers whose version counter did not move during the forward are dropped right after
     it, so only mutated buffers (BatchNorm statistics) cost memory until backward.
+    Normalisation layers' buffers are always kept, since their kernels update the running
+    statistics without touching the version counter.
     """
 
-    entries: list[tuple[Tensor, Tensor, int]] = field(default_factory=list)
+    entries: list[tuple[Tensor, Tensor, int, bool]] = field(default_factory=list)
 
     @classmethod
     def before_forward(cls, modules: Sequence[nn.Module]) -> BufferSnapshot:
         seen: set[int] = set()
         entries = []
         with torch.no_grad():
-            for module in modules:
-                for buf in module.buffers():
-                    if id(buf) in seen or buf.is_meta:
-                        continue
-                    seen.add(id(buf))
-                    entries.append((buf, buf.clone(), buf._version))
+            for root in modules:
+                for module in root.modules():
+                    silent = isinstance(module, _SILENT_MUTATORS)
+                    for buf in module.buffers(recurse=False):
+                        if id(buf) in seen or buf.is_meta:
+                            continue
+                        seen.add(id(buf))
+                        entries.append((buf, buf.clone(), buf._version, silent))
         return cls(entries)
 
     def keep_mutated(self) -> None:
         """After the forward: forget buffers the forward did not change."""
-        self.entries = [e for e in self.entries if e[0]._version != e[2]]
+        self.entries = [e for e in self.entries if e[3] or e[0]._version != e[2]]
 
     @contextlib.contextmanager
     def as_before_forward(self) -> Iterator[None]:
-        """Give mutated buffers their pre-forward values, and restore them afterwards."""
+        """Give mutated buffers their pre-forward values, and restore them afterwards.
+
+        Both copies keep the buffers' version counters as they were: the net effect on the
+        buffers is nil, and a graph outside the region that saved one of them must not see
+        a spurious in-place modification.
+        """
         if not self.entries:
             yield
             return
+        buffers = tuple(entry[0] for entry in self.entries)
+        versions = tuple(buf._version for buf in buffers)
         with torch.no_grad():
-            now = [buf.clone() for buf, _, _ in self.entries]
-            for buf, before, _ in self.entries:
+            now = [buf.clone() for buf in buffers]
+            for buf, before, *_ in self.entries:
                 buf.copy_(before)
+        _set_versions(buffers, versions)
         try:
             yield
         finally:
             with torch.no_grad():
-                for (buf, _, _), value in zip(self.entries, now):
+                for buf, value in zip(buffers, now):
                     buf.copy_(value)
+            _set_versions(buffers, versions)
+
+
+def _set_versions(tensors: tuple[Tensor, ...], versions: tuple[int, ...]) -> None:
+    setter = torch._C._autograd._unsafe_set_version_counter
+    try:
+        setter(tensors, versions)
+    except TypeError:  # torch < 2.6 takes one tensor at a time
+        for tensor, version in zip(tensors, versions):
+            setter(tensor, version)
 
 
 # ---------------------------------------------------------------------------------------

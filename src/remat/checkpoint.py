@@ -157,8 +157,10 @@ def _validate(
 
 def _check_kwargs_accepted(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Name a keyword that is neither a remat option nor an argument of ``fn``."""
+    # A module's __call__ takes **kwargs; what it accepts is its forward's signature.
+    target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(target)
     except (TypeError, ValueError):  # builtins without a signature: let fn decide
         return
     params = signature.parameters.values()
