@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from remat._storage import device_of, iter_tensors, unique_storage_bytes
@@ -124,27 +125,32 @@ def estimate(
         raise TypeError(f"estimate: model must be an nn.Module, got {type(model)!r}")
     device_of([*inputs, *kwargs.values()], what="inputs")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    meta_inputs = tuple(_to_meta_input(x, i, dtype) for i, x in enumerate(inputs))
-    meta_kwargs = tree_map(_meta_like, kwargs)
     names = _select(model, checkpoint_modules)
 
-    # Fresh meta leaves for every parameter and buffer: gradients land on these, not the model.
+    # Fake copies of every parameter and buffer (same device, no data): gradients land on
+    # these, not on the model. FakeTensorMode rather than plain meta tensors because ops then
+    # dispatch as on the real device (sdpa picks the same kernel) and models that branch on
+    # data can tell they are being traced (transformers checks for fake tensors).
+    fake = FakeTensorMode(allow_non_fake_inputs=False)
     params = {
-        id(p): nn.Parameter(_meta_like(p), requires_grad=p.requires_grad)
+        id(p): nn.Parameter(fake.from_tensor(p).detach(), requires_grad=p.requires_grad)
         for p in model.parameters()
     }
-    buffers = {id(b): _meta_like(b) for b in model.buffers()}
-    existing = [*params.values(), *buffers.values(), *iter_tensors(meta_inputs, meta_kwargs)]
+    buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
+    fake_inputs = tuple(_to_fake_input(fake, x, i, dtype) for i, x in enumerate(inputs))
+    fake_kwargs = tree_map(lambda x: fake.from_tensor(x) if isinstance(x, Tensor) else x, kwargs)
+    existing = [*params.values(), *buffers.values(), *iter_tensors(fake_inputs, fake_kwargs)]
 
     tracker = MemoryTracker(module=model, count_existing=existing, timeline=timeline)
     tracker._state.extend(buffers.values())  # buffers are state, not activations
     with (
         _swapped(model, params, buffers),
         _checkpointed(model, names),
+        fake,
         torch.enable_grad(),
         tracker,
     ):
-        out = model(*meta_inputs, **meta_kwargs)
+        out = model(*fake_inputs, **fake_kwargs)
         forward_peak = tracker.peak_bytes
         loss = (loss_fn or _default_loss)(out)
         del out
@@ -156,7 +162,7 @@ def estimate(
     return EstimateReport(
         param_bytes=unique_storage_bytes(params.values()),
         buffer_bytes=unique_storage_bytes(buffers.values()),
-        input_bytes=unique_storage_bytes(iter_tensors(meta_inputs, meta_kwargs)),
+        input_bytes=unique_storage_bytes(iter_tensors(fake_inputs, fake_kwargs)),
         grad_bytes=unique_storage_bytes(p.grad for p in params.values() if p.grad is not None),
         saved_bytes=tracker.saved_bytes,
         forward_peak_bytes=forward_peak,
@@ -168,17 +174,11 @@ def estimate(
     )
 
 
-def _meta_like(x: Any) -> Any:
+def _to_fake_input(fake: FakeTensorMode, x: Any, i: int, dtype: torch.dtype) -> Tensor:
     if isinstance(x, Tensor):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-    return x
-
-
-def _to_meta_input(x: Any, i: int, dtype: torch.dtype) -> Any:
-    if isinstance(x, Tensor):
-        return _meta_like(x)
+        return fake.from_tensor(x)
     if isinstance(x, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in x):
-        return torch.empty(tuple(x), dtype=dtype, device="meta")
+        return fake.from_tensor(torch.empty(tuple(x), dtype=dtype, device="meta"))
     raise TypeError(f"estimate: inputs[{i}] must be a tensor or a shape, got {type(x).__name__}")
 
 

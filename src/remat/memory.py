@@ -408,7 +408,7 @@ class SavedActivationTable(list):
                 f"{r.saved_bytes / 1e6:>9.3f}  {'yes' if r.stores_activations else 'no'}"
             )
         lines.append(
-            f"{'total (each storage once)':<{w + tw + 2}}  {self.total_bytes:>14,}  "
+            f"{'total (unique storages)':<{w + tw + 2}}  {self.total_bytes:>14,}  "
             f"{self.total_bytes / 1e6:>9.3f}"
         )
         return "\n".join(lines)
