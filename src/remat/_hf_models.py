@@ -1,0 +1,130 @@
+"""Hugging Face causal language models with random weights, as ``remat bench`` workloads.
+
+``hf:<arch>`` names a ``transformers`` model type (``gpt2``, ``llama``, ``mistral``,
+``qwen2``...). The model is built from that architecture's default config with small sizes,
+so a CPU benchmark takes seconds; the size flags override them. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from remat.models import Workload
+
+# Small enough for a CPU run in seconds, large enough that activations dominate memory.
+HF_DEFAULT_SIZES = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "vocab_size": 2048}
+HF_DEFAULT_BATCH = 8
+
+
+def _require_transformers() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        from remat._bench_configs import MissingExtraError
+
+        raise MissingExtraError("hf:<arch> models need transformers: pip install 'remat[hf]'")
+
+
+def check_arch(arch: str) -> None:
+    """Raise unless ``arch`` is a transformers model type (the message lists a few)."""
+    _require_transformers()
+    from transformers import CONFIG_MAPPING
+
+    if arch not in CONFIG_MAPPING:
+        raise ValueError(
+            f"unknown Hugging Face architecture {arch!r}; use a transformers model type such as "
+            "gpt2, llama, mistral, qwen2 (any key of transformers.CONFIG_MAPPING)"
+        )
+
+
+def _lm_loss(output: Any, targets: Tensor) -> Tensor:
+    logits = output.logits  # (B, T, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _layer_names(model: nn.Module) -> tuple[str, ...]:
+    """The transformer layers: the children of the longest ``nn.ModuleList``."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return ()
+    name, layers = max(lists, key=lambda nm: len(nm[1]))
+    return tuple(f"{name}.{i}" for i in range(len(layers)))
+
+
+def build_hf_workload(
+    arch: str,
+    *,
+    batch: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **sizes: int,
+) -> Workload:
+    """A randomly initialised ``AutoModelForCausalLM`` of type ``arch`` with LM inputs.
+
+    Args:
+        arch: transformers model type, e.g. ``"gpt2"`` or ``"llama"``.
+        batch: batch size (default 8).
+        device: where the model and data live.
+        dtype: parameter dtype.
+        seed: seeds weights and data.
+        **sizes: ``n_layers``, ``d_model``, ``n_heads``, ``seq_len``, ``vocab_size``
+            overriding :data:`HF_DEFAULT_SIZES`.
+
+    Returns:
+        A :class:`~remat.models.Workload` whose blocks are the transformer layers.
+
+    Raises:
+        MissingExtraError: transformers is not installed.
+        ValueError: unknown architecture or size option.
+    """
+    check_arch(arch)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    unknown = set(sizes) - set(HF_DEFAULT_SIZES)
+    if unknown:
+        raise ValueError(f"hf:{arch}: unknown size options {sorted(unknown)}")
+    s = {**HF_DEFAULT_SIZES, **sizes}
+    if s["d_model"] % s["n_heads"]:
+        raise ValueError(
+            f"hf:{arch}: d_model={s['d_model']} not divisible by n_heads={s['n_heads']}"
+        )
+    batch = HF_DEFAULT_BATCH if batch is None else batch
+    # Standard config names; each config's attribute_map translates (gpt2: n_embd, n_layer...).
+    # Passing them to the constructor lets it derive the rest (llama's head_dim).
+    overrides: dict[str, Any] = {
+        "hidden_size": s["d_model"],
+        "num_hidden_layers": s["n_layers"],
+        "num_attention_heads": s["n_heads"],
+        "max_position_embeddings": s["seq_len"],
+        "vocab_size": s["vocab_size"],
+        "use_cache": False,
+    }
+    default = AutoConfig.for_model(arch)
+    if hasattr(default, "num_key_value_heads"):
+        overrides["num_key_value_heads"] = s["n_heads"]
+    if hasattr(default, "intermediate_size"):
+        overrides["intermediate_size"] = 4 * s["d_model"]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # Default special tokens lie outside the small vocabulary.
+        if isinstance(getattr(default, key, None), int):
+            overrides[key] = 0
+    config = AutoConfig.for_model(arch, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, s["vocab_size"], (batch, s["seq_len"]), generator=gen)  # (B, T)
+    targets = torch.randint(0, s["vocab_size"], (batch, s["seq_len"]), generator=gen)
+    model = model.to(device=device, dtype=dtype)
+    return Workload(
+        name=f"hf:{arch}",
+        model=model,
+        inputs=(idx.to(device),),
+        targets=targets.to(device),
+        loss_fn=_lm_loss,
+        blocks=_layer_names(model),
+    )

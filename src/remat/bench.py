@@ -1,0 +1,366 @@
+"""``remat bench``: memory, time and FLOPs of checkpointing configurations, side by side.
+
+Each configuration runs in its own worker process (``python -m remat._bench_worker``), so one
+configuration's allocations never show up in another's figures. The parent drives the workers
+round-robin over pipes: every worker first measures memory, FLOPs and gradients, then does a
+warm-up step, then ``steps`` rounds in which each worker times one training step. Timing is
+therefore interleaved, and machine noise hits every configuration alike.
+
+``none`` is always run: it is the reference for gradients, the time ratio and extra FLOPs.
+
+Example:
+    >>> from remat.bench import BenchOptions, run_bench
+    >>> result = run_bench(BenchOptions(model="mlp", batch=64, steps=3))  # doctest: +SKIP
+    >>> result.failed  # doctest: +SKIP
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from remat._bench_configs import (
+    CONFIGS,
+    DTYPES,
+    BenchConfig,
+    MissingExtraError,
+    check_model,
+    default_config_names,
+    parse_configs,
+    register_config,
+)
+from remat._bench_worker import WorkerProcess
+
+__all__ = [
+    "CONFIGS",
+    "BenchConfig",
+    "BenchOptions",
+    "BenchResult",
+    "ConfigResult",
+    "Environment",
+    "MissingExtraError",
+    "compare_grads",
+    "default_config_names",
+    "parse_configs",
+    "register_config",
+    "run_bench",
+]
+
+SCHEMA = "remat.bench/1"
+
+
+# --------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass(kw_only=True)
+class Environment:
+    """Where and on what the benchmark ran (the JSON's ``environment``)."""
+
+    remat_version: str
+    torch_version: str
+    python: str
+    platform: str
+    device: str
+    device_name: str
+    dtype: str
+    model: str
+    parameters: int | None
+    batch: int | None
+    sizes: dict[str, int]
+    steps: int
+    warmup: int
+    seed: int
+
+
+@dataclass(kw_only=True)
+class ConfigResult:
+    """Everything measured for one configuration; ``None`` where it could not be measured.
+
+    Attributes:
+        name: the configuration (with its ``:arg``).
+        status: ``"ok"``; ``"FAIL"`` when loss or gradients differ from ``none``'s beyond
+            ``torch.testing.assert_close`` tolerances; ``"oom"`` when it ran out of memory;
+            ``"crashed"`` when its worker raised or died.
+        error: what went wrong, one line (``None`` when ok).
+        forward_peak_bytes: remat's tracker: peak live bytes during the forward pass,
+            parameters and inputs included.
+        step_peak_bytes: the same over the whole training step (forward + backward).
+        saved_bytes: bytes autograd kept for the backward pass at the end of the forward.
+        cuda_max_allocated_bytes: ``torch.cuda.max_memory_allocated`` over the step (CUDA only).
+        cuda_max_reserved_bytes: ``torch.cuda.max_memory_reserved`` over the step (CUDA only).
+        step_times_s: one training step's wall time per timed round.
+        median_step_s: the median of ``step_times_s``.
+        time_ratio: ``median_step_s`` over ``none``'s.
+        flops: FLOPs of one training step (``FlopCounterMode``), recomputation included.
+        extra_flops: ``flops`` minus ``none``'s: the price of recomputation.
+        loss: the step's loss.
+        loss_diff: ``|loss - none's loss|``.
+        max_grad_diff: largest absolute difference of any gradient element from ``none``'s (a
+            gradient missing on one side counts as zeros there).
+        grads_match: loss and every gradient within ``assert_close`` tolerances of ``none``'s.
+        timeline: ``[op_index, live_bytes]`` over the training step, max-pooled to at most
+            ``TIMELINE_POINTS`` points so peaks survive.
+        backward_start: the op index at which the backward pass starts.
+    """
+
+    name: str
+    status: str = "ok"
+    error: str | None = None
+    forward_peak_bytes: int | None = None
+    step_peak_bytes: int | None = None
+    saved_bytes: int | None = None
+    cuda_max_allocated_bytes: int | None = None
+    cuda_max_reserved_bytes: int | None = None
+    step_times_s: list[float] = field(default_factory=list)
+    median_step_s: float | None = None
+    time_ratio: float | None = None
+    flops: int | None = None
+    extra_flops: int | None = None
+    loss: float | None = None
+    loss_diff: float | None = None
+    max_grad_diff: float | None = None
+    grads_match: bool | None = None
+    timeline: list[list[int]] = field(default_factory=list)
+    backward_start: int | None = None
+
+
+@dataclass(kw_only=True)
+class BenchResult:
+    """A whole ``remat bench`` run: the environment and one row per configuration."""
+
+    environment: Environment
+    configs: list[ConfigResult]
+
+    @property
+    def failed(self) -> list[str]:
+        """Configurations whose gradients differ from ``none``'s or whose worker crashed."""
+        return [c.name for c in self.configs if c.status in ("FAIL", "crashed")]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document: ``{"schema", "environment", "configs"}``."""
+        return {"schema": SCHEMA, **asdict(self)}
+
+    def write_json(self, path: str) -> None:
+        """Write :meth:`to_dict` to ``path``."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+
+
+@dataclass(kw_only=True)
+class BenchOptions:
+    """What to benchmark (the ``remat bench`` flags).
+
+    Attributes:
+        model: ``mlp``, ``gpt``, ``convnet`` or ``hf:<arch>``.
+        configs: configuration names as :func:`parse_configs` returns them; ``None``: defaults.
+        batch: batch size; ``None`` for the model's default.
+        device: ``"cpu"`` or ``"cuda"``; ``None`` picks cuda when available.
+        dtype: one of ``DTYPES``.
+        steps: timed rounds; each round times one step of every configuration.
+        warmup: untimed rounds before them.
+        sizes: model size options (``n_layers``, ``d_model``, ``n_heads``, ``seq_len``,
+            ``vocab_size``) for gpt and hf models.
+        seed: seeds weights, data and every step's RNG.
+    """
+
+    model: str = "mlp"
+    configs: list[str] | None = None
+    batch: int | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    steps: int = 5
+    warmup: int = 1
+    sizes: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+
+
+def environment_base() -> dict[str, str]:
+    """Versions and platform, the parts of :class:`Environment` known without a worker."""
+    import remat
+
+    return {
+        "remat_version": getattr(remat, "__version__", "unknown"),
+        "torch_version": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` -> cuda when available, else cpu; validate an explicit choice.
+
+    Raises:
+        ValueError: a device other than cpu/cuda.
+        RuntimeError: cuda asked for and none available.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and device.partition(":")[0] != "cuda":
+        raise ValueError(f"unknown device {device!r}; valid devices: cpu, cuda")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device {device}: no CUDA GPU available (torch.cuda.is_available() is False)"
+        )
+    return device
+
+
+def run_bench(
+    options: BenchOptions, *, progress: Callable[[int, int, str], None] | None = None
+) -> BenchResult:
+    """Run every configuration in its own worker process and collect the results.
+
+    Args:
+        options: what to run.
+        progress: called as ``progress(done, total, what_next)`` as work advances.
+
+    Returns:
+        A :class:`BenchResult`; a configuration that crashed or ran out of memory has its
+        status and error set and ``None`` figures, the others are complete.
+
+    Raises:
+        ValueError: bad model, configuration, dtype, steps or sizes.
+        MissingExtraError: ``hf:<arch>`` without transformers.
+        RuntimeError: ``device="cuda"`` without a GPU.
+    """
+    names = parse_configs(",".join(options.configs or []))
+    check_model(options.model)
+    if options.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if options.steps < 1 or options.warmup < 0:
+        raise ValueError(
+            f"steps must be >= 1 and warmup >= 0, got {options.steps}, {options.warmup}"
+        )
+    if options.batch is not None and options.batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {options.batch}")
+    device = resolve_device(options.device)
+    report = progress or (lambda done, total, what: None)
+
+    with tempfile.TemporaryDirectory(prefix="remat-bench-") as tmp:
+        workers = [WorkerProcess(name, i, options, device, tmp) for i, name in enumerate(names)]
+        results = {w.name: ConfigResult(name=w.name) for w in workers}
+        rounds = options.warmup + options.steps
+        total, done = len(workers) * (2 + rounds), 0
+        ready: dict[str, dict[str, Any]] = {}
+        try:
+            for w in workers:  # all started above: their imports and builds overlap
+                report(done, total, f"starting {w.name}")
+                if (msg := w.read()) is not None:
+                    ready[w.name] = msg
+                done += 1
+            for w in workers:
+                report(done, total, f"measuring {w.name}")
+                if (msg := w.request("measure")) is not None:
+                    for key, value in msg.items():
+                        if hasattr(results[w.name], key):
+                            setattr(results[w.name], key, value)
+                done += 1
+            # Interleaved: every round times one step of each configuration in turn.
+            for r in range(rounds):
+                what = "warm-up" if r < options.warmup else f"round {r - options.warmup + 1}"
+                for w in workers:
+                    report(done, total, f"timing {w.name} ({what})")
+                    msg = w.request("step")
+                    if msg is not None and r >= options.warmup:
+                        results[w.name].step_times_s.append(msg["seconds"])
+                    done += 1
+        finally:
+            for w in workers:
+                w.close()
+        for w in workers:
+            results[w.name].status, results[w.name].error = w.status, w.error
+        _compare(list(results.values()), {w.name: w.grads_path for w in workers})
+    report(total, total, "done")
+
+    info = next(iter(ready.values()), {})
+    env = Environment(
+        **environment_base(),
+        device=device,
+        device_name=info.get("device_name", device),
+        dtype=options.dtype,
+        model=options.model,
+        parameters=info.get("parameters"),
+        batch=info.get("batch", options.batch),
+        sizes=dict(options.sizes),
+        steps=options.steps,
+        warmup=options.warmup,
+        seed=options.seed,
+    )
+    return BenchResult(environment=env, configs=list(results.values()))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    try:
+        torch.testing.assert_close(actual, expected)
+    except AssertionError:
+        return False
+    return True
+
+
+def compare_grads(
+    reference: dict[str, Any], other: dict[str, Any]
+) -> tuple[bool, float, float, list[str]]:
+    """Compare a configuration's loss and gradients with the reference's.
+
+    Args:
+        reference: ``{"loss": Tensor, "grads": {name: Tensor | None}}`` of ``none``.
+        other: the same for the configuration.
+
+    Returns:
+        ``(match, loss_diff, max_grad_diff, missing)``: whether loss and all gradients are within
+        ``torch.testing.assert_close`` tolerances, the absolute loss difference, the largest
+        absolute gradient difference, and parameters with a gradient on one side only.
+    """
+    match = _close(other["loss"], reference["loss"])
+    loss_diff = (other["loss"].double() - reference["loss"].double()).abs().item()
+    max_diff, missing = 0.0, []
+    for name in dict.fromkeys([*reference["grads"], *other["grads"]]):
+        a, b = other["grads"].get(name), reference["grads"].get(name)
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            missing.append(name)
+            max_diff = max(max_diff, (a if a is not None else b).double().abs().max().item())
+        elif a.shape != b.shape:
+            missing.append(name)
+            max_diff = math.inf
+        else:
+            max_diff = max(max_diff, (a.double() - b.double()).abs().max().item())
+            match = match and _close(a, b)
+    return match and not missing, loss_diff, max_diff, missing
+
+
+def _compare(results: list[ConfigResult], grads_paths: dict[str, str]) -> None:
+    """Fill the columns relative to ``none``: time ratio, extra FLOPs, gradient check."""
+    for r in results:
+        if r.step_times_s:
+            r.median_step_s = statistics.median(r.step_times_s)
+    ref = results[0]
+    measured = ref.status == "ok" and os.path.exists(grads_paths[ref.name])
+    reference = torch.load(grads_paths[ref.name], weights_only=True) if measured else None
+    for r in results:
+        if r.median_step_s is not None and ref.median_step_s:
+            r.time_ratio = r.median_step_s / ref.median_step_s
+        if r.flops is not None and ref.flops is not None:
+            r.extra_flops = r.flops - ref.flops
+        if reference is None or r.status != "ok":
+            continue
+        other = torch.load(grads_paths[r.name], weights_only=True)
+        r.grads_match, r.loss_diff, r.max_grad_diff, missing = compare_grads(reference, other)
+        if not r.grads_match:
+            r.status = "FAIL"
+            r.error = f"gradients differ from none's (max |diff| {r.max_grad_diff:.3g})"
+            if missing:
+                r.error += f"; no gradient for {len(missing)} parameters, e.g. {missing[0]}"

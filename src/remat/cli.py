@@ -1,0 +1,228 @@
+"""The ``remat`` command. Thin: argument parsing and printing; the work is in ``remat.bench``.
+
+rich and matplotlib are imported inside the functions that use them, so ``import remat``
+stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+DESCRIPTION = "remat: activation checkpointing for PyTorch, measured."
+
+MAIN_EPILOG = """\
+examples:
+  remat bench                                  the tutorial's MLP, every configuration
+  remat bench --model gpt --layers 6           a GPT-style stack
+  remat bench --json out/bench.json --plot out/bench.png
+  remat bench --help                           all options of the benchmark
+"""
+
+BENCH_EPILOG = """\
+configurations (--configs, comma-separated; none always runs, as the reference):
+{configs}
+
+examples:
+  remat bench
+  remat bench --configs remat,all-blocks --steps 10
+  remat bench --model gpt --layers 4 --d-model 128 --seq-len 128 --batch 4
+  remat bench --model hf:gpt2 --json gpt2.json --plot gpt2.png
+  remat bench --model convnet --device cuda --dtype bfloat16
+  remat bench --configs tutorial-reentrant      shows the reentrant bug: exits 1
+
+exit status: 0 when every configuration matches none's loss and gradients (a configuration
+that runs out of memory is a result, not a failure); 1 when one differs (FAIL) or its worker
+crashed, naming it; 2 for bad arguments.
+"""
+
+SIZE_FLAGS = {  # flag -> size option of GPTConfig (and of hf:<arch> models)
+    "layers": "n_layers",
+    "d_model": "d_model",
+    "heads": "n_heads",
+    "seq_len": "seq_len",
+    "vocab": "vocab_size",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from remat.bench import CONFIGS
+
+    listed = "\n".join(
+        f"  {c.name + (':<arg>' if c.takes_arg else ''):<20} {c.description}"
+        + ("" if c.default else " [not in the default set]")
+        for c in CONFIGS.values()
+        if not c.hidden
+    )
+    parser = argparse.ArgumentParser(
+        prog="remat",
+        description=DESCRIPTION,
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench",
+        help="memory, time and FLOPs of checkpointing configurations, side by side",
+        description="Run a training step of a model under each checkpointing configuration, "
+        "each in its own process; report memory peaks, saved bytes, step time (interleaved "
+        "rounds after a warm-up), extra FLOPs, and whether loss and gradients equal none's.",
+        epilog=BENCH_EPILOG.format(configs=listed),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "--model", default="mlp", help="mlp (default), gpt, convnet, or hf:<arch> (hf:gpt2...)"
+    )
+    bench.add_argument("--configs", help="comma-separated configurations (default: the set above)")
+    bench.add_argument("--batch", type=int, help="batch size (default: the model's)")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument(
+        "--dtype", default="float32", help="float32 (default), bfloat16, float16, float64"
+    )
+    bench.add_argument("--steps", type=int, default=5, help="timed rounds (default 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    bench.add_argument("--seed", type=int, default=0, help="seeds weights, data and dropout")
+    sizes = bench.add_argument_group("model sizes (gpt and hf:<arch>)")
+    for flag in SIZE_FLAGS:
+        sizes.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N")
+    bench.add_argument("--json", metavar="PATH", help="write every figure and the environment")
+    bench.add_argument("--plot", metavar="PATH", help="write the two-panel PNG")
+    bench.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _version() -> str:
+    import remat
+
+    return getattr(remat, "__version__", "unknown")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``remat`` with ``argv`` (``sys.argv[1:]`` when ``None``) and return the exit status.
+
+    Example:
+        >>> main(["bench", "--batch", "64", "--quiet", "--json", "bench.json"])  # doctest: +SKIP
+        0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors: argparse's own status
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.run(args)
+
+
+def _error(message: str) -> int:
+    print(f"remat bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from remat.bench import BenchOptions, MissingExtraError, parse_configs, run_bench
+
+    sizes = {opt: getattr(args, flag) for flag, opt in SIZE_FLAGS.items()}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if sizes and not (args.model == "gpt" or args.model.startswith("hf:")):
+        flags = ", ".join(f"--{f.replace('_', '-')}" for f in SIZE_FLAGS if getattr(args, f))
+        return _error(f"{flags}: size flags apply to --model gpt or hf:<arch>, not {args.model!r}")
+    try:
+        options = BenchOptions(
+            model=args.model,
+            configs=parse_configs(args.configs),
+            batch=args.batch,
+            device=args.device,
+            dtype=args.dtype,
+            steps=args.steps,
+            warmup=args.warmup,
+            sizes=sizes,
+            seed=args.seed,
+        )
+        result = run_bench(options) if args.quiet else _run_with_progress(run_bench, options)
+    except (ValueError, RuntimeError, MissingExtraError) as e:
+        return _error(str(e))
+
+    if args.json:
+        result.write_json(args.json)
+    if args.plot:
+        from remat.plots import plot_bench
+
+        plot_bench(result, args.plot)
+    if not args.quiet:
+        _print_table(result)
+    for row in result.configs:
+        if row.status in ("FAIL", "crashed"):
+            print(f"remat bench: {row.name}: {row.status}: {row.error}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _run_with_progress(run_bench: Any, options: Any) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting workers", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        return run_bench(options, progress=progress)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def _print_table(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = result.environment
+    title = (
+        f"remat bench: {env.model} ({env.parameters or 0:,} params), batch {env.batch}, "
+        f"{env.dtype}, {env.device_name}, median of {env.steps} interleaved steps"
+    )
+    table = Table(title=title, title_justify="left")
+    cuda = any(r.cuda_max_allocated_bytes is not None for r in result.configs)
+    headers = ["config", "fwd peak MB", "step peak MB", "saved MB"]
+    headers += ["cuda alloc MB", "cuda rsrvd MB"] if cuda else []
+    headers += ["step ms", "× none", "+GFLOP", "max |Δgrad|", "status"]
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 or h == "status" else "right")
+    for r in result.configs:
+        row = [r.name, _mb(r.forward_peak_bytes), _mb(r.step_peak_bytes), _mb(r.saved_bytes)]
+        if cuda:
+            row += [_mb(r.cuda_max_allocated_bytes), _mb(r.cuda_max_reserved_bytes)]
+        row += [
+            "-" if r.median_step_s is None else f"{r.median_step_s * 1e3:.1f}",
+            "-" if r.time_ratio is None else f"{r.time_ratio:.2f}",
+            "-" if r.extra_flops is None else f"{r.extra_flops / 1e9:+.2f}",
+            "-" if r.max_grad_diff is None else f"{r.max_grad_diff:.1e}",
+            _status(r),
+        ]
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: rich would assume 80 columns
+        console = Console(width=130)
+    console.print(table)
+
+
+def _status(r: Any) -> str:
+    if r.status == "ok":
+        return "[green]ok[/green]"
+    if r.status == "FAIL":
+        return "[bold red]FAIL[/bold red]: gradients differ"
+    # oom / crashed: the row still appears, with the reason.
+    return f"[yellow]{r.status}[/yellow]: {r.error}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
