@@ -1,10 +1,14 @@
-"""Estimate a training step's memory without allocating it: ``MemoryTracker`` on the meta device.
+"""Estimate a training step's memory without allocating it: ``MemoryTracker`` on fake tensors.
 
-Meta tensors carry shapes, dtypes and storages of the right size but no data, so the tracker's
-storage accounting gives the same bytes as on a real device while nothing is allocated. The
-model's parameters and buffers are swapped for meta copies with ``torch.func.functional_call``
-(the model itself is left untouched), so models far larger than this machine can be measured:
-a Llama-70B-shaped model built on meta takes seconds.
+Under ``FakeTensorMode`` tensors carry shapes, dtypes, devices and storages of the right size
+but no data, so the tracker's storage accounting gives the same bytes as a real run while
+nothing is allocated. The model's parameters and buffers are swapped for fake copies for the
+duration of the step (the model is restored untouched afterwards), so models far larger than
+this machine can be measured: a Llama-70B-shaped model built on meta takes seconds.
+
+Caveat: ops dispatch as on the parameters' device. A model built on ``meta`` runs meta
+kernels, e.g. ``scaled_dot_product_attention`` falls back to the math kernel and saves the
+attention matrix, which flash attention on a GPU would not.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def estimate(
     timeline: bool = False,
     **kwargs: Any,
 ) -> EstimateReport:
-    """Measure one training step of ``model`` on the meta device, allocating nothing.
+    """Measure one training step of ``model`` on fake tensors, allocating nothing.
 
     Args:
         model: any module, on any device (``meta`` included); it is not modified.
@@ -124,7 +128,9 @@ def estimate(
     if not isinstance(model, nn.Module):
         raise TypeError(f"estimate: model must be an nn.Module, got {type(model)!r}")
     device_of([*inputs, *kwargs.values()], what="inputs")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float32 if first is None else first.dtype
+    device = torch.device("cpu") if first is None else first.device
     names = _select(model, checkpoint_modules)
 
     # Fake copies of every parameter and buffer (same device, no data): gradients land on
@@ -137,7 +143,7 @@ def estimate(
         for p in model.parameters()
     }
     buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
-    fake_inputs = tuple(_to_fake_input(fake, x, i, dtype) for i, x in enumerate(inputs))
+    fake_inputs = tuple(_to_fake_input(fake, x, i, dtype, device) for i, x in enumerate(inputs))
     fake_kwargs = tree_map(lambda x: fake.from_tensor(x) if isinstance(x, Tensor) else x, kwargs)
     existing = [*params.values(), *buffers.values(), *iter_tensors(fake_inputs, fake_kwargs)]
 
@@ -174,11 +180,14 @@ def estimate(
     )
 
 
-def _to_fake_input(fake: FakeTensorMode, x: Any, i: int, dtype: torch.dtype) -> Tensor:
+def _to_fake_input(
+    fake: FakeTensorMode, x: Any, i: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     if isinstance(x, Tensor):
         return fake.from_tensor(x)
     if isinstance(x, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in x):
-        return fake.from_tensor(torch.empty(tuple(x), dtype=dtype, device="meta"))
+        with fake:  # a fake tensor on the model's device, nothing allocated
+            return torch.empty(tuple(x), dtype=dtype, device=device)
     raise TypeError(f"estimate: inputs[{i}] must be a tensor or a shape, got {type(x).__name__}")
 
 

@@ -212,6 +212,9 @@ class MemoryTracker:
         def pre(name: str):
             def hook(mod, args):
                 self._stack.append(name)
+                with self._lock:  # a module that runs no op still has a peak: what is live
+                    if self.current_bytes > self.peak_by_module.get(name, -1):
+                        self.peak_by_module[name] = self.current_bytes
 
             return hook
 
