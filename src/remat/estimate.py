@@ -108,7 +108,7 @@ def estimate(
         loss_fn: ``output -> scalar``; default: the output's (or its ``.loss``/``.logits``, or
             its first floating tensor's) ``.float().sum()``.
         timeline: keep the tracker's per-op timeline in the report.
-        **kwargs: keyword inputs of ``model`` (tensors are moved to meta too).
+        **kwargs: keyword inputs of ``model`` (tensors become fake copies too).
 
     Returns:
         An :class:`EstimateReport`.
@@ -221,7 +221,7 @@ def _select(model: nn.Module, which: ModuleFilter | None) -> list[str]:
 
 @contextlib.contextmanager
 def _swapped(model: nn.Module, params: dict[int, Tensor], buffers: dict[int, Tensor]):
-    """Put the meta copies in place of the model's parameters and buffers for the whole step.
+    """Put the fake copies in place of the model's parameters and buffers for the whole step.
 
     ``functional_call`` would restore the originals when forward returns, before a checkpoint
     recomputes in backward. Keys are ``id()`` of the originals, so tied weights stay tied.
