@@ -7,6 +7,7 @@ stays light.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -133,6 +134,12 @@ def _bench(args: argparse.Namespace) -> int:
     if sizes and not (args.model == "gpt" or args.model.startswith("hf:")):
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in SIZE_FLAGS if getattr(args, f))
         return _error(f"{flags}: size flags apply to --model gpt or hf:<arch>, not {args.model!r}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            try:  # fail now, not after minutes of benchmarking
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as e:
+                return _error(f"{flag} {path}: cannot create its directory ({e.strerror})")
     try:
         options = BenchOptions(
             model=args.model,
