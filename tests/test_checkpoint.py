@@ -340,3 +340,27 @@ def test_pytorch_checkpoint_keeps_same_bytes_as_hooks_engine():
     weights = (64 * 128 + 128 * 64) * 4  # addmm saves both weights (biases: no)
     # un-checkpointed: x, the weights, relu's output (32x128) and gelu's input (32x64)
     assert plain == x_bytes + weights + (32 * 128 + 32 * 64) * 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_tensor_survives_the_step(engine):
+    """Regression: a saved output packed with its history formed an uncollectable cycle."""
+    import gc
+
+    def live_tensors():
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    def attention(x):  # sdpa saves its outputs (out, logsumexp) for backward
+        return nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+    counts = []
+    for _ in range(3):
+        x = torch.randn(2, 4, 8, requires_grad=True)
+        h = x * 2
+        for _ in range(2):
+            h = remat.checkpoint(attention, h, engine=engine)
+        h.sum().backward()
+        del h, x
+        counts.append(live_tensors())
+    assert counts[0] == counts[1] == counts[2]

@@ -71,7 +71,8 @@ class _Call:
                         self.region, "saved tensor", count, forward, again
                     )
             count += 1
-            return x
+            # Detached, or a saved output would hold its own node alive (a leaked cycle).
+            return x.detach() if x.requires_grad else x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             yield

@@ -18,10 +18,12 @@ with the region's name, the tensor's position and the op that produced it.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
@@ -159,8 +161,16 @@ class _ForwardHooks(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
-    def __init__(self, frame: _Frame, gid: int) -> None:
+    def __init__(self, target: _Frame, gid: int) -> None:
+        # Only a weak reference: the hook object outlives the recomputation (the
+        # _StopRecomputation raised through autograd's C++ code keeps it referenced), and a
+        # strong one would keep the frame and all its recomputed tensors alive after backward.
+        frame_ref = weakref.ref(target)
+
         def pack(x: Tensor) -> Tensor:
+            frame = frame_ref()
+            if frame is None:  # pragma: no cover - the frame outlives its own recomputation
+                return x
             x_saved = x.detach() if x.requires_grad else x
             index = frame.counter[gid]
             frame.counter[gid] += 1
@@ -169,7 +179,7 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
                     # backward inside the region's own forward with early stop off: the
                     # forward is still saving, so counts cannot be compared yet.
                     frame.ignore_count_mismatch = True
-                    return x
+                    return x_saved
                 raise _determinism.count_error(frame.region, len(frame.weak_holders), index + 1)
             holder = frame.weak_holders[index]()
             if holder is not None:  # None: already used by an earlier backward, skip it
@@ -185,8 +195,10 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
                 frame.recomputed[gid][handle] = x_saved
             if frame.early_stop and frame.counter[gid] == len(frame.weak_holders):
                 raise _StopRecomputation
-            # Returned as is so that backward inside the recomputed region still works.
-            return x
+            # Detached: a saved *output* packed with its grad_fn would form a reference
+            # cycle node -> saved variable -> tensor -> node that is never freed. Autograd
+            # re-attaches the history on unpack, so backward inside the region still works.
+            return x_saved
 
         super().__init__(pack, lambda x: x)
 
@@ -200,18 +212,26 @@ def checkpoint_hooks(
     state: ForwardState,
     early_stop: bool,
     determinism_check: str,
+    context_fn: Callable[[], tuple[ContextManager[Any], ContextManager[Any]]] | None = None,
 ) -> Any:
-    """Run ``fn(*args, **kwargs)`` keeping only its inputs for backward."""
+    """Run ``fn(*args, **kwargs)`` keeping only its inputs for backward.
+
+    ``context_fn`` returns a pair of context managers entered around the forward and the
+    recomputation respectively (op-level policies use it for their dispatch modes).
+    """
     flat, spec = tree_flatten((args, kwargs))
+    forward_ctx, recompute_ctx = (
+        context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
+    )
 
     def run(leaves: list[Any]) -> None:
         r_args, r_kwargs = tree_unflatten(leaves, spec)
-        with state.replay():
+        with state.replay(), recompute_ctx:
             fn(*r_args, **r_kwargs)
 
     frame = _Frame(region, run, early_stop, determinism_check)
     frame.save_inputs(flat)
-    with _ForwardHooks(frame):
+    with _ForwardHooks(frame), forward_ctx:
         out = fn(*args, **kwargs)
     frame.forward_completed = True
     state.buffers.keep_mutated()

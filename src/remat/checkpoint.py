@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from remat._determinism import DETERMINISM_CHECKS
 from remat._function_engine import CheckpointFunction, checkpoint_function
@@ -83,6 +84,34 @@ def checkpoint(
         >>> checkpoint(block, x).sum().backward()
     """
     _validate(fn, engine, preserve_rng_state, determinism_check, early_stop, args, kwargs)
+    return run_checkpoint(
+        fn,
+        args,
+        kwargs,
+        engine=engine,
+        preserve_rng_state=preserve_rng_state,
+        determinism_check=determinism_check,
+        early_stop=early_stop,
+    )
+
+
+def run_checkpoint(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    engine: str = "hooks",
+    preserve_rng_state: bool = True,
+    determinism_check: str = "metadata",
+    early_stop: bool = True,
+    context_fn: Callable[[], tuple[Any, Any]] | None = None,
+) -> Any:
+    """:func:`checkpoint` without argument checks, for callers that validated them once
+    (``remat.apply``'s wrappers run this on every forward).
+
+    ``context_fn`` (hooks engine only) returns the context managers to enter around the
+    forward and the recomputation: op-level policies pass their dispatch modes here.
+    """
     if not torch.is_grad_enabled():  # no_grad / inference_mode: nothing to save
         return fn(*args, **kwargs)
     if engine == "function":
@@ -93,9 +122,8 @@ def checkpoint(
             preserve_rng_state=preserve_rng_state,
             determinism_check=determinism_check,
         )
-    flat_tensors = [x for x in _tensor_leaves((args, kwargs))]
     state = ForwardState.capture(
-        flat_tensors,
+        _tensor_leaves((args, kwargs)),
         reachable_modules(fn, [*args, *kwargs.values()]),
         preserve_rng_state=preserve_rng_state,
     )
@@ -108,6 +136,7 @@ def checkpoint(
         state=state,
         early_stop=early_stop,
         determinism_check=determinism_check,
+        context_fn=context_fn,
     )
     if state.cuda_initialized_during_forward():
         raise CheckpointError(
@@ -119,8 +148,6 @@ def checkpoint(
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
-
     return [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
