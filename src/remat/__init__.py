@@ -1,8 +1,11 @@
 """remat: activation checkpointing (rematerialization) for PyTorch.
 
-The public API, grouped by pipeline stage (see DESIGN.md): engine, measure, models, errors.
+The public API, grouped by pipeline stage (see DESIGN.md): engine, measure, apply,
+errors. Heavy optional dependencies (matplotlib, rich, transformers) are imported lazily by
+the modules that need them, never here.
 """
 
+from remat.apply import applied, apply, remove
 from remat.checkpoint import CheckpointFunction, checkpoint, checkpoint_sequential
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
 from remat.estimate import EstimateReport, estimate
@@ -13,25 +16,53 @@ from remat.memory import (
     TimelineEvent,
     saved_activations,
 )
+from remat.policies import (
+    Ops,
+    Policy,
+    Recompute,
+    Selector,
+    Treatment,
+    by_name,
+    by_type,
+    every,
+    ops,
+    recompute,
+    where,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # errors
-    "BudgetError",
     # engine
-    "CheckpointError",
     "CheckpointFunction",
+    "checkpoint",
+    "checkpoint_sequential",
     # measure
     "EstimateReport",
     "MemoryTracker",
-    "PlanError",
-    "RematError",
     "SavedActivation",
     "SavedActivationTable",
     "TimelineEvent",
-    "checkpoint",
-    "checkpoint_sequential",
     "estimate",
     "saved_activations",
+    # apply: policies and their application
+    "Ops",
+    "Policy",
+    "Recompute",
+    "Selector",
+    "Treatment",
+    "applied",
+    "apply",
+    "by_name",
+    "by_type",
+    "every",
+    "ops",
+    "recompute",
+    "remove",
+    "where",
+    # errors
+    "BudgetError",
+    "CheckpointError",
+    "PlanError",
+    "RematError",
 ]

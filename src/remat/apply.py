@@ -1,0 +1,135 @@
+"""Apply a policy to a model in place, and remove it again.
+
+``apply`` replaces the ``forward`` of each selected module with one that runs the original
+forward under the policy's treatment. Nothing else about the module changes: no wrapper
+module is inserted, so ``state_dict()`` keys, ``named_parameters()``, hooks and ``repr`` are
+exactly as without remat (PyTorch's ``checkpoint_wrapper`` adds a
+``_checkpoint_wrapped_module`` prefix that then has to be hidden from checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from remat._replay import register_module_names
+from remat.policies import Policy, Treatment, as_policy, as_selector
+
+__all__ = ["applied", "apply", "remove"]
+
+_STATE = "_remat_state"
+_MISSING = object()
+
+
+@dataclass(slots=True)
+class _Wrapped:
+    """What ``apply`` changed on one module, so ``remove`` can undo it exactly."""
+
+    treatment: Treatment
+    instance_forward: Any  # the module's own instance-level forward before apply, or _MISSING
+
+
+def _run_wrapped(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    state: _Wrapped = module.__dict__[_STATE]
+    if state.instance_forward is _MISSING:
+        forward = type(module).forward.__get__(module)
+    else:
+        forward = state.instance_forward
+    return state.treatment.run(forward, args, kwargs)
+
+
+def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
+    """Checkpoint the modules ``policy`` selects, in place.
+
+    Args:
+        model: the model; modified in place and returned.
+        policy: a selector (``remat.by_type(Block)``, ``remat.every(2)``, a glob string, a
+            module class or a ``(module, fqn) -> bool`` function: full recomputation), a
+            treatment (``remat.ops(...)``, ``remat.offload(...)``: applied to the model's
+            repeated blocks) or both combined with ``&``.
+        filter: an extra selector the regions must also match.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``policy``/``filter`` is not a policy.
+        ValueError: conflicting or unknown options in the policy.
+
+    Applying again updates the treatment of already-wrapped modules; it never nests a
+    module's checkpoint inside itself. Of a selected module and its selected descendants,
+    only the outermost becomes a region.
+
+    Example:
+        >>> model = remat.models.GPT()
+        >>> remat.apply(model, remat.every(2) & remat.ops("save-matmuls"))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remat.apply: model must be an nn.Module, got {type(model).__name__}")
+    pol: Policy = as_policy(policy)
+    selector = pol.selector if filter is None else pol.selector & as_selector(filter)
+    regions = _outermost(selector.select(model))
+    if not regions:
+        warnings.warn(
+            f"remat.apply: the policy selected no module of {type(model).__name__}; "
+            "nothing is checkpointed",
+            stacklevel=2,
+        )
+        return model
+    pol.treatment.check(model, regions)
+    for _, module in regions:
+        _wrap(module, pol.treatment)
+    register_module_names(model)
+    return model
+
+
+def _outermost(regions: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    kept: list[tuple[str, nn.Module]] = []
+    for fqn, module in regions:
+        if fqn == "" and len(regions) > 1:
+            continue  # the root and some children: the children are the regions
+        if any(fqn.startswith(outer + ".") for outer, _ in kept if outer):
+            continue
+        kept.append((fqn, module))
+    return kept
+
+
+def _wrap(module: nn.Module, treatment: Treatment) -> None:
+    state = module.__dict__.get(_STATE)
+    if state is not None:  # applied before: update, do not nest
+        state.treatment = treatment
+        return
+    module.__dict__[_STATE] = _Wrapped(treatment, module.__dict__.get("forward", _MISSING))
+    module.forward = functools.partial(_run_wrapped, module)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply` on every module of ``model``: original forwards, exactly.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remat.remove: model must be an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        state = module.__dict__.pop(_STATE, None)
+        if state is None:
+            continue
+        if state.instance_forward is _MISSING:
+            del module.forward
+        else:
+            module.forward = state.instance_forward
+    return model
+
+
+def applied(model: nn.Module) -> dict[str, str]:
+    """Qualified name -> treatment name of every region remat has applied to ``model``."""
+    return {
+        fqn: module.__dict__[_STATE].treatment.name
+        for fqn, module in model.named_modules()
+        if _STATE in module.__dict__
+    }

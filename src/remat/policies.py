@@ -1,0 +1,406 @@
+"""Policies: which modules to checkpoint (selectors) and what to do inside them (treatments).
+
+A policy is a selector combined with a treatment::
+
+    remat.apply(model, remat.by_type(Block))                       # recompute whole blocks
+    remat.apply(model, remat.every(2) & remat.ops("save-matmuls"))  # op-level, every 2nd block
+    remat.apply(model, remat.offload(min_bytes=1 << 20))           # offload, default blocks
+
+Selectors answer "is this module a region?" and combine with ``&`` and ``|``; a bare
+``(module, fqn) -> bool`` function is a selector too. Treatments say how a selected module's
+forward runs: :class:`Recompute` (plain checkpoint), :class:`Ops` (keep the outputs of some
+ops, recompute the rest) or ``remat.offload`` (saved tensors to CPU, no recompute).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat._determinism import DETERMINISM_CHECKS
+from remat.checkpoint import ENGINES, run_checkpoint
+
+__all__ = [
+    "OP_PRESETS",
+    "Ops",
+    "Policy",
+    "Recompute",
+    "Selector",
+    "Treatment",
+    "as_policy",
+    "block_lists",
+    "by_name",
+    "by_type",
+    "every",
+    "ops",
+    "recompute",
+    "where",
+]
+
+# ---------------------------------------------------------------------------------------
+# Selectors
+# ---------------------------------------------------------------------------------------
+
+
+class Selector:
+    """Chooses the modules that become checkpointed regions."""
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(qualified name, module)`` of every selected module, in ``named_modules`` order."""
+        return [(fqn, m) for fqn, m in model.named_modules() if self.matches(m, fqn, model)]
+
+    def matches(self, module: nn.Module, fqn: str, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def __and__(self, other: Any) -> Any:
+        if isinstance(other, Treatment):
+            return Policy(selector=self, treatment=other)
+        return _AllOf((self, as_selector(other)))
+
+    def __rand__(self, other: Any) -> Any:
+        return as_selector(other) & self
+
+    def __or__(self, other: Any) -> Selector:
+        return _AnyOf((self, as_selector(other)))
+
+    def __ror__(self, other: Any) -> Selector:
+        return as_selector(other) | self
+
+
+@dataclass(frozen=True)
+class _AllOf(Selector):
+    parts: tuple[Selector, ...]
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        chosen = [{fqn for fqn, _ in part.select(model)} for part in self.parts]
+        names = set.intersection(*chosen)
+        return [(fqn, m) for fqn, m in model.named_modules() if fqn in names]
+
+
+@dataclass(frozen=True)
+class _AnyOf(Selector):
+    parts: tuple[Selector, ...]
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        names = set().union(*({fqn for fqn, _ in part.select(model)} for part in self.parts))
+        return [(fqn, m) for fqn, m in model.named_modules() if fqn in names]
+
+
+@dataclass(frozen=True)
+class by_type(Selector):
+    """Modules that are instances of any of ``types`` (e.g. ``LlamaDecoderLayer``)."""
+
+    types: tuple[type, ...]
+
+    def __init__(self, *types: type) -> None:
+        if not types or not all(isinstance(t, type) for t in types):
+            raise TypeError(f"remat.by_type expects module classes, got {types!r}")
+        object.__setattr__(self, "types", types)
+
+    def matches(self, module: nn.Module, fqn: str, model: nn.Module) -> bool:
+        return isinstance(module, self.types)
+
+
+@dataclass(frozen=True)
+class by_name(Selector):
+    """Modules whose qualified name matches any glob pattern (``"blocks.*"``, ``"*.mlp"``)."""
+
+    patterns: tuple[str, ...]
+
+    def __init__(self, *patterns: str) -> None:
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"remat.by_name expects glob patterns as strings, got {patterns!r}")
+        object.__setattr__(self, "patterns", patterns)
+
+    def matches(self, module: nn.Module, fqn: str, model: nn.Module) -> bool:
+        return bool(fqn) and any(fnmatch.fnmatchcase(fqn, p) for p in self.patterns)
+
+
+@dataclass(frozen=True)
+class where(Selector):
+    """Modules for which ``predicate(module, fqn)`` is true."""
+
+    predicate: Callable[[nn.Module, str], bool]
+
+    def matches(self, module: nn.Module, fqn: str, model: nn.Module) -> bool:
+        return bool(self.predicate(module, fqn))
+
+
+def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList | nn.Sequential]]:
+    """The model's repeated-block lists: ModuleLists (and Sequentials) of two or more
+    modules of one type, outermost only (a list inside a block of another list is part of
+    that block)."""
+    found: list[tuple[str, nn.ModuleList | nn.Sequential]] = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if any(fqn.startswith(outer + ".") for outer, _ in found):
+            continue
+        found.append((fqn, module))
+    return found
+
+
+@dataclass(frozen=True)
+class every(Selector):
+    """Every ``n``-th block of each repeated-block list (blocks ``offset``, ``offset + n``, …).
+
+    ``every(1)`` is every block, the usual per-layer checkpointing; ``every(2)`` is Hugging
+    Face's "every other layer".
+    """
+
+    n: int
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"remat.every: n must be a positive integer, got {self.n!r}")
+        if not 0 <= self.offset < self.n:
+            raise ValueError(f"remat.every: offset must be in [0, {self.n}), got {self.offset}")
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        chosen = []
+        for fqn, blocks in block_lists(model):
+            prefix = f"{fqn}." if fqn else ""
+            for index, (name, block) in enumerate(blocks.named_children()):
+                if index % self.n == self.offset:
+                    chosen.append((prefix + name, block))
+        return chosen
+
+
+def as_selector(value: Any) -> Selector:
+    """A Selector from a selector, a module class, a glob string or a predicate."""
+    if isinstance(value, Selector):
+        return value
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return by_type(value)
+    if isinstance(value, str):
+        return by_name(value)
+    if callable(value):
+        return where(value)
+    raise TypeError(
+        "remat: a module filter must be a Selector (by_type, by_name, every, where), a module "
+        f"class, a glob pattern or a (module, fqn) -> bool function; got {type(value).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Treatments
+# ---------------------------------------------------------------------------------------
+
+
+class Treatment:
+    """How a selected module's forward runs. Subclasses implement :meth:`run`."""
+
+    name: str = "treatment"
+
+    def run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+        raise NotImplementedError
+
+    def check(self, model: nn.Module, regions: list[tuple[str, nn.Module]]) -> None:
+        """Called once by ``apply``: raise on options that conflict with this model."""
+
+    def __rand__(self, other: Any) -> Policy:
+        return Policy(selector=as_selector(other), treatment=self)
+
+
+def _check_engine_options(engine: str, determinism_check: str, flags: dict[str, Any]) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"remat: engine={engine!r} does not exist; choose one of {ENGINES}")
+    if determinism_check not in DETERMINISM_CHECKS:
+        raise ValueError(
+            f"remat: determinism_check={determinism_check!r} is not one of {DETERMINISM_CHECKS}"
+        )
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"remat: {name} must be a bool, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recompute(Treatment):
+    """Drop every activation of the region and recompute it in backward (full checkpoint).
+
+    Attributes:
+        engine: ``"hooks"`` or ``"function"`` (see :func:`remat.checkpoint`).
+        preserve_rng_state: replay RNG in recomputation (exact dropout); off saves a little.
+        determinism_check: ``"metadata"``, ``"values"`` or ``"none"``.
+        early_stop: stop recomputing once every needed tensor is back.
+    """
+
+    engine: str = "hooks"
+    preserve_rng_state: bool = True
+    determinism_check: str = "metadata"
+    early_stop: bool = True
+    name: str = "recompute"
+
+    def __post_init__(self) -> None:
+        _check_engine_options(
+            self.engine,
+            self.determinism_check,
+            {"preserve_rng_state": self.preserve_rng_state, "early_stop": self.early_stop},
+        )
+
+    def run(self, forward, args, kwargs):
+        return run_checkpoint(
+            forward,
+            args,
+            kwargs,
+            engine=self.engine,
+            preserve_rng_state=self.preserve_rng_state,
+            determinism_check=self.determinism_check,
+            early_stop=self.early_stop,
+        )
+
+
+def recompute(**options: Any) -> Recompute:
+    """Full recomputation of each selected region; options as :class:`Recompute`."""
+    unknown = sorted(
+        set(options) - {"engine", "preserve_rng_state", "determinism_check", "early_stop"}
+    )
+    if unknown:
+        raise TypeError(f"remat.recompute: unknown option(s) {', '.join(map(repr, unknown))}")
+    return Recompute(**options)
+
+
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution")
+_ATTENTION = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+# Named op lists. "save-matmuls" is the selective recompute of Korthikanti et al. 2022:
+# keep what is expensive to recompute (matmuls, attention), recompute pointwise ops and norms.
+OP_PRESETS: dict[str, tuple[str, ...]] = {
+    "save-matmuls": _MATMULS + _ATTENTION,
+    "save-attention": _ATTENTION,
+    "save-nothing": (),
+}
+
+
+def _resolve_ops(names: Iterable[Any], what: str) -> frozenset[Any]:
+    packets = set()
+    for name in names:
+        if isinstance(name, torch._ops.OpOverloadPacket):
+            packets.add(name)
+            continue
+        if isinstance(name, torch._ops.OpOverload):
+            packets.add(name.overloadpacket)
+            continue
+        if not isinstance(name, str):
+            raise TypeError(f"remat.ops: {what} entries must be op names or aten ops, got {name!r}")
+        short = name.removeprefix("aten.").removeprefix("torch.ops.aten.")
+        packet = getattr(torch.ops.aten, short, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            raise ValueError(f"remat.ops: unknown op {name!r} in {what} (expected an aten op name)")
+        packets.add(packet)
+    return frozenset(packets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ops(Treatment):
+    """Op-level (selective) checkpointing: keep the outputs of ``save`` ops, recompute the rest.
+
+    Outputs of saved ops are kept from the forward and handed back during recomputation
+    instead of being computed again, so recompute costs only the other ops. Runs on the
+    hooks engine.
+
+    Attributes:
+        save: ops whose outputs are kept (aten names such as ``"mm"`` or ``aten.mm``).
+        recompute: ops always recomputed, even if listed in ``save`` by a preset.
+        preset: name in :data:`OP_PRESETS` providing ``save`` (``"save-matmuls"``).
+    """
+
+    save: frozenset[Any] = field(default_factory=frozenset)
+    recompute: frozenset[Any] = field(default_factory=frozenset)
+    preset: str | None = None
+    determinism_check: str = "metadata"
+    name: str = "ops"
+
+    def policy_fn(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        packet = getattr(func, "overloadpacket", func)
+        if packet in self.save and packet not in self.recompute:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def run(self, forward, args, kwargs):
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        return run_checkpoint(
+            forward,
+            args,
+            kwargs,
+            determinism_check=self.determinism_check,
+            context_fn=lambda: create_selective_checkpoint_contexts(self.policy_fn),
+        )
+
+
+def ops(
+    preset: str | None = None,
+    *,
+    save: Iterable[Any] = (),
+    recompute: Iterable[Any] = (),
+    determinism_check: str = "metadata",
+) -> Ops:
+    """Op-level policy: ``remat.ops("save-matmuls")`` or ``remat.ops(save=["mm", "addmm"])``.
+
+    Raises:
+        ValueError: unknown preset or op name, or an op both saved and recomputed explicitly.
+    """
+    if preset is not None and preset not in OP_PRESETS:
+        raise ValueError(f"remat.ops: unknown preset {preset!r}; presets: {', '.join(OP_PRESETS)}")
+    save_set = _resolve_ops((*(OP_PRESETS[preset] if preset else ()), *save), "save")
+    explicit_save = _resolve_ops(save, "save")
+    recompute_set = _resolve_ops(recompute, "recompute")
+    conflict = explicit_save & recompute_set
+    if conflict:
+        names = ", ".join(sorted(str(op) for op in conflict))
+        raise ValueError(f"remat.ops: {names} listed in both save= and recompute=")
+    if determinism_check not in DETERMINISM_CHECKS:
+        raise ValueError(f"remat.ops: determinism_check={determinism_check!r} is not valid")
+    return Ops(
+        save=save_set, recompute=recompute_set, preset=preset, determinism_check=determinism_check
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Policy = selector + treatment
+# ---------------------------------------------------------------------------------------
+
+
+class _DefaultBlocks(Selector):
+    """The children of the model's repeated-block lists (``every(1)``)."""
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return every(1).select(model)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A selector and the treatment its regions get."""
+
+    selector: Selector
+    treatment: Treatment = field(default_factory=Recompute)
+
+
+def as_policy(value: Any) -> Policy:
+    """Accept a Policy, a Treatment (default blocks), or anything :func:`as_selector` takes."""
+    if isinstance(value, Policy):
+        return value
+    if isinstance(value, Treatment):
+        return Policy(selector=_DefaultBlocks(), treatment=value)
+    return Policy(selector=as_selector(value), treatment=Recompute())
+
+
+def sqrt_segment_length(n: int) -> int:
+    """Chen et al.'s segment length for a chain of ``n`` blocks: ceil(sqrt(n))."""
+    return max(1, math.ceil(math.sqrt(n)))
