@@ -22,7 +22,6 @@ from remat.policies import Policy, Treatment, as_policy, as_selector
 __all__ = ["applied", "apply", "remove"]
 
 _STATE = "_remat_state"
-_MISSING = object()
 
 
 @dataclass(slots=True)
@@ -30,12 +29,14 @@ class _Wrapped:
     """What ``apply`` changed on one module, so ``remove`` can undo it exactly."""
 
     treatment: Treatment
-    instance_forward: Any  # the module's own instance-level forward before apply, or _MISSING
+    # The module's own instance-level forward before apply; None when it had none (a
+    # sentinel object would not survive deepcopy/pickle).
+    instance_forward: Any
 
 
 def _run_wrapped(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _Wrapped = module.__dict__[_STATE]
-    if state.instance_forward is _MISSING:
+    if state.instance_forward is None:
         forward = type(module).forward.__get__(module)
     else:
         forward = state.instance_forward
@@ -103,7 +104,7 @@ def _wrap(module: nn.Module, treatment: Treatment) -> None:
     if state is not None:  # applied before: update, do not nest
         state.treatment = treatment
         return
-    module.__dict__[_STATE] = _Wrapped(treatment, module.__dict__.get("forward", _MISSING))
+    module.__dict__[_STATE] = _Wrapped(treatment, module.__dict__.get("forward"))
     module.forward = functools.partial(_run_wrapped, module)
 
 
@@ -119,7 +120,7 @@ def remove(model: nn.Module) -> nn.Module:
         state = module.__dict__.pop(_STATE, None)
         if state is None:
             continue
-        if state.instance_forward is _MISSING:
+        if state.instance_forward is None:
             del module.forward
         else:
             module.forward = state.instance_forward
