@@ -29,6 +29,7 @@ from remat.policies import (
     recompute,
     where,
 )
+from remat.segments import Segments, segments, sqrt
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,9 @@ __all__ = [
     "ops",
     "recompute",
     "remove",
+    "Segments",
+    "segments",
+    "sqrt",
     "where",
     # errors
     "BudgetError",

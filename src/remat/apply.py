@@ -72,30 +72,42 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat.apply: model must be an nn.Module, got {type(model).__name__}")
     pol: Policy = as_policy(policy)
-    selector = pol.selector if filter is None else pol.selector & as_selector(filter)
-    regions = _outermost(selector.select(model))
-    if not regions:
+    if filter is None:
+        assignments = pol.assign(model)
+    elif type(pol) is Policy:
+        pol = Policy(selector=pol.selector & as_selector(filter), treatment=pol.treatment)
+        assignments = pol.assign(model)
+    else:
+        raise ValueError(
+            f"remat.apply: filter= cannot be combined with {type(pol).__name__}, which "
+            "chooses its regions as a whole"
+        )
+    assignments = _outermost(assignments)
+    if not assignments:
         warnings.warn(
             f"remat.apply: the policy selected no module of {type(model).__name__}; "
             "nothing is checkpointed",
             stacklevel=2,
         )
         return model
-    pol.treatment.check(model, regions)
-    for _, module in regions:
-        _wrap(module, pol.treatment)
+    for treatment in {id(t): t for _, _, t in assignments}.values():
+        treatment.check(model, [(fqn, m) for fqn, m, t in assignments if t is treatment])
+    for _, module, treatment in assignments:
+        _wrap(module, treatment)
     register_module_names(model)
     return model
 
 
-def _outermost(regions: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    kept: list[tuple[str, nn.Module]] = []
-    for fqn, module in regions:
+def _outermost(
+    regions: list[tuple[str, nn.Module, Treatment]],
+) -> list[tuple[str, nn.Module, Treatment]]:
+    kept: list[tuple[str, nn.Module, Treatment]] = []
+    for fqn, module, treatment in regions:
         if fqn == "" and len(regions) > 1:
             continue  # the root and some children: the children are the regions
-        if any(fqn.startswith(outer + ".") for outer, _ in kept if outer):
+        if any(fqn.startswith(outer + ".") for outer, _, _ in kept if outer):
             continue
-        kept.append((fqn, module))
+        kept.append((fqn, module, treatment))
     return kept
 
 

@@ -391,6 +391,10 @@ class Policy:
     selector: Selector
     treatment: Treatment = field(default_factory=Recompute)
 
+    def assign(self, model: nn.Module) -> list[tuple[str, nn.Module, Treatment]]:
+        """``(qualified name, module, treatment)`` for every region of ``model``."""
+        return [(fqn, m, self.treatment) for fqn, m in self.selector.select(model)]
+
 
 def as_policy(value: Any) -> Policy:
     """Accept a Policy, a Treatment (default blocks), or anything :func:`as_selector` takes."""
