@@ -1,0 +1,76 @@
+"""Memory budgets as users write them: ``"6GiB"``, ``"512MB"``, ``123456`` or ``"40%"``."""
+
+from __future__ import annotations
+
+import math
+import re
+
+__all__ = ["parse_budget"]
+
+# SI units are powers of 1000, IEC units powers of 1024 (as in `ls --si` / `ls -h`).
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+
+
+def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None) -> int:
+    """A memory budget in bytes.
+
+    Args:
+        budget: bytes as a number (``123456``), a size with a unit (``"6GiB"``, ``"512MB"``,
+            ``"1.5 GB"``; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024,
+            case-insensitive), or a percentage of ``baseline_bytes`` (``"40%"``).
+        baseline_bytes: the un-checkpointed activation memory that percentages refer to.
+
+    Returns:
+        The budget in whole bytes (rounded down), always positive.
+
+    Raises:
+        TypeError: ``budget`` is neither a number nor a string.
+        ValueError: the string does not parse, the budget is not positive, or a percentage
+            is given without ``baseline_bytes``.
+
+    Example:
+        >>> parse_budget("6GiB")
+        6442450944
+        >>> parse_budget("40%", baseline_bytes=1000)
+        400
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(
+            f"budget must be bytes (int) or a string like '6GiB' or '40%', got {budget!r}"
+        )
+    if isinstance(budget, (int, float)):
+        if not math.isfinite(budget) or budget < 1:
+            raise ValueError(f"budget must be a positive number of bytes, got {budget!r}")
+        return int(budget)
+    m = _PATTERN.match(budget)
+    if m is None:
+        raise ValueError(
+            f"budget {budget!r} does not parse: expected e.g. '6GiB', '512MB', '123456' or '40%'"
+        )
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        if baseline_bytes is None:
+            raise ValueError(f"budget {budget!r} is a percentage but no baseline_bytes was given")
+        if isinstance(baseline_bytes, bool) or not isinstance(baseline_bytes, int):
+            raise TypeError(f"baseline_bytes must be an int, got {baseline_bytes!r}")
+        out = int(baseline_bytes * value / 100)
+    elif unit in _UNITS:
+        out = int(value * _UNITS[unit])
+    else:
+        valid = ", ".join(u for u in _UNITS if u) + ", %"
+        raise ValueError(f"budget {budget!r}: unknown unit {m.group(2)!r}; use one of {valid}")
+    if out < 1:
+        raise ValueError(f"budget {budget!r} is {out} bytes; it must be at least 1 byte")
+    return out

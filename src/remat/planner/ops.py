@@ -1,0 +1,200 @@
+"""Op-level options inside one region: which ops' outputs to save (0-1 knapsack).
+
+Model (that of PyTorch's selective checkpointing): when a region is recomputed, its whole
+forward reruns except the ops whose outputs were saved, which are read back instead. So
+saving op ``i`` keeps ``output_bytes[i]`` from forward to backward and saves its
+``recompute_cost[i]``, whatever the ops' dependencies. An option keeps the region's input
+plus the saved outputs, and costs the recompute of the unsaved ops. The best options for
+every memory size are a 0-1 knapsack; ``solve_ops`` returns its Pareto frontier, by an exact
+DP over bytes (at a resolution) or by ``scipy.optimize.milp`` (epsilon-constraint).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from remat.planner.plan import Region, RegionOption
+
+__all__ = ["Op", "knapsack_dp", "knapsack_milp", "solve_ops", "with_ops"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Op:
+    """One op inside a region.
+
+    Attributes:
+        name: how the op is named in save lists (e.g. ``"aten.mm.default#3"``).
+        output_bytes: bytes of its output, kept if it is saved.
+        recompute_cost: cost of rerunning it, in the chain's cost unit.
+    """
+
+    name: str
+    output_bytes: int
+    recompute_cost: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_bytes, bool) or not isinstance(self.output_bytes, int):
+            raise ValueError(
+                f"op {self.name!r}: output_bytes must be an int, got {self.output_bytes!r}"
+            )
+        if self.output_bytes < 0 or not self.recompute_cost >= 0:
+            raise ValueError(f"op {self.name!r}: output_bytes and recompute_cost must be >= 0")
+
+
+def knapsack_dp(weights: Sequence[int], values: Sequence[float], capacity: int):
+    """Exact 0-1 knapsack for every capacity ``0..capacity`` (integer weights).
+
+    Returns:
+        ``(best, take)``: ``best[c]`` the largest value within weight ``c``; ``take[i, c]``
+        whether item ``i`` is taken in that optimum over items ``0..i`` (for backtracking).
+    """
+    best = np.zeros(capacity + 1)
+    take = np.zeros((len(weights), capacity + 1), dtype=bool)
+    for i, (w, v) in enumerate(zip(weights, values)):
+        if w > capacity:
+            continue
+        cand = best[: capacity + 1 - w] + v
+        better = cand > best[w:]
+        take[i, w:] = better
+        best[w:] = np.where(better, cand, best[w:])
+    return best, take
+
+
+def _backtrack(take: np.ndarray, weights: Sequence[int], c: int) -> list[int]:
+    chosen = []
+    for i in range(len(weights) - 1, -1, -1):
+        if take[i, c]:
+            chosen.append(i)
+            c -= weights[i]
+    return sorted(chosen)
+
+
+def knapsack_milp(weights: Sequence[int], values: Sequence[float], capacity: int):
+    """The same knapsack as a MILP (``scipy.optimize.milp``); returns ``(value, chosen)``."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # heavy; planner-only
+
+    n = len(weights)
+    if n == 0:
+        return 0.0, []
+    res = milp(
+        c=-np.asarray(values, dtype=float),
+        constraints=LinearConstraint(np.asarray([weights], dtype=float), -np.inf, capacity),
+        integrality=np.ones(n),
+        bounds=Bounds(0, 1),
+        options={"mip_rel_gap": 0.0},  # exact: tests compare it with the DP
+    )
+    if not res.success:
+        raise RuntimeError(f"milp failed: {res.message}")
+    chosen = [i for i in range(n) if res.x[i] > 0.5]
+    return float(sum(values[i] for i in chosen)), chosen
+
+
+def _resolution(ops: Sequence[Op], resolution_bytes: int | None, slots: int) -> int:
+    if resolution_bytes is not None:
+        if resolution_bytes < 1:
+            raise ValueError(f"resolution_bytes must be >= 1, got {resolution_bytes}")
+        return int(resolution_bytes)
+    total = sum(o.output_bytes for o in ops)
+    g = reduce(math.gcd, (o.output_bytes for o in ops), 0) or 1
+    return g if total // g <= slots else max(1, -(-total // slots))
+
+
+def solve_ops(
+    ops: Sequence[Op],
+    *,
+    input_bytes: int = 0,
+    budget_bytes: int | None = None,
+    max_options: int | None = None,
+    method: str = "dp",
+    resolution_bytes: int | None = None,
+    slots: int = 4000,
+) -> list[RegionOption]:
+    """The Pareto menu of (kept bytes, recompute cost) save lists for one region.
+
+    Args:
+        ops: the region's ops.
+        input_bytes: the region's input, kept by every option.
+        budget_bytes: if given, only the cheapest option keeping at most this many bytes.
+        max_options: thin the menu to at most this many options, spread over memory.
+        method: ``"dp"`` (exact DP at the resolution) or ``"milp"`` (scipy).
+        resolution_bytes: op sizes are rounded up to multiples of this; default: their
+            common divisor if it gives at most ``slots`` slots, else ``total / slots``.
+
+    Returns:
+        Options from least kept to most, each saving a strictly better set than the one
+        before (more bytes, less cost), as ``RegionOption(kind="ops")``. Saving nothing is
+        included (it is the region's ``recompute``).
+    """
+    if method not in ("dp", "milp"):
+        raise ValueError(f"method must be 'dp' or 'milp', got {method!r}")
+    r = _resolution(ops, resolution_bytes, slots)
+    w = [-(-o.output_bytes // r) for o in ops]
+    v = [float(o.recompute_cost) for o in ops]
+    total_cost = float(sum(v))
+    cap_max = sum(w) if budget_bytes is None else max(-1, (budget_bytes - input_bytes) // r)
+    if cap_max < 0:
+        return []
+    sets: list[list[int]] = []
+    if method == "dp":
+        best, take = knapsack_dp(w, v, cap_max)
+        caps = [cap_max] if budget_bytes is not None else range(cap_max + 1)
+        prev = -math.inf
+        for c in caps:
+            if best[c] > prev:
+                prev = best[c]
+                sets.append(_backtrack(take, w, c))
+    else:  # epsilon-constraint: the best set within c, then within (its weight - 1), ...
+        c = cap_max
+        while c >= 0:
+            _, chosen = knapsack_milp(w, v, c)
+            sets.append(chosen)
+            if budget_bytes is not None:
+                break
+            c = sum(w[i] for i in chosen) - 1
+        sets.reverse()
+    menu = []
+    for s in sets:
+        kept = input_bytes + sum(ops[i].output_bytes for i in s)
+        cost = total_cost - sum(v[i] for i in s)
+        if menu and cost >= menu[-1].recompute_cost:
+            continue  # the exact bytes/cost may tie where the rounded ones did not
+        names = tuple(ops[i].name for i in s)
+        menu.append(
+            RegionOption(
+                name=f"ops{len(menu)}", kept_bytes=kept, recompute_cost=cost, save_ops=names
+            )
+        )
+    if max_options is not None and len(menu) > max_options:
+        keep = np.unique(np.linspace(0, len(menu) - 1, max_options).round().astype(int))
+        menu = [menu[i] for i in keep]
+    return menu
+
+
+def with_ops(region: Region, ops: Sequence[Op], **kwargs) -> Region:
+    """``region`` with the op-level options of ``solve_ops`` that store/recompute do not beat."""
+    opts = []
+    for o in solve_ops(ops, input_bytes=region.input_bytes, **kwargs):
+        inside = region.input_bytes <= o.kept_bytes < region.saved_bytes
+        if inside and 0 < o.recompute_cost < region.fwd_cost:
+            opts.append(
+                RegionOption(
+                    name=o.name,
+                    kept_bytes=o.kept_bytes,
+                    recompute_cost=o.recompute_cost,
+                    save_ops=o.save_ops,
+                )
+            )
+    return Region(
+        name=region.name,
+        fwd_cost=region.fwd_cost,
+        input_bytes=region.input_bytes,
+        saved_bytes=region.saved_bytes,
+        output_bytes=region.output_bytes,
+        transient_bytes=region.transient_bytes,
+        options=tuple(opts),
+    )

@@ -1,0 +1,323 @@
+"""The planner's data: the problem (``Region``, ``Chain``) and its answer (``Plan``).
+
+Everything here is plain data with a JSON round-trip and no reference to torch modules, so a
+profile taken on one machine can be planned on another and a plan can be reviewed before it is
+applied. The memory model that gives a plan its predicted peak lives in ``planner/chain.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ACTIONS", "Chain", "Plan", "Region", "RegionOption", "RegionPlan"]
+
+# What a region does with its activations between its forward and its backward.
+STORE, RECOMPUTE, OPS, OFFLOAD = "store", "recompute", "ops", "offload"
+ACTIONS = (STORE, RECOMPUTE, OPS, OFFLOAD)  # offload is reserved: no solver emits it yet
+
+
+def _check_bytes(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a non-negative int of bytes, got {value!r}")
+
+
+def _check_cost(owner: str, name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a finite non-negative number, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegionOption:
+    """One way to keep a region's activations: save some of them, recompute the rest.
+
+    Attributes:
+        name: unique within the region; ``"store"`` and ``"recompute"`` are the built-ins.
+        kept_bytes: bytes held from the region's forward until its backward, the region's
+            input included (store: ``saved_bytes``; recompute: ``input_bytes``).
+        recompute_cost: forward work redone in backward (store: 0; recompute: ``fwd_cost``).
+        save_ops: names of the ops whose outputs are saved (op-level options only).
+        kind: ``"store"``, ``"recompute"`` or ``"ops"`` (an op-level mix of the two).
+    """
+
+    name: str
+    kept_bytes: int
+    recompute_cost: float
+    save_ops: tuple[str, ...] = ()
+    kind: str = OPS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"RegionOption: name must be a non-empty str, got {self.name!r}")
+        _check_bytes(f"option {self.name!r}", "kept_bytes", self.kept_bytes)
+        _check_cost(f"option {self.name!r}", "recompute_cost", self.recompute_cost)
+        if self.kind not in (STORE, RECOMPUTE, OPS):
+            raise ValueError(f"option {self.name!r}: kind must be store/recompute/ops")
+        object.__setattr__(self, "save_ops", tuple(self.save_ops))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Region:
+    """One link of the chain: a module (or run of modules) that may be checkpointed.
+
+    Attributes:
+        name: unique within the chain (a module's qualified name, for ``apply``).
+        fwd_cost: forward cost, in any unit (FLOPs or seconds) as long as the chain agrees.
+        input_bytes: the region's input, what a checkpoint keeps.
+        saved_bytes: what autograd keeps for the region's backward when it runs normally,
+            counting its input (the model holds the input whenever the region's activations
+            are live); so ``saved_bytes >= input_bytes``.
+        output_bytes: the region's output (normally the next region's input); while the region
+            runs forward its output is live, and while it runs backward its output's gradient.
+        transient_bytes: any further peak while the region runs forward or backward
+            (workspace, its input's gradient being produced).
+        options: op-level options between store and recompute (see ``planner.ops``).
+    """
+
+    name: str
+    fwd_cost: float
+    input_bytes: int
+    saved_bytes: int
+    output_bytes: int
+    transient_bytes: int = 0
+    options: tuple[RegionOption, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Region: name must be a non-empty str, got {self.name!r}")
+        owner = f"region {self.name!r}"
+        _check_cost(owner, "fwd_cost", self.fwd_cost)
+        for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
+            _check_bytes(owner, attr, getattr(self, attr))
+        if self.saved_bytes < self.input_bytes:
+            raise ValueError(
+                f"{owner}: saved_bytes ({self.saved_bytes}) must count the input "
+                f"(input_bytes={self.input_bytes}), so saved_bytes >= input_bytes"
+            )
+        opts = tuple(RegionOption(**o) if isinstance(o, dict) else o for o in self.options)
+        names = {STORE, RECOMPUTE}
+        for o in opts:
+            if not isinstance(o, RegionOption) or o.kind != OPS:
+                raise ValueError(f"{owner}: options must be op-level RegionOptions, got {o!r}")
+            if o.name in names:
+                raise ValueError(f"{owner}: duplicate option name {o.name!r}")
+            names.add(o.name)
+            if not self.input_bytes <= o.kept_bytes <= self.saved_bytes:
+                raise ValueError(
+                    f"{owner}: option {o.name!r} keeps {o.kept_bytes} bytes, outside "
+                    f"[input_bytes={self.input_bytes}, saved_bytes={self.saved_bytes}]"
+                )
+        object.__setattr__(self, "options", opts)
+
+    @property
+    def backward_bytes(self) -> int:
+        """Bytes live for this region while it runs backward, whatever its option."""
+        return self.saved_bytes + self.output_bytes + self.transient_bytes
+
+    def menu(self) -> tuple[RegionOption, ...]:
+        """Store, recompute, then the op-level options."""
+        store = RegionOption(name=STORE, kept_bytes=self.saved_bytes, recompute_cost=0, kind=STORE)
+        recompute = RegionOption(
+            name=RECOMPUTE,
+            kept_bytes=self.input_bytes,
+            recompute_cost=self.fwd_cost,
+            kind=RECOMPUTE,
+        )
+        return (store, recompute, *self.options)
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Chain:
+    """A chain of regions run one after the other: the planner's problem.
+
+    Example:
+        >>> Chain([Region(name="a", fwd_cost=1, input_bytes=4, saved_bytes=8, output_bytes=4)])
+    """
+
+    regions: tuple[Region, ...]
+
+    def __init__(self, regions: Iterable[Region]) -> None:
+        regs = tuple(Region(**r) if isinstance(r, dict) else r for r in regions)
+        if not regs:
+            raise ValueError("Chain: regions must not be empty")
+        seen: set[str] = set()
+        for r in regs:
+            if not isinstance(r, Region):
+                raise TypeError(f"Chain: expected Region, got {type(r).__name__}")
+            if r.name in seen:
+                raise ValueError(f"Chain: duplicate region name {r.name!r}")
+            seen.add(r.name)
+        object.__setattr__(self, "regions", regs)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def forward_cost(self) -> float:
+        """Total forward cost: the baseline that ``Plan.extra_cost`` is relative to."""
+        return float(sum(r.fwd_cost for r in self.regions))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"regions": [asdict(r) for r in self.regions]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Chain:
+        regions = []
+        for r in data["regions"]:
+            opts = tuple(RegionOption(**o) for o in r.get("options", ()))
+            regions.append(Region(**{**r, "options": opts}))
+        return cls(regions)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Chain:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegionPlan:
+    """What one region does.
+
+    Attributes:
+        name: the region's name.
+        action: ``"store"``, ``"recompute"``, ``"ops"`` (save ``save_ops``, recompute the rest)
+            or ``"offload"`` (reserved).
+        option: the name of the chosen ``RegionOption``.
+        kept_bytes: bytes it holds from its forward to its backward.
+        recompute_cost: forward work it redoes in its own backward.
+        save_ops: ops whose outputs are saved, for ``"ops"``.
+        depth: how many checkpointed multi-region segments enclose it; each one runs the
+            region's forward once more.
+    """
+
+    name: str
+    action: str
+    option: str
+    kept_bytes: int
+    recompute_cost: float
+    save_ops: tuple[str, ...] = ()
+    depth: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A checkpointing plan for a chain and its prediction under the memory model.
+
+    Attributes:
+        regions: one ``RegionPlan`` per region, in chain order.
+        segments: ``(start, stop)`` region ranges (stop exclusive, at least two regions) that
+            are checkpointed as one unit: only the first region's input is kept, and in
+            backward the segment is rerun following the inner regions' own plans (segments
+            may nest, Rotor-style).
+        predicted_peak_bytes: the peak the memory model predicts.
+        extra_cost: forward work recomputed, in the chain's cost unit.
+        forward_cost: the chain's total forward cost (``extra_cost / forward_cost`` is the
+            relative overhead on the forward).
+        budget_bytes: the budget planned for (``None`` for frontier points).
+        solver: which solver made it.
+        resolution_bytes: the memory resolution the solver worked at (``None``: exact).
+    """
+
+    regions: tuple[RegionPlan, ...]
+    segments: tuple[tuple[int, int], ...] = ()
+    predicted_peak_bytes: int
+    extra_cost: float
+    forward_cost: float
+    budget_bytes: int | None
+    solver: str
+    resolution_bytes: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The option name of each region."""
+        return tuple(r.option for r in self.regions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["segments"] = [list(s) for s in self.segments]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        regions = tuple(
+            RegionPlan(**{**r, "save_ops": tuple(r.get("save_ops", ()))}) for r in data["regions"]
+        )
+        segments = tuple((int(a), int(b)) for a, b in data.get("segments", ()))
+        return cls(**{**data, "regions": regions, "segments": segments})
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        seg_of: dict[int, list[str]] = {}
+        for k, (a, b) in enumerate(self.segments):
+            for i in range(a, b):
+                seg_of.setdefault(i, []).append(f"S{k}")
+        rows = [("#", "region", "action", "option", "kept", "recompute", "segments")]
+        for i, r in enumerate(self.regions):
+            rows.append(
+                (
+                    str(i),
+                    r.name,
+                    r.action,
+                    r.option,
+                    _fmt_bytes(r.kept_bytes),
+                    f"{r.recompute_cost:g}",
+                    ",".join(seg_of.get(i, ())),
+                )
+            )
+        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+        budget = "none" if self.budget_bytes is None else _fmt_bytes(self.budget_bytes)
+        ratio = self.extra_cost / self.forward_cost if self.forward_cost else 0.0
+        lines.insert(
+            0,
+            f"Plan by {self.solver}: predicted peak {_fmt_bytes(self.predicted_peak_bytes)} "
+            f"(budget {budget}), extra cost {self.extra_cost:g} "
+            f"({ratio:.1%} of the forward)",
+        )
+        for k, (a, b) in enumerate(self.segments):
+            lines.append(f"S{k}: regions {a}..{b - 1} checkpointed as one segment")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def option_index(region: Region, name: str) -> int:
+    """Index in ``region.menu()`` of the option called ``name``."""
+    for k, o in enumerate(region.menu()):
+        if o.name == name:
+            return k
+    valid = [o.name for o in region.menu()]
+    raise ValueError(f"region {region.name!r} has no option {name!r}; it has {valid}")
+
+
+def check_segments(n: int, segments: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Validate multi-region segments: in range, two regions or more, properly nested."""
+    segs = sorted({(int(a), int(b)) for a, b in segments}, key=lambda s: (s[0], -s[1]))
+    for a, b in segs:
+        if not 0 <= a < b <= n or b - a < 2:
+            raise ValueError(
+                f"segments: ({a}, {b}) must satisfy 0 <= start, start + 2 <= stop <= {n}"
+            )
+    for i, (a, b) in enumerate(segs):
+        for c, d in segs[i + 1 :]:
+            if c < b < d:
+                raise ValueError(f"segments: ({a}, {b}) and ({c}, {d}) overlap without nesting")
+    return tuple(segs)
