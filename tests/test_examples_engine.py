@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "05_custom_checkpoint.py"
 
 
@@ -18,3 +20,19 @@ def test_custom_checkpoint_example_runs():
     block1 = next(line for line in lines if line.startswith("block1.0.weight"))
     assert "NO GRADIENT" in block1 and block1.rstrip().endswith("equal")
     assert "left 8 of 12 parameters without a gradient" in result.stdout
+
+
+def test_estimate_llama_example_runs():
+    pytest.importorskip("transformers")
+    script = EXAMPLE.parent / "06_estimate_llama.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--size", "7b", "--seq", "128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "every decoder layer" in result.stdout
+        and "checkpointed         32 modules" in result.stdout
+    )
