@@ -211,3 +211,16 @@ def test_bad_options_fail_before_any_worker_starts():
         run_bench(BenchOptions(dtype="int8"))
     with pytest.raises(ValueError, match="steps"):
         run_bench(BenchOptions(steps=0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rows_carry_the_allocator_figures():
+    result = run_bench(
+        BenchOptions(model="mlp", batch=B, steps=1, device="cuda", configs=["remat"])
+    )
+    assert result.environment.device == "cuda" and result.failed == []
+    for r in result.configs:
+        # The allocator rounds blocks up and holds workspaces: never below the exact count.
+        assert r.cuda_max_allocated_bytes >= r.step_peak_bytes
+        assert r.cuda_max_reserved_bytes >= r.cuda_max_allocated_bytes

@@ -37,6 +37,7 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
     timeline_ax, tradeoff_ax = fig.subplots(1, 2)
     cycle = [f"C{i}" for i in range(10)]
 
+    labels = _label_offsets(result)
     for i, row in enumerate(result.configs):
         color = cycle[i % len(cycle)]
         label = row.name if row.status == "ok" else f"{row.name} ({row.status})"
@@ -50,13 +51,21 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
                 # Live bytes where backward begins: what the forward kept, weights included.
                 before = [p[1] for p in row.timeline if p[0] <= row.backward_start]
                 y0 = before[-1] if before else 0
-                timeline_ax.plot([row.backward_start], [y0 / MB], "o", color=color, markersize=4)
+                timeline_ax.plot(
+                    [row.backward_start],
+                    [y0 / MB],
+                    "o",
+                    color=color,
+                    markersize=6,
+                    markeredgecolor="black",
+                    zorder=5,
+                )
         if row.median_step_s is not None and row.step_peak_bytes is not None:
             x, y = row.median_step_s * 1e3, row.step_peak_bytes / MB
             marker = "o" if row.status == "ok" else "x"
             tradeoff_ax.plot([x], [y], marker, color=color, markersize=8, label=label)
             tradeoff_ax.annotate(
-                row.name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+                row.name, (x, y), textcoords="offset points", xytext=labels[i], fontsize=8
             )
 
     env = result.environment
@@ -79,3 +88,30 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
         fontsize=11,
     )
     fig.savefig(path, dpi=dpi)
+
+
+def _label_offsets(result: BenchResult) -> list[tuple[int, int]]:
+    """Label offsets (points) for the trade-off panel: stack labels of near-coincident points."""
+    pts = [
+        (r.median_step_s, r.step_peak_bytes)
+        if r.median_step_s is not None and r.step_peak_bytes is not None
+        else None
+        for r in result.configs
+    ]
+    placed = [p for p in pts if p is not None]
+    if not placed:
+        return [(6, 4)] * len(pts)
+    xr = (max(p[0] for p in placed) - min(p[0] for p in placed)) or 1.0
+    yr = (max(p[1] for p in placed) - min(p[1] for p in placed)) or 1.0
+    offsets: list[tuple[int, int]] = []
+    for i, p in enumerate(pts):
+        near = sum(
+            1
+            for q in pts[:i]
+            if p is not None
+            and q is not None
+            and abs(p[0] - q[0]) / xr < 0.12
+            and abs(p[1] - q[1]) / yr < 0.06
+        )
+        offsets.append((6, 4 - 11 * near))
+    return offsets
