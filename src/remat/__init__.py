@@ -16,6 +16,14 @@ from remat.memory import (
     TimelineEvent,
     saved_activations,
 )
+from remat.offload import (
+    CpuStore,
+    CudaPinnedStore,
+    Offload,
+    OffloadStats,
+    OffloadStore,
+    offload,
+)
 from remat.policies import (
     Ops,
     Policy,
@@ -64,6 +72,12 @@ __all__ = [
     "segments",
     "sqrt",
     "where",
+    "CpuStore",
+    "CudaPinnedStore",
+    "Offload",
+    "OffloadStats",
+    "OffloadStore",
+    "offload",
     # errors
     "BudgetError",
     "CheckpointError",
