@@ -1,0 +1,256 @@
+"""The chain planner against exhaustive search, Revolve's binomial optimum and the heuristics.
+
+Exhaustive search enumerates every plan (every option per region and, for the nested model,
+every way to nest checkpointed segments) and scores it with ``simulate``, the literal memory
+model; the DP must find the same least extra cost at every budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from math import comb
+
+import pytest
+
+from remat.errors import BudgetError
+from remat.planner import (
+    Chain,
+    Region,
+    RegionOption,
+    every_n_plan,
+    greedy_plan,
+    min_peak_bytes,
+    pareto,
+    simulate,
+    solve_chain,
+    sqrt_plan,
+    store_all_peak,
+)
+from remat.planner.chain import discretize
+
+
+def random_chain(rng: random.Random, n: int, *, scale: int = 1, options: bool = True) -> Chain:
+    regions = []
+    for i in range(n):
+        inp = rng.randint(1, 6) * scale
+        saved = inp + rng.randint(0, 12) * scale
+        opts = []
+        if options and saved > inp and rng.random() < 0.5:
+            kept = scale * rng.randint(inp // scale, saved // scale)
+            opts.append(
+                RegionOption(name="half", kept_bytes=kept, recompute_cost=rng.randint(0, 4))
+            )
+        regions.append(
+            Region(
+                name=f"r{i}",
+                fwd_cost=rng.randint(1, 9) + rng.random(),
+                input_bytes=inp,
+                saved_bytes=saved,
+                output_bytes=rng.randint(1, 6) * scale,
+                transient_bytes=rng.randint(0, 4) * scale,
+                options=tuple(opts),
+            )
+        )
+    return Chain(regions)
+
+
+def nested_plans(chain: Chain, s: int, t: int):
+    """Every plan of sub-chain [s, t): a leaf then a plan of the rest, or a segment [s, e)
+    (with any inner plan) then a plan of the rest."""
+    if s == t:
+        yield []
+        return
+    for k in range(len(chain.regions[s].menu())):
+        for rest in nested_plans(chain, s + 1, t):
+            yield [("leaf", s, k), *rest]
+    for e in range(s + 2, t):
+        for inner in list(nested_plans(chain, s, e)):
+            for rest in nested_plans(chain, e, t):
+                yield [("seg", s, e, inner), *rest]
+
+
+def flat_plans(chain: Chain):
+    menus = [range(len(r.menu())) for r in chain.regions]
+    for ks in itertools.product(*menus):
+        yield [("leaf", i, k) for i, k in enumerate(ks)]
+
+
+def check_against(chain: Chain, scored: list[tuple[int, float]], nested: bool) -> int:
+    """Solve at every budget from below the least peak to above the largest; return count."""
+    lo = min(p for p, _ in scored)
+    hi = max(p for p, _ in scored)
+    assert min_peak_bytes(chain, nested=nested) == lo
+    for budget in range(max(1, lo - 1), hi + 2):
+        best = min((c for p, c in scored if p <= budget), default=None)
+        if best is None:
+            with pytest.raises(BudgetError) as info:
+                solve_chain(chain, budget, nested=nested, resolution_bytes=1)
+            assert info.value.min_feasible_bytes == lo
+            continue
+        plan = solve_chain(chain, budget, nested=nested, resolution_bytes=1)
+        assert plan.predicted_peak_bytes <= budget
+        assert plan.extra_cost == pytest.approx(best, abs=1e-9), (budget, plan)
+    return hi - lo
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nested_dp_equals_exhaustive_search(seed):
+    rng = random.Random(seed)
+    chain = random_chain(rng, rng.randint(1, 6))
+    scored = [simulate(chain, items) for items in nested_plans(chain, 0, len(chain))]
+    check_against(chain, scored, nested=True)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_flat_dp_equals_exhaustive_search(seed):
+    rng = random.Random(1000 + seed)
+    n = 10 if seed < 3 else rng.randint(1, 8)
+    chain = random_chain(rng, n, options=seed >= 3)  # n=10: 2 options per region, 1024 plans
+    scored = [simulate(chain, items) for items in flat_plans(chain)]
+    check_against(chain, scored, nested=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_nested_dp_equals_exhaustive_search_7_regions(seed):
+    rng = random.Random(2000 + seed)
+    chain = random_chain(rng, 7, options=False)
+    scored = [simulate(chain, items) for items in nested_plans(chain, 0, 7)]
+    check_against(chain, scored, nested=True)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_coarse_resolution_is_optimal_for_the_rounded_chain_and_safe_in_bytes(seed):
+    rng = random.Random(3000 + seed)
+    chain = random_chain(rng, rng.randint(2, 5), scale=1000)
+    resolution = 1700  # does not divide the sizes: everything rounds
+    rounded = discretize(chain, resolution)
+    scored = [simulate(rounded, items) for items in nested_plans(rounded, 0, len(chain))]
+    for budget in range(min_peak_bytes(chain), store_all_peak(chain) + 1, 997):
+        best = min((c for p, c in scored if p <= budget // resolution), default=None)
+        if best is None:
+            continue  # fits in bytes but not rounded: covered by the fallback test
+        plan = solve_chain(chain, budget, resolution_bytes=resolution)
+        assert plan.resolution_bytes == resolution
+        assert plan.predicted_peak_bytes <= budget
+        assert plan.extra_cost == pytest.approx(best)
+
+
+def test_least_memory_fallback_when_rounding_hides_the_only_fitting_plans():
+    rng = random.Random(7)
+    chain = random_chain(rng, 5, scale=1000)
+    least = min_peak_bytes(chain)
+    plan = solve_chain(chain, least, resolution_bytes=999_983)  # one slot: nothing fits rounded
+    assert plan.solver == "chain(min-memory)"
+    assert plan.predicted_peak_bytes == least
+
+
+def revolve_extra_forwards(steps: int, snapshots: int) -> int:
+    """Griewank's minimal number of extra forward steps: r*l - C(c+r, c+1), where r is the
+    least integer with C(c+r, c) >= l."""
+    if steps <= 1:
+        return 0
+    r = 0
+    while comb(snapshots + r, snapshots) < steps:
+        r += 1
+    return r * steps - comb(snapshots + r, snapshots + 1)
+
+
+@pytest.mark.parametrize("snapshots", [1, 2, 3, 4])
+def test_uniform_chain_matches_revolve_binomial_optimum(snapshots):
+    # Revolve's setting: a snapshot (a region's input) is 1 byte, a region's taped
+    # activations take far more than all snapshots together, so while one region runs
+    # backward only `snapshots` inputs fit beside it.
+    tape = 1000
+    for steps in range(1, 16):
+        chain = Chain(
+            [
+                Region(name=f"r{i}", fwd_cost=1, input_bytes=1, saved_bytes=tape, output_bytes=0)
+                for i in range(steps)
+            ]
+        )
+        plan = solve_chain(chain, tape + snapshots, resolution_bytes=1)
+        assert plan.extra_cost == revolve_extra_forwards(steps, snapshots), (steps, snapshots)
+    assert revolve_extra_forwards(15, 1) == 15 * 14 // 2  # one snapshot: the quadratic sweep
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_heuristics_never_beat_the_optimum(seed):
+    rng = random.Random(4000 + seed)
+    chain = random_chain(rng, rng.randint(2, 12), scale=1000)
+    # An exact resolution: the sizes share the divisor 1000.
+    plans = [sqrt_plan(chain), every_n_plan(chain, n=2), every_n_plan(chain, n=3)]
+    for budget in (min_peak_bytes(chain) + 3000, store_all_peak(chain) * 2 // 3):
+        with contextlib.suppress(BudgetError):  # greedy may not reach small budgets
+            plans.append(greedy_plan(chain, budget))
+    for h in plans:
+        optimum = solve_chain(chain, h.predicted_peak_bytes)
+        assert optimum.resolution_bytes in (None, 1000)  # None: nothing to checkpoint
+        assert optimum.predicted_peak_bytes <= h.predicted_peak_bytes
+        assert optimum.extra_cost <= h.extra_cost + 1e-9, (h.solver, h, optimum)
+
+
+def test_budget_error_names_the_least_feasible_budget():
+    chain = random_chain(random.Random(5), 6)
+    least = min_peak_bytes(chain)
+    with pytest.raises(BudgetError, match=str(least)) as info:
+        solve_chain(chain, least - 1)
+    assert info.value.min_feasible_bytes == least
+    assert solve_chain(chain, least).predicted_peak_bytes <= least
+    flat_least = min_peak_bytes(chain, nested=False)
+    assert flat_least >= least  # nesting can only help
+    with pytest.raises(BudgetError) as info:
+        solve_chain(chain, flat_least - 1, nested=False)
+    assert info.value.min_feasible_bytes == flat_least
+
+
+def test_heuristic_budget_errors_say_what_they_would_need():
+    chain = random_chain(random.Random(6), 9)
+    plan = sqrt_plan(chain)
+    with pytest.raises(BudgetError) as info:
+        sqrt_plan(chain, plan.predicted_peak_bytes - 1)
+    assert info.value.min_feasible_bytes == plan.predicted_peak_bytes
+    least_greedy = simulate(chain, [("leaf", i, 1) for i in range(9)])[0]  # all recomputed
+    with pytest.raises(BudgetError) as info:
+        greedy_plan(chain, min_peak_bytes(chain, nested=False) - 1)
+    assert info.value.min_feasible_bytes == least_greedy
+
+
+def test_pareto_front_is_the_optimum_at_each_of_its_peaks():
+    chain = random_chain(random.Random(8), 7)
+    front = pareto(chain)
+    assert front[0].predicted_peak_bytes == min_peak_bytes(chain)
+    assert front[-1].extra_cost == 0
+    assert front[-1].predicted_peak_bytes == store_all_peak(chain)
+    for a, b in itertools.pairwise(front):
+        assert a.predicted_peak_bytes < b.predicted_peak_bytes
+        assert a.extra_cost > b.extra_cost
+    scored = [simulate(chain, items) for items in nested_plans(chain, 0, len(chain))]
+    for p in front:
+        best = min(c for peak, c in scored if peak <= p.predicted_peak_bytes)
+        assert p.extra_cost == pytest.approx(best)
+    # and every exhaustive point is dominated by (or on) the frontier
+    for peak, cost in scored:
+        on = [p for p in front if p.predicted_peak_bytes <= peak]
+        assert on and min(p.extra_cost for p in on) <= cost + 1e-9
+
+
+def test_store_all_when_the_budget_allows_it():
+    chain = random_chain(random.Random(9), 5)
+    plan = solve_chain(chain, store_all_peak(chain))
+    assert plan.extra_cost == 0 and not plan.segments
+    assert {r.action for r in plan.regions} == {"store"}
+
+
+def test_long_chain_plans_within_the_table_limit():
+    chain = random_chain(random.Random(10), 60, scale=2**20)
+    least = min_peak_bytes(chain, nested=False)  # so that the flat DP fits too
+    budget = least + (store_all_peak(chain) - least) // 4
+    plan = solve_chain(chain, budget)
+    assert plan.predicted_peak_bytes <= budget
+    flat = solve_chain(chain, budget, nested=False)
+    assert plan.extra_cost <= flat.extra_cost + 1e-9  # nested plans include the flat ones
+    with pytest.raises(ValueError, match="resolution_bytes"):
+        solve_chain(chain, budget, resolution_bytes=1)
