@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/05_custom_checkpoint.py
+	$(VENV)/bin/remat bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q
