@@ -1,0 +1,190 @@
+"""Planner data: validation, the memory model on a hand-worked chain, JSON, budgets, dispatch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from remat.errors import BudgetError
+from remat.planner import (
+    SOLVERS,
+    Chain,
+    Plan,
+    Region,
+    RegionOption,
+    evaluate,
+    parse_budget,
+    plan_chain,
+    plan_from_choices,
+    store_all_peak,
+)
+
+
+def three() -> Chain:
+    return Chain(
+        [
+            Region(
+                name="a",
+                fwd_cost=1,
+                input_bytes=2,
+                saved_bytes=10,
+                output_bytes=3,
+                transient_bytes=1,
+            ),
+            Region(
+                name="b",
+                fwd_cost=2,
+                input_bytes=3,
+                saved_bytes=8,
+                output_bytes=2,
+                options=(
+                    RegionOption(
+                        name="keep-mm", kept_bytes=5, recompute_cost=0.5, save_ops=("mm",)
+                    ),
+                ),
+            ),
+            Region(name="c", fwd_cost=4, input_bytes=2, saved_bytes=6, output_bytes=1),
+        ]
+    )
+
+
+def test_memory_model_on_a_hand_worked_chain():
+    chain = three()
+    # backward_bytes: a 10+3+1=14, b 8+2=10, c 6+1=7.
+    # All stored: c's backward runs with a and b held: 10 + 8 + 7 = 25.
+    plan = plan_from_choices(chain, ["store", "store", "store"])
+    assert (plan.predicted_peak_bytes, plan.extra_cost) == (25, 0)
+    assert store_all_peak(chain) == 25
+    # a recomputed: it holds its input (2): max(14, 2 + 10, 2 + 8 + 7) = 17, cost 1.
+    plan = plan_from_choices(chain, ["recompute", "store", "store"])
+    assert (plan.predicted_peak_bytes, plan.extra_cost) == (17, 1)
+    # b op-level (keeps 5, costs 0.5): max(14, 10 + 10, 10 + 5 + 7) = 22.
+    plan = plan_from_choices(chain, ["store", "keep-mm", "store"])
+    assert (plan.predicted_peak_bytes, plan.extra_cost) == (22, 0.5)
+    assert plan.regions[1].action == "ops" and plan.regions[1].save_ops == ("mm",)
+    # Segment [a, b) holding a's input: forward a 2+3+1=6, b 2+3+2=7; c: 2 + 7 = 9;
+    # then the segment reruns stored: a 14, b 10 + 10 = 20. Cost: a and b once more.
+    plan = plan_from_choices(chain, ["store", "store", "store"], [(0, 2)])
+    assert (plan.predicted_peak_bytes, plan.extra_cost) == (20, 3)
+    assert [r.depth for r in plan.regions] == [1, 1, 0]
+
+
+def test_region_and_chain_validation_name_the_field():
+    ok = {"name": "x", "fwd_cost": 1, "input_bytes": 4, "saved_bytes": 8, "output_bytes": 4}
+    with pytest.raises(ValueError, match="saved_bytes"):
+        Region(**{**ok, "saved_bytes": 2})
+    with pytest.raises(ValueError, match="input_bytes"):
+        Region(**{**ok, "input_bytes": -1})
+    with pytest.raises(ValueError, match="fwd_cost"):
+        Region(**{**ok, "fwd_cost": float("nan")})
+    with pytest.raises(ValueError, match="transient_bytes"):
+        Region(**{**ok, "transient_bytes": 1.5})
+    with pytest.raises(ValueError, match="outside"):
+        Region(**ok, options=(RegionOption(name="o", kept_bytes=9, recompute_cost=1),))
+    with pytest.raises(ValueError, match="duplicate option"):
+        Region(**ok, options=(RegionOption(name="store", kept_bytes=5, recompute_cost=1),))
+    with pytest.raises(ValueError, match="duplicate region name 'x'"):
+        Chain([Region(**ok), Region(**ok)])
+    with pytest.raises(ValueError, match="empty"):
+        Chain([])
+    with pytest.raises(TypeError, match="Region"):
+        Chain([object()])
+
+
+def test_plan_validation():
+    chain = three()
+    with pytest.raises(ValueError, match="3 entries"):
+        plan_from_choices(chain, ["store"])
+    with pytest.raises(ValueError, match="no option 'nope'"):
+        plan_from_choices(chain, ["store", "nope", "store"])
+    with pytest.raises(ValueError, match="segments"):
+        plan_from_choices(chain, [0, 0, 0], [(0, 1)])
+    with pytest.raises(ValueError, match="overlap"):
+        plan_from_choices(chain, [0, 0, 0], [(0, 2), (1, 3)])
+
+
+def test_json_round_trips():
+    chain = three()
+    assert Chain.from_json(chain.to_json()) == chain
+    plan = plan_chain(chain, 20)
+    again = Plan.from_json(plan.to_json(indent=2))
+    assert again == plan
+    assert evaluate(chain, again) == (plan.predicted_peak_bytes, plan.extra_cost)
+    data = json.loads(plan.to_json())
+    assert data["solver"] == "chain" and data["budget_bytes"] == 20
+    nested = plan_from_choices(chain, [0, 0, 0], [(0, 2)], solver="manual")
+    assert Plan.from_json(nested.to_json()) == nested
+    with pytest.raises(ValueError, match="do not match"):
+        evaluate(Chain(chain.regions[:2]), again)
+
+
+def test_plan_prints_a_table():
+    plan = plan_from_choices(
+        three(), ["recompute", "keep-mm", "store"], budget_bytes=30, solver="x"
+    )
+    text = str(plan)
+    lines = text.splitlines()
+    assert lines[0].startswith("Plan by x: predicted peak 14 B (budget 30 B)")
+    assert lines[1].split() == ["#", "region", "action", "option", "kept", "recompute", "segments"]
+    assert lines[3].split()[:4] == ["1", "b", "ops", "keep-mm"]
+    assert "S0: regions 0..1" in str(plan_from_choices(three(), [0, 0, 0], [(0, 2)]))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("6GiB", 6 * 2**30),
+        ("512MB", 512 * 10**6),
+        ("1.5 gb", 1_500_000_000),
+        ("100KiB", 102_400),
+        ("123456", 123_456),
+        (123456, 123_456),
+        (2e9, 2_000_000_000),
+        ("40%", 400),
+        ("12.5%", 125),
+    ],
+)
+def test_parse_budget(text, expected):
+    assert parse_budget(text, baseline_bytes=1000) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("6 parsecs", "unknown unit 'parsecs'"),
+        ("lots", "'lots' does not parse"),
+        ("0MB", "at least 1 byte"),
+        (0, "positive"),
+        (-5, "positive"),
+        ("-3GiB", "does not parse"),
+    ],
+)
+def test_parse_budget_errors_name_the_bad_string(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_budget(text, baseline_bytes=1000)
+
+
+def test_parse_budget_percentage_needs_a_baseline_and_types_are_checked():
+    with pytest.raises(ValueError, match="'40%' is a percentage but no baseline_bytes"):
+        parse_budget("40%")
+    with pytest.raises(TypeError, match="budget"):
+        parse_budget(True)
+    with pytest.raises(TypeError, match="budget"):
+        parse_budget([1])
+
+
+def test_plan_chain_dispatches_and_checks():
+    chain = three()
+    assert plan_chain(chain, "100%").extra_cost == 0  # everything fits stored
+    for solver in SOLVERS:
+        kw = {"n": 1} if solver == "every-n" else {}
+        plan = plan_chain(chain, "80%", solver=solver, **kw)
+        assert plan.predicted_peak_bytes <= 20 and plan.budget_bytes == 20
+    with pytest.raises(ValueError, match="auto, chain, sqrt, every-n, greedy"):
+        plan_chain(chain, "50%", solver="rotor")
+    with pytest.raises(TypeError, match="Chain"):
+        plan_chain([three().regions], "50%")
+    with pytest.raises(BudgetError) as info:
+        plan_chain(chain, 10)
+    assert info.value.min_feasible_bytes == 14  # region a's backward alone
