@@ -194,6 +194,7 @@ def test_json_has_every_figure_and_the_environment(mlp_run, tmp_path):
         assert isinstance(row["step_peak_bytes"], int) and isinstance(row["flops"], int)
 
 
+@pytest.mark.slow
 def test_crash_and_oom_are_reported_while_the_others_finish():
     result = run_bench(BenchOptions(model="mlp", batch=4, steps=1, configs=["_crash", "_oom"]))
     rows = {r.name: r for r in result.configs}

@@ -94,6 +94,7 @@ def test_wrong_gradients_fail_the_command_and_files_are_written(tmp_path, capsys
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_python_m_remat_bench_prints_the_table(tmp_path):
     # The real console entry point, as a user runs it, on a tiny GPT.
     cmd = [sys.executable, "-m", "remat", "bench", *TINY_GPT, "--steps", "1"]

@@ -195,8 +195,8 @@ for _config in (
     ),
     BenchConfig(
         name="tutorial-reentrant",
-        description="blocks 1..n-1 with reentrant torch.utils.checkpoint: shows its bug (an "
-        "input without requires_grad drops the block's weight gradients); fails on mlp",
+        description="reentrant torch.utils.checkpoint on blocks 1..n-1: the tutorial's bug "
+        "(mlp: block inputs without requires_grad, blocks 1-2 get no gradients: FAIL)",
         apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _torch_checkpoint(True)),
         default=False,
     ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Any
 
 __all__ = ["main"]
@@ -47,14 +48,25 @@ SIZE_FLAGS = {  # flag -> size option of GPTConfig (and of hf:<arch> models)
     "seq_len": "seq_len",
     "vocab": "vocab_size",
 }
+SIZE_HELP = {  # defaults: GPTConfig's, then remat._hf_models.HF_DEFAULT_SIZES
+    "layers": "blocks (gpt 12, hf 4)",
+    "d_model": "width (gpt 256, hf 256)",
+    "heads": "attention heads (gpt 8, hf 4)",
+    "seq_len": "sequence length (gpt 256, hf 256)",
+    "vocab": "vocabulary size (gpt 1024, hf 2048)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     from remat.bench import CONFIGS
 
     listed = "\n".join(
-        f"  {c.name + (':<arg>' if c.takes_arg else ''):<20} {c.description}"
-        + ("" if c.default else " [not in the default set]")
+        textwrap.fill(
+            c.description + ("" if c.default else " [not default]"),
+            width=96,
+            initial_indent=f"  {c.name + (':<arg>' if c.takes_arg else ''):<20} ",
+            subsequent_indent=" " * 23,
+        )
         for c in CONFIGS.values()
         if not c.hidden
     )
@@ -69,9 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="memory, time and FLOPs of checkpointing configurations, side by side",
-        description="Run a training step of a model under each checkpointing configuration, "
-        "each in its own process; report memory peaks, saved bytes, step time (interleaved "
-        "rounds after a warm-up), extra FLOPs, and whether loss and gradients equal none's.",
+        description="Run a training step (forward + backward) of a model under each checkpointing\n"
+        "configuration, each in its own process. Report memory peaks and bytes\n"
+        "kept for backward (remat's tracker; the CUDA allocator's figures too on a GPU),\n"
+        "median step time over interleaved rounds after a warm-up, extra FLOPs from\n"
+        "recomputation, and whether loss and gradients equal none's.",
         epilog=BENCH_EPILOG.format(configs=listed),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -89,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seeds weights, data and dropout")
     sizes = bench.add_argument_group("model sizes (gpt and hf:<arch>)")
     for flag in SIZE_FLAGS:
-        sizes.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N")
+        sizes.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N", help=SIZE_HELP[flag]
+        )
     bench.add_argument("--json", metavar="PATH", help="write every figure and the environment")
     bench.add_argument("--plot", metavar="PATH", help="write the two-panel PNG")
     bench.add_argument("--quiet", action="store_true", help="no table, no progress bar")
