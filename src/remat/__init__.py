@@ -24,6 +24,7 @@ from remat.offload import (
     OffloadStore,
     offload,
 )
+from remat.planner import Chain, Plan, Region, RegionOption, pareto, parse_budget, plan_chain
 from remat.policies import (
     Ops,
     Policy,
@@ -78,6 +79,14 @@ __all__ = [
     "OffloadStats",
     "OffloadStore",
     "offload",
+    # plan
+    "Chain",
+    "Plan",
+    "Region",
+    "RegionOption",
+    "pareto",
+    "parse_budget",
+    "plan_chain",
     # errors
     "BudgetError",
     "CheckpointError",

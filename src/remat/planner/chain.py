@@ -40,8 +40,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import reduce
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from remat.errors import BudgetError
 from remat.planner.plan import (
@@ -56,7 +55,19 @@ from remat.planner.plan import (
     option_index,
 )
 
-__all__ = ["evaluate", "min_peak_bytes", "pareto", "plan_from_choices", "simulate", "solve_chain"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "discretize",
+    "evaluate",
+    "min_peak_bytes",
+    "pareto",
+    "plan_from_choices",
+    "simulate",
+    "solve_chain",
+    "store_all_peak",
+]
 
 Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
 _MAX_TABLE = 25_000_000  # float64 cells of the nested DP table (200 MB)
@@ -240,6 +251,8 @@ def discretize(chain: Chain, resolution: int) -> Chain:
 # ----------------------------------------------------------------------------- the DP
 def _table(q: Chain, m_max: int, nested: bool) -> np.ndarray:
     """``C[s, t, m]`` (nested) or ``C[s, 0, m]`` for ``t = n`` (flat), in slots."""
+    import numpy as np  # lazily: `import remat` must work without numpy
+
     n = len(q)
     width = n + 1 if nested else 1
     C = np.full((n + 1, width, m_max + 1), np.inf)
@@ -269,6 +282,8 @@ def _table(q: Chain, m_max: int, nested: bool) -> np.ndarray:
 
 
 def _reconstruct(q: Chain, C: np.ndarray, m: int, nested: bool) -> list:
+    import numpy as np  # lazily: `import remat` must work without numpy
+
     n = len(q)
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
 
@@ -305,6 +320,8 @@ def _reconstruct(q: Chain, C: np.ndarray, m: int, nested: bool) -> list:
 
 def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
     """The least peak over all plans, exact in bytes, and a plan reaching it."""
+    import numpy as np  # lazily: `import remat` must work without numpy
+
     n, regs = len(chain), chain.regions
     inp = np.array([r.input_bytes for r in regs] + [0], dtype=np.int64)
     w = np.array([r.backward_bytes for r in regs], dtype=np.int64)
@@ -389,6 +406,8 @@ def solve_chain(
     Raises:
         BudgetError: no plan fits; ``min_feasible_bytes`` is the least feasible budget.
     """
+    import numpy as np  # lazily: `import remat` must work without numpy
+
     budget = _check_budget(budget_bytes)
     n = len(chain)
     kw = {"budget_bytes": budget, "solver": "chain"}
@@ -422,6 +441,7 @@ def pareto(
     slot; each step of that staircase is one plan. Plans dominated once their exact peaks
     are computed are dropped.
     """
+
     n = len(chain)
     top = store_all_peak(chain)
     if nested:

@@ -15,10 +15,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from remat.planner.plan import Region, RegionOption
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Op", "knapsack_dp", "knapsack_milp", "solve_ops", "with_ops"]
 
@@ -53,6 +55,8 @@ def knapsack_dp(weights: Sequence[int], values: Sequence[float], capacity: int):
         ``(best, take)``: ``best[c]`` the largest value within weight ``c``; ``take[i, c]``
         whether item ``i`` is taken in that optimum over items ``0..i`` (for backtracking).
     """
+    import numpy as np  # lazily: `import remat` must work without numpy
+
     best = np.zeros(capacity + 1)
     take = np.zeros((len(weights), capacity + 1), dtype=bool)
     for i, (w, v) in enumerate(zip(weights, values)):
@@ -76,6 +80,7 @@ def _backtrack(take: np.ndarray, weights: Sequence[int], c: int) -> list[int]:
 
 def knapsack_milp(weights: Sequence[int], values: Sequence[float], capacity: int):
     """The same knapsack as a MILP (``scipy.optimize.milp``); returns ``(value, chosen)``."""
+    import numpy as np  # lazily: `import remat` must work without numpy
     from scipy.optimize import Bounds, LinearConstraint, milp  # heavy; planner-only
 
     n = len(weights)
@@ -130,6 +135,8 @@ def solve_ops(
         before (more bytes, less cost), as ``RegionOption(kind="ops")``. Saving nothing is
         included (it is the region's ``recompute``).
     """
+    import numpy as np  # lazily: `import remat` must work without numpy
+
     if method not in ("dp", "milp"):
         raise ValueError(f"method must be 'dp' or 'milp', got {method!r}")
     r = _resolution(ops, resolution_bytes, slots)
