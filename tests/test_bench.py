@@ -22,6 +22,7 @@ from remat.bench import (
     compare_grads,
     default_config_names,
     parse_configs,
+    policy_config,
     run_bench,
 )
 from remat.models import build_workload
@@ -57,6 +58,24 @@ def test_unknown_config_lists_the_valid_ones():
     assert "_crash" not in str(e.value)  # test-only configurations stay hidden
     with pytest.raises(ValueError, match="takes no argument"):
         parse_configs("remat:40%")
+
+
+def test_a_parameterised_policy_config_is_one_entry(monkeypatch):
+    import remat
+
+    seen = []
+
+    def every_n(workload, arg):
+        seen.append(arg)
+        return remat.every(int(arg))
+
+    config = policy_config("every-n", "every n-th block", every_n, takes_arg=True, hidden=True)
+    monkeypatch.setitem(CONFIGS, "every-n", config)  # registered for this test only
+    assert parse_configs("every-n:2") == ["none", "every-n:2"]
+    w = build_workload("gpt", batch=2, n_layers=4, d_model=32, n_heads=2, seq_len=8)
+    config.apply(w, "2")
+    assert seen == ["2"]
+    assert sorted(remat.applied(w.model)) == ["blocks.0", "blocks.2"]
 
 
 @pytest.mark.parametrize("config", GOOD)

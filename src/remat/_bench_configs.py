@@ -3,7 +3,8 @@
 A configuration is a :class:`BenchConfig` in :data:`CONFIGS`: a name and a function that wraps
 the workload's model in place, inside the worker process. Adding one (including a
 parameterised one such as ``auto:40%``, which receives ``"40%"``) is one ``register_config``.
-Until ``remat.apply`` exists, blocks are wrapped here by replacing ``forward`` on the instance.
+``remat`` and ``all-blocks`` go through ``remat.apply`` (see :func:`policy_config`); the
+``tutorial*`` ones wrap blocks the tutorial's way, by replacing ``forward`` on the instance.
 """
 
 from __future__ import annotations
@@ -140,13 +141,38 @@ def _remat_function(forward):
     return wrapped
 
 
-def _remat_checkpoint(forward):
-    def wrapped(*args, **kwargs):
+def policy_config(
+    name: str,
+    description: str,
+    policy: Callable[[Workload, str | None], Any],
+    **options: Any,
+) -> BenchConfig:
+    """A configuration that runs ``remat.apply(model, policy(workload, arg))``.
+
+    Policy-based configurations are one line each this way, e.g.
+    ``register_config(policy_config("every2", "every 2nd block", lambda w, a: remat.every(2)))``
+    or, parameterised, ``policy_config("auto", "planner at a budget", make_plan, takes_arg=True)``.
+
+    Args:
+        name: the configuration's name.
+        description: one line for ``--help``.
+        policy: ``(workload, arg) -> policy`` for :func:`remat.apply`.
+        **options: further :class:`BenchConfig` fields (``takes_arg``, ``default``, ``hidden``).
+    """
+
+    def apply(workload: Workload, arg: str | None) -> None:
         import remat
 
-        return remat.checkpoint(forward, *args, **kwargs)
+        remat.apply(workload.model, policy(workload, arg))
 
-    return wrapped
+    return BenchConfig(name=name, description=description, apply=apply, **options)
+
+
+def _blocks(names: tuple[str, ...]):
+    import remat
+
+    # Exact qualified names (no glob characters in block names).
+    return remat.by_name(*names)
 
 
 def _crash(workload: Workload, arg: str | None) -> None:
@@ -183,15 +209,15 @@ for _config in (
         description="blocks 1..n-1 with remat.CheckpointFunction.apply",
         apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _remat_function),
     ),
-    BenchConfig(
-        name="remat",
-        description="blocks 1..n-1 with remat.checkpoint",
-        apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _remat_checkpoint),
+    policy_config(
+        "remat",
+        "blocks 1..n-1 with remat.checkpoint (remat.apply)",
+        lambda w, a: _blocks(checkpointed_blocks(w)),
     ),
-    BenchConfig(
-        name="all-blocks",
-        description="every block with remat.checkpoint",
-        apply=lambda w, a: _wrap_blocks(w, w.blocks, _remat_checkpoint),
+    policy_config(
+        "all-blocks",
+        "every block with remat.checkpoint (remat.apply)",
+        lambda w, a: _blocks(w.blocks),
     ),
     BenchConfig(
         name="tutorial-reentrant",

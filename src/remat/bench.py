@@ -38,6 +38,7 @@ from remat._bench_configs import (
     check_model,
     default_config_names,
     parse_configs,
+    policy_config,
     register_config,
 )
 from remat._bench_worker import WorkerProcess
@@ -53,6 +54,7 @@ __all__ = [
     "compare_grads",
     "default_config_names",
     "parse_configs",
+    "policy_config",
     "register_config",
     "run_bench",
 ]
