@@ -240,7 +240,8 @@ def _print_table(result: Any) -> None:
 
 def _status(r: Any) -> str:
     if r.status == "ok":
-        return "[green]ok[/green]"
+        # grads_match None: none did not finish, so there was nothing to compare with.
+        return "[green]ok[/green]" if r.grads_match else "[yellow]ok, unchecked[/yellow]"
     if r.status == "FAIL":
         return "[bold red]FAIL[/bold red]: gradients differ"
     # oom / crashed: the row still appears, with the reason.
