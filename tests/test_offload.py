@@ -9,8 +9,11 @@ output; the ReLU output that is also the next Linear's input is one storage, off
 from __future__ import annotations
 
 import copy
+import json
 import pickle
+import runpy
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ BLOCKS = remat.by_name("block1", "block2", "block3")
 # Saved inside the MLP's blocks, unique storages: block1 x, h1, out1; block2 h2, out2 (its
 # input is out1); block3 h3 (its input is out2, its last Linear's input is h3 again).
 MLP_OFFLOADED = F32 * B * (IN + 3 * HID + 2 * WID)
+BENCH = Path(__file__).parents[1] / "benchmarks" / "gpu_offload.py"
 
 
 def mlp():
@@ -256,6 +260,30 @@ def test_bad_arguments_name_the_argument() -> None:
 def test_cuda_store_without_cuda_raises() -> None:
     with pytest.raises(remat.RematError, match="CUDA is not available"):
         remat.CudaPinnedStore()
+
+
+def test_gpu_offload_benchmark_dry_run_on_cpu(tmp_path: Path, capsys) -> None:
+    main = runpy.run_path(str(BENCH))["main"]
+    path = tmp_path / "gpu_offload.json"
+    assert main(["--device", "cpu", "--tiny", "--json", str(path)]) == 0
+    assert "hidden behind compute" in capsys.readouterr().out
+    result = json.loads(path.read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == ["none", "recompute", "offload"]
+    assert all(r["max_grad_diff"] == 0 for r in rows.values())  # bitwise on CPU
+    off = rows["offload"]
+    assert off["bytes_out_per_step"] == off["bytes_in_per_step"] > 0
+    assert off["prefetched_per_step"] * 2 == off["tensors_per_step"]  # 2 blocks: 1 prefetched
+    assert 0 <= result["overlap"]["overlap_fraction"] <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit without CUDA")
+def test_gpu_offload_benchmark_exits_2_without_cuda(capsys) -> None:
+    main = runpy.run_path(str(BENCH))["main"]
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "CUDA is not available" in captured.err
 
 
 @pytest.mark.cuda
