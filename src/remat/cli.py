@@ -228,7 +228,11 @@ def _print_table(result: Any) -> None:
             "-" if r.median_step_s is None else f"{r.median_step_s * 1e3:.1f}",
             "-" if r.time_ratio is None else f"{r.time_ratio:.2f}",
             "-" if r.extra_flops is None else f"{r.extra_flops / 1e9:+.2f}",
-            "-" if r.max_grad_diff is None else f"{r.max_grad_diff:.1e}",
+            "-"
+            if r.max_grad_diff is None
+            else f"{r.max_grad_diff:.1e}"
+            if r.max_grad_diff
+            else "0",
             _status(r),
         ]
         table.add_row(*row)
