@@ -254,3 +254,27 @@ def test_long_chain_plans_within_the_table_limit():
     assert plan.extra_cost <= flat.extra_cost + 1e-9  # nested plans include the flat ones
     with pytest.raises(ValueError, match="resolution_bytes"):
         solve_chain(chain, budget, resolution_bytes=1)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_default_resolution_still_beats_heuristics_on_a_long_rounded_chain(fraction):
+    # Odd sizes: no common divisor, so the nested DP rounds and the fine flat DP backs it up.
+    rng = random.Random(11)
+    chain = Chain(
+        [
+            Region(
+                name=f"r{i}",
+                fwd_cost=rng.uniform(1, 10),
+                input_bytes=(inp := rng.randint(10_000, 90_000)),
+                saved_bytes=inp + rng.randint(20_000, 400_000),
+                output_bytes=rng.randint(10_000, 90_000),
+                transient_bytes=rng.randint(0, 60_000),
+            )
+            for i in range(80)
+        ]
+    )
+    budget = int(store_all_peak(chain) * fraction)
+    plan = solve_chain(chain, budget)
+    assert plan.predicted_peak_bytes <= budget
+    for h in (greedy_plan(chain, budget), every_n_plan(chain, budget)):
+        assert plan.extra_cost <= h.extra_cost + 1e-9, h.solver

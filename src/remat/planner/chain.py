@@ -71,6 +71,9 @@ __all__ = [
 
 Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
 _MAX_TABLE = 25_000_000  # float64 cells of the nested DP table (200 MB)
+_NESTED_WORK = 7e8  # cell updates of the nested DP: ~1.5 s of numpy on a loaded 2-core box
+_NESTED_SLOTS = 4000
+_FLAT_SLOTS = 20_000
 
 
 # ----------------------------------------------------------------------------- memory model
@@ -369,6 +372,14 @@ def _check_budget(budget_bytes: int) -> int:
     return budget_bytes
 
 
+def _slots(n: int, nested: bool, slots: int | None) -> int:
+    if not nested:
+        return slots or _FLAT_SLOTS
+    # The nested DP does about n^3/6 * slots work and keeps (n+1)^2 * slots floats.
+    cap = min(_MAX_TABLE // (n + 1) ** 2 - 1, int(_NESTED_WORK * 6 / max(1, n**3)))
+    return max(8, min(slots or _NESTED_SLOTS, cap))
+
+
 def _table_slots(n: int, budget: int, r: int, nested: bool) -> int:
     m_max = budget // r
     cells = (n + 1) * ((n + 1) if nested else 1) * (m_max + 1)
@@ -380,13 +391,23 @@ def _table_slots(n: int, budget: int, r: int, nested: bool) -> int:
     return m_max
 
 
+def _dp(chain: Chain, budget: int, nested: bool, resolution_bytes: int | None, slots: int | None):
+    """(rounded chain, table, resolution, whether the resolution is exact) up to ``budget``."""
+    n = len(chain)
+    r = _resolution(chain, budget, resolution_bytes, _slots(n, nested, slots))
+    exact = all(x % r == 0 for x in _sizes(chain))
+    m_max = _table_slots(n, budget, r, nested)
+    q = discretize(chain, r)
+    return q, _table(q, m_max, nested), r, exact
+
+
 def solve_chain(
     chain: Chain,
     budget_bytes: int,
     *,
     nested: bool = True,
     resolution_bytes: int | None = None,
-    slots: int = 500,
+    slots: int | None = None,
 ) -> Plan:
     """The plan of least extra cost whose predicted peak fits ``budget_bytes``.
 
@@ -397,11 +418,16 @@ def solve_chain(
             plans to one option per region.
         resolution_bytes: memory resolution; default: the sizes' common divisor when it
             gives at most ``slots`` slots, else ``budget_bytes / slots``.
-        slots: the number of memory slots when the resolution is chosen automatically
-            (lowered automatically for long chains so the table stays under 200 MB).
+        slots: memory slots when the resolution is chosen automatically; default 20000
+            for the flat DP and up to 4000 for the nested one (fewer for long chains, so
+            that its table stays under 200 MB and its time near a second).
 
     Returns:
-        The optimal ``Plan`` at that resolution (``plan.resolution_bytes``).
+        The optimal ``Plan`` at that resolution (``plan.resolution_bytes``). When the
+        nested DP had to round sizes (no explicit ``resolution_bytes``), the flat DP also
+        runs at its much finer resolution, and the cheaper of the two plans is returned:
+        rounding errors add up along a long chain, and the flat optimum at a fine
+        resolution can beat the nested one at a coarse resolution.
 
     Raises:
         BudgetError: no plan fits; ``min_feasible_bytes`` is the least feasible budget.
@@ -413,15 +439,18 @@ def solve_chain(
     kw = {"budget_bytes": budget, "solver": "chain"}
     if store_all_peak(chain) <= budget:
         return plan_from_choices(chain, [0] * n, **kw)
-    if nested:
-        slots = max(8, min(slots, _MAX_TABLE // (n + 1) ** 2 - 1))
-    r = _resolution(chain, budget, resolution_bytes, slots)
-    m_max = _table_slots(n, budget, r, nested)
-    q = discretize(chain, r)
-    C = _table(q, m_max, nested)
-    col = n if nested else 0
-    if np.isfinite(C[0, col, m_max]):
-        return _items_to_plan(chain, _reconstruct(q, C, m_max, nested), resolution_bytes=r, **kw)
+    runs = [nested]
+    candidates = []
+    while runs:
+        nest = runs.pop(0)
+        q, C, r, exact = _dp(chain, budget, nest, resolution_bytes, slots)
+        if nest and not exact and resolution_bytes is None:
+            runs.append(False)
+        if np.isfinite(C[0, n if nest else 0, -1]):
+            items = _reconstruct(q, C, C.shape[-1] - 1, nest)
+            candidates.append(_items_to_plan(chain, items, resolution_bytes=r, **kw))
+    if candidates:
+        return min(candidates, key=lambda p: p.extra_cost)  # stable: nested wins ties
     least, items = _min_peak(chain, nested)
     if least > budget:
         raise BudgetError(
@@ -433,34 +462,39 @@ def solve_chain(
 
 
 def pareto(
-    chain: Chain, *, nested: bool = True, resolution_bytes: int | None = None, slots: int = 500
+    chain: Chain,
+    *,
+    nested: bool = True,
+    resolution_bytes: int | None = None,
+    slots: int | None = None,
 ) -> list[Plan]:
     """The frontier of (predicted peak, extra cost) plans, from least memory to least cost.
 
     One DP table up to the un-checkpointed peak gives the optimal cost at every memory
-    slot; each step of that staircase is one plan. Plans dominated once their exact peaks
-    are computed are dropped.
+    slot; each step of that staircase is one plan (as in ``solve_chain``, a rounded nested
+    table is complemented by the flat one at a finer resolution). Plans dominated once
+    their exact peaks are computed are dropped.
     """
-
     n = len(chain)
     top = store_all_peak(chain)
-    if nested:
-        slots = max(8, min(slots, _MAX_TABLE // (n + 1) ** 2 - 1))
-    r = _resolution(chain, top, resolution_bytes, slots)
-    m_max = _table_slots(n, top, r, nested)
-    q = discretize(chain, r)
-    C = _table(q, m_max, nested)
-    col = n if nested else 0
-    costs = C[0, col, :]
     plans = [_items_to_plan(chain, _min_peak(chain, nested)[1], solver="chain", budget_bytes=None)]
-    prev = math.inf
-    for m in range(m_max + 1):
-        if costs[m] < prev:
-            prev = costs[m]
-            items = _reconstruct(q, C, m, nested)
-            plans.append(
-                _items_to_plan(chain, items, solver="chain", budget_bytes=None, resolution_bytes=r)
-            )
+    runs = [nested]
+    while runs:
+        nest = runs.pop(0)
+        q, C, r, exact = _dp(chain, top, nest, resolution_bytes, slots)
+        if nest and not exact and resolution_bytes is None:
+            runs.append(False)
+        costs = C[0, n if nest else 0, :]
+        prev = math.inf
+        for m in range(len(costs)):
+            if costs[m] < prev:
+                prev = costs[m]
+                items = _reconstruct(q, C, m, nest)
+                plans.append(
+                    _items_to_plan(
+                        chain, items, solver="chain", budget_bytes=None, resolution_bytes=r
+                    )
+                )
     plans.sort(key=lambda p: (p.predicted_peak_bytes, p.extra_cost))
     front: list[Plan] = []
     for p in plans:
