@@ -254,6 +254,8 @@ def test_bad_arguments_name_the_argument() -> None:
         remat.offload(prefetch=1)
     with pytest.raises(TypeError, match="min_bytes must be an int"):
         remat.Offload(min_bytes=None)
+    with pytest.raises(ValueError, match="stash must be a positive integer"):
+        remat.CudaPinnedStore(stash=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
@@ -305,20 +307,19 @@ def test_cuda_pinned_store(store: str) -> None:
     for _ in range(2):  # the second step reuses every pinned buffer
         got = grads_of(offloaded)
         torch.cuda.synchronize()
-        for name in reference:  # same kernels on restored tensors: expected bitwise
-            torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0, msg=name)
+        for name in reference:  # not bitwise: CUDA attention backward may use atomics
+            torch.testing.assert_close(got[name], reference[name], msg=name)
     stats = policy.stats
     assert stats.bytes_out == stats.bytes_in > 0 and stats.bytes_held == 0
     assert stats.buffers_allocated == stats.tensors_out // 2
     assert stats.tensors_prefetched > 0
-    # Peak device memory of the forward: offloading must keep less than the plain model.
-    peaks = []
+    # Device memory held after the forward: offloading must keep less than the plain model.
+    held = []
     for w in (plain, offloaded):
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         loss = w.loss()
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.memory_allocated() - base)
+        held.append(torch.cuda.memory_allocated() - base)
         loss.backward()
-    assert peaks[1] < peaks[0]
+    assert held[1] < held[0] / 2

@@ -17,8 +17,9 @@ Stores:
 - :class:`CudaPinnedStore` (the default for CUDA tensors): device-to-host copies into pinned
   buffers from a reusable pool, on a side stream, so copies overlap compute; copies back are
   issued on the side stream too, and when backward first reaches region ``i`` the tensors of
-  region ``i - 1`` are prefetched (the scheme of torchtune's ``OffloadActivations`` and
-  ``torch.autograd.graph.save_on_cpu(pin_memory=True)``, with a pool and per-region prefetch).
+  region ``i - 1`` are prefetched (the scheme of torchtune's ``OffloadActivations``: a side
+  stream, events and a small stash of in-flight sources; plus a pinned pool and per-region
+  prefetch, which ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` lacks).
 - :class:`CpuStore`: synchronous copies into pooled host buffers, for any device. On a CPU
   model it moves nothing in a useful sense (host to host), but it frees the original storages
   exactly as offloading does, so the policy is testable without a GPU.
@@ -32,7 +33,7 @@ import functools
 import threading
 import warnings
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -208,53 +209,91 @@ class CpuStore(OffloadStore):
 class CudaPinnedStore(OffloadStore):
     """CUDA tensors to pinned host buffers on a side stream, back with prefetch.
 
-    Forward: the side stream waits for the compute stream (the activation must be written),
-    copies it into a pooled pinned buffer, and ``record_stream`` keeps the caching allocator
-    from handing the activation's block to new compute-stream work before the copy ends; the
-    compute stream never waits. Backward: the copy back runs on the side stream into memory
-    allocated there; :meth:`get` makes the compute stream wait on the copy's event only, and
-    ``record_stream`` ties the block's reuse to the compute stream's use. All copies to and
-    from a pinned buffer run on the one side stream, so reusing a buffer is ordered by the
-    stream itself.
+    Every copy runs on one side stream per device, and the compute stream waits only on
+    events of copies it needs. Reuse of device memory stays stream-ordered, without
+    ``record_stream`` (whose deferred frees make memory use depend on CPU timing):
+
+    - forward: the side stream waits for the compute stream (the activation must be
+      written) and copies the activation into a pooled pinned buffer; the store keeps the
+      activation alive while the last ``stash`` copies are in flight, and before dropping an
+      older one makes the compute stream wait on that copy's event, so its block is reused
+      only after the copy (a bound on memory when copies are slower than compute);
+    - backward: the copy back goes into memory allocated on the compute stream, after the
+      side stream has waited for the compute stream's queued work (that memory may have been
+      in use); :meth:`get` makes the compute stream wait on the copy's event. Prefetched
+      tensors are copied the same way, ahead of their use.
+
+    A pinned buffer is read and written only by the side stream, so giving it back to the
+    pool right after its copy back is queued is safe: the next write into it is queued
+    behind that read.
+
+    Args:
+        stash: copies to the host that may be in flight before the compute stream waits.
 
     Raises:
         RematError: CUDA is not available.
+        ValueError: ``stash`` is not a positive integer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stash: int = 4) -> None:
         super().__init__()
+        if isinstance(stash, bool) or not isinstance(stash, int) or stash < 1:
+            raise ValueError(f"CudaPinnedStore: stash must be a positive integer, got {stash!r}")
         if not torch.cuda.is_available():
             raise RematError("CudaPinnedStore: CUDA is not available; use CpuStore() instead")
+        self.stash = stash
         self._pool = _HostPool(pin_memory=True)
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self._in_flight: dict[int, deque[tuple[Tensor, torch.cuda.Event]]] = defaultdict(deque)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"stash": self.stash}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
     def accepts(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
+    @staticmethod
+    def _index(device: torch.device) -> int:
+        return device.index if device.index is not None else torch.cuda.current_device()
+
     def _side(self, device: torch.device) -> torch.cuda.Stream:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = self._index(device)
         if index not in self._streams:
             self._streams[index] = torch.cuda.Stream(device=index)
         return self._streams[index]
+
+    def _retire(self, device: torch.device, keep: int) -> None:
+        # The compute stream waits for the oldest copies out; then their sources may go.
+        compute = torch.cuda.current_stream(device)
+        in_flight = self._in_flight[self._index(device)]
+        while len(in_flight) > keep:
+            _, copied = in_flight.popleft()
+            compute.wait_event(copied)
 
     def put(self, tensor: Tensor) -> _Handle:
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
             buf = self._pool.acquire(nbytes, self.stats)
             side = self._side(tensor.device)
-        host = buf.view(tensor.dtype).view(tensor.shape)
-        side.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(side):
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(side)
-        with self._lock:
+            host = buf.view(tensor.dtype).view(tensor.shape)
+            side.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(side):
+                host.copy_(tensor, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(side)
+            self._in_flight[self._index(tensor.device)].append((tensor, copied))
+            self._retire(tensor.device, keep=self.stash)
             _count_out(self.stats, nbytes)
         return _Handle(buf, host, tensor.device, nbytes)
 
     def _fetch(self, handle: _Handle) -> tuple[Tensor, torch.cuda.Event]:
         side = self._side(handle.device)
+        out = torch.empty_like(handle.host, device=handle.device)  # compute stream's memory
+        side.wait_stream(torch.cuda.current_stream(handle.device))
         with torch.cuda.stream(side):
-            out = torch.empty_like(handle.host, device=handle.device)
             out.copy_(handle.host, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(side)
@@ -264,12 +303,11 @@ class CudaPinnedStore(OffloadStore):
 
     def get(self, handle: _Handle) -> Tensor:
         with self._lock:
+            self._retire(handle.device, keep=0)  # backward: no copy out is needed any more
             fetched = handle.fetched or self._fetch(handle)
             handle.fetched = None
         out, ready = fetched
-        compute = torch.cuda.current_stream(handle.device)
-        compute.wait_event(ready)
-        out.record_stream(compute)
+        torch.cuda.current_stream(handle.device).wait_event(ready)
         return out
 
     def prefetch(self, handles: Iterable[_Handle]) -> None:
@@ -280,10 +318,10 @@ class CudaPinnedStore(OffloadStore):
                     self.stats.tensors_prefetched += 1
 
     def release(self, handle: _Handle) -> None:
-        # The buffer may still be read by a queued copy back; the next write into it is a
-        # copy out on the same side stream, so it cannot overtake that read.
         with self._lock:
-            handle.fetched = None
+            if handle.fetched is not None:  # prefetched, never used: its copy must end first
+                torch.cuda.current_stream(handle.device).wait_event(handle.fetched[1])
+                handle.fetched = None
             if handle.buf is not None:
                 self._pool.release(handle.buf)
                 handle.buf = None
