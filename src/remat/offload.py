@@ -155,7 +155,39 @@ class OffloadStore:
         self.__init__()
 
 
-class CpuStore(OffloadStore):
+class _PooledStore(OffloadStore):
+    """A store of :class:`_Handle` in pooled host buffers; subclasses copy (``put``,
+    ``_fetch``, ``get``). Prefetch fetches early; release gives the buffer back."""
+
+    def __init__(self, pin_memory: bool) -> None:
+        super().__init__()
+        self._pool = _HostPool(pin_memory=pin_memory)
+
+    def _fetch(self, handle: _Handle) -> Any:
+        raise NotImplementedError
+
+    def _discard(self, fetched: Any) -> None:
+        """Drop a prefetched copy that was never used."""
+
+    def prefetch(self, handles: Iterable[_Handle]) -> None:
+        with self._lock:
+            for h in handles:
+                if h.fetched is None and h.buf is not None:
+                    h.fetched = self._fetch(h)
+                    self.stats.tensors_prefetched += 1
+
+    def release(self, handle: _Handle) -> None:
+        with self._lock:
+            if handle.fetched is not None:
+                self._discard(handle.fetched)
+                handle.fetched = None
+            if handle.buf is not None:
+                self._pool.release(handle.buf)
+                handle.buf = None
+                self.stats.bytes_held -= handle.nbytes
+
+
+class CpuStore(_PooledStore):
     """Synchronous copies into pooled (pageable) host buffers; works for any device.
 
     On a CPU model the copy replaces the original storage, which autograd no longer holds,
@@ -163,8 +195,7 @@ class CpuStore(OffloadStore):
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self._pool = _HostPool(pin_memory=False)
+        super().__init__(pin_memory=False)
 
     def put(self, tensor: Tensor) -> _Handle:
         nbytes = tensor.numel() * tensor.element_size()
@@ -190,23 +221,8 @@ class CpuStore(OffloadStore):
             out, handle.fetched = handle.fetched, None
             return out
 
-    def prefetch(self, handles: Iterable[_Handle]) -> None:
-        with self._lock:
-            for h in handles:
-                if h.fetched is None and h.buf is not None:
-                    h.fetched = self._fetch(h)
-                    self.stats.tensors_prefetched += 1
 
-    def release(self, handle: _Handle) -> None:
-        with self._lock:
-            handle.fetched = None
-            if handle.buf is not None:
-                self._pool.release(handle.buf)
-                handle.buf = None
-                self.stats.bytes_held -= handle.nbytes
-
-
-class CudaPinnedStore(OffloadStore):
+class CudaPinnedStore(_PooledStore):
     """CUDA tensors to pinned host buffers on a side stream, back with prefetch.
 
     Every copy runs on one side stream per device, and the compute stream waits only on
@@ -236,13 +252,12 @@ class CudaPinnedStore(OffloadStore):
     """
 
     def __init__(self, stash: int = 4) -> None:
-        super().__init__()
         if isinstance(stash, bool) or not isinstance(stash, int) or stash < 1:
             raise ValueError(f"CudaPinnedStore: stash must be a positive integer, got {stash!r}")
         if not torch.cuda.is_available():
             raise RematError("CudaPinnedStore: CUDA is not available; use CpuStore() instead")
+        super().__init__(pin_memory=True)
         self.stash = stash
-        self._pool = _HostPool(pin_memory=True)
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._in_flight: dict[int, deque[tuple[Tensor, torch.cuda.Event]]] = defaultdict(deque)
 
@@ -310,22 +325,10 @@ class CudaPinnedStore(OffloadStore):
         torch.cuda.current_stream(handle.device).wait_event(ready)
         return out
 
-    def prefetch(self, handles: Iterable[_Handle]) -> None:
-        with self._lock:
-            for h in handles:
-                if h.fetched is None and h.buf is not None:
-                    h.fetched = self._fetch(h)
-                    self.stats.tensors_prefetched += 1
-
-    def release(self, handle: _Handle) -> None:
-        with self._lock:
-            if handle.fetched is not None:  # prefetched, never used: its copy must end first
-                torch.cuda.current_stream(handle.device).wait_event(handle.fetched[1])
-                handle.fetched = None
-            if handle.buf is not None:
-                self._pool.release(handle.buf)
-                handle.buf = None
-                self.stats.bytes_held -= handle.nbytes
+    def _discard(self, fetched: tuple[Tensor, torch.cuda.Event]) -> None:
+        # Prefetched, never used: its memory is reused only after its copy ends.
+        out, ready = fetched
+        torch.cuda.current_stream(out.device).wait_event(ready)
 
 
 def _count_out(stats: OffloadStats, nbytes: int) -> None:
