@@ -71,7 +71,7 @@ __all__ = [
 
 Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
 _MAX_TABLE = 25_000_000  # float64 cells of the nested DP table (200 MB)
-_NESTED_WORK = 7e8  # cell updates of the nested DP: ~1.5 s of numpy on a loaded 2-core box
+_NESTED_WORK = 5e8  # cell updates of the nested DP: about a second of numpy here
 _NESTED_SLOTS = 4000
 _FLAT_SLOTS = 20_000
 
