@@ -222,6 +222,8 @@ class Plan:
         budget_bytes: the budget planned for (``None`` for frontier points).
         solver: which solver made it.
         resolution_bytes: the memory resolution the solver worked at (``None``: exact).
+        meta: free-form notes for later stages (e.g. the profile it came from); not
+            compared.
     """
 
     regions: tuple[RegionPlan, ...]
