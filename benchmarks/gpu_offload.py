@@ -8,15 +8,17 @@ steps (forward + backward, no optimizer) with
 - ``offload``: every block's saved tensors offloaded (``remat.offload()``: pinned host
   buffers, side stream, prefetch of the previous block during backward),
 
-and reports the median step time, the peak device memory (``torch.cuda.max_memory_allocated``
-over the timed steps, and remat's ``MemoryTracker`` peak for one extra step), the bytes moved
-per step, and the largest gradient difference to ``none`` (offloading restores tensors
-exactly: expect 0). The tracker counts storages created during its step: the store's
-pooled host buffers exist before it and are left out (on CUDA its peak is device memory; in
-the CPU dry run it understates the host copies). Overlap: the same device-to-host and
-host-to-device copies are timed alone on a side stream (CUDA events);
-``hidden = copy time - (offload step - none step)``, clamped to [0, copy time], is the copy
-time compute covered, reported as a fraction.
+and reports the median step time (the three models are built together and the steps
+interleaved: each round runs every configuration once, in a rotating order), the peak device
+memory of a step above its start (``torch.cuda.max_memory_allocated``, so parameters and
+gradients are not in it; and remat's ``MemoryTracker`` peak, all live storages of the model
+and its inputs, for one extra step), the bytes moved per step, and the largest gradient
+difference to ``none`` (0 on CPU; on CUDA attention backward may use atomics). The
+tracker counts storages created during its step: the store's pooled host buffers exist
+before it and are left out (on CUDA its peak is device memory; in the CPU dry run it
+understates the host copies). Overlap: the same device-to-host and host-to-device copies are
+timed alone on a side stream (CUDA events); ``hidden = copy time - (offload step - none
+step)``, clamped to [0, copy time], is the copy time compute covered, as a fraction.
 
 Run on a GPU:  ``python benchmarks/gpu_offload.py [--dtype bf16] [--steps 10]``
 (writes ``benchmarks/results/gpu_offload.json``).
@@ -76,14 +78,14 @@ def _step(workload) -> None:
     workload.loss().backward()
 
 
-def run_config(config: str, args: argparse.Namespace, reference: dict | None) -> dict[str, Any]:
+def build(config: str, args: argparse.Namespace):
+    """The workload of ``config`` and, for offload, its (recording) store."""
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     workload = build_workload(
         "gpt",
         batch=args.batch,
         device=device,
-        dtype=dtype,
+        dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
         n_layers=args.layers,
         d_model=args.d_model,
         n_heads=args.heads,
@@ -94,62 +96,75 @@ def run_config(config: str, args: argparse.Namespace, reference: dict | None) ->
         remat.apply(workload.model, remat.every(1))
     elif config == "offload":
         store = _recording(remat.CpuStore if device.type == "cpu" else remat.CudaPinnedStore)()
-        policy = remat.offload(min_bytes=args.min_bytes, store=store)
-        remat.apply(workload.model, policy)
-    for _ in range(args.warmup):
-        _step(workload)
+        remat.apply(workload.model, remat.offload(min_bytes=args.min_bytes, store=store))
+    return workload, store
+
+
+def timed_step(workload, device: torch.device) -> tuple[float, int | None]:
+    """Seconds of one step, and the device memory it allocated above its start (CUDA)."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    before = dataclasses.replace(store.stats) if store is not None else None  # a snapshot
-    times = []
-    for _ in range(args.steps):
+        start = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    _step(workload)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if device.type != "cuda":
+        return seconds, None
+    return seconds, torch.cuda.max_memory_allocated(device) - start
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """All configurations, interleaved: every round runs each once, in a rotating order,
+    so drifting clocks and neighbours' load hit them alike."""
+    device = torch.device(args.device)
+    built = {config: build(config, args) for config in CONFIGS}
+    for workload, _ in built.values():
+        for _ in range(args.warmup):
+            _step(workload)
+    stats0 = {c: dataclasses.replace(s.stats) for c, (_, s) in built.items() if s is not None}
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    peaks: dict[str, list[int]] = {c: [] for c in CONFIGS}
+    for r in range(args.steps):
+        for config in CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]:
+            workload, store = built[config]
+            if store is not None:
+                store.sizes.clear()  # keeps the sizes of the last step
+            seconds, peak = timed_step(workload, device)
+            times[config].append(seconds)
+            if peak is not None:
+                peaks[config].append(peak)
+    reference = {n: p.grad.clone() for n, p in built["none"][0].model.named_parameters()}
+    rows: dict[str, dict[str, Any]] = {}
+    for config, (workload, store) in built.items():
+        grads = dict(workload.model.named_parameters())
+        rows[config] = row = {
+            "config": config,
+            "median_ms": 1e3 * statistics.median(times[config]),
+            "min_ms": 1e3 * min(times[config]),
+            "step_peak_bytes": max(peaks[config]) if peaks[config] else None,
+            "max_grad_diff": max(
+                (grads[n].grad.float() - g.float()).abs().max().item() for n, g in reference.items()
+            ),
+        }
         if store is not None:
-            store.sizes.clear()
-        t0 = time.perf_counter()
-        _step(workload)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    row: dict[str, Any] = {
-        "config": config,
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "peak_allocated_bytes": None,
-        "peak_above_start_bytes": None,
-    }
-    if device.type == "cuda":
-        row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        row["peak_above_start_bytes"] = row["peak_allocated_bytes"] - start_bytes
-    if store is not None:
-        after = store.stats
-        row["bytes_out_per_step"] = (after.bytes_out - before.bytes_out) // args.steps
-        row["bytes_in_per_step"] = (after.bytes_in - before.bytes_in) // args.steps
-        row["tensors_per_step"] = (after.tensors_out - before.tensors_out) // args.steps
-        row["prefetched_per_step"] = (
-            after.tensors_prefetched - before.tensors_prefetched
-        ) // args.steps
-        row["host_pool_bytes"] = after.bytes_allocated
-        row["copy_sizes"] = list(store.sizes)
-    grads = {n: p.grad for n, p in workload.model.named_parameters()}
-    if reference is None:
-        row["max_grad_diff"] = 0.0
-        row["_grads"] = {n: g.detach().clone() for n, g in grads.items()}
-    else:
-        row["max_grad_diff"] = max(
-            (grads[n].float() - reference[n].float()).abs().max().item() for n in reference
-        )
-    if args.tracker:
-        workload.model.zero_grad(set_to_none=False)
-        with remat.MemoryTracker(
-            module=workload.model, count_existing=[workload.model, *workload.inputs], timeline=False
-        ) as mt:
-            workload.loss().backward()
-        row["tracker_peak_bytes"] = mt.peak_bytes
-    del workload, store
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+            before, after, n = stats0[config], store.stats, args.steps
+            row["bytes_out_per_step"] = (after.bytes_out - before.bytes_out) // n
+            row["bytes_in_per_step"] = (after.bytes_in - before.bytes_in) // n
+            row["tensors_per_step"] = (after.tensors_out - before.tensors_out) // n
+            row["prefetched_per_step"] = (after.tensors_prefetched - before.tensors_prefetched) // n
+            row["host_pool_bytes"] = after.bytes_allocated
+            row["copy_sizes"] = list(store.sizes)
+        if args.tracker:
+            workload.model.zero_grad(set_to_none=False)
+            existing = [workload.model, *workload.inputs]
+            with remat.MemoryTracker(
+                module=workload.model, count_existing=existing, timeline=False
+            ) as mt:
+                workload.loss().backward()
+            row["tracker_peak_bytes"] = mt.peak_bytes
+    return rows
 
 
 def time_copies(sizes: list[int], device: torch.device, repeats: int = 3) -> dict[str, float]:
@@ -206,14 +221,13 @@ def _mib(n: int | None) -> str:
 
 
 def print_table(rows: list[dict], summary: dict[str, float]) -> None:
-    header = ("config", "median ms", "peak MiB", "step peak MiB", "tracker MiB", "moved MiB",
-              "max |dgrad|")  # fmt: skip
+    header = ("config", "median ms", "step peak MiB", "tracker MiB", "moved MiB", "max |dgrad|")
     lines = [header]
     for r in rows:
         moved = r.get("bytes_out_per_step")
         lines.append((
-            r["config"], f"{r['median_ms']:.1f}", _mib(r["peak_allocated_bytes"]),
-            _mib(r["peak_above_start_bytes"]), _mib(r.get("tracker_peak_bytes")),
+            r["config"], f"{r['median_ms']:.1f}", _mib(r["step_peak_bytes"]),
+            _mib(r.get("tracker_peak_bytes")),
             "-" if moved is None else f"{_mib(moved)} out + {_mib(r['bytes_in_per_step'])} in",
             f"{r['max_grad_diff']:.3g}",
         ))  # fmt: skip
@@ -257,12 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_offload: CUDA is not available (dry run: --device cpu --tiny)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    rows: dict[str, dict] = {}
-    reference = None
-    for config in CONFIGS:
-        rows[config] = run_config(config, args, reference)
-        reference = reference or rows[config].pop("_grads")
-    del reference
+    rows = run(args)
     summary = overlap(rows, time_copies(rows["offload"].pop("copy_sizes"), device))
     print_table(list(rows.values()), summary)
     command = [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
