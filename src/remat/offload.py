@@ -502,7 +502,7 @@ class Offload(Treatment):
                 "to CPU has no effect, saved tensors stay where they are. Move the model to "
                 "CUDA, or pass store=remat.CpuStore() to copy them anyway.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
     def _store_for(self, device: torch.device) -> OffloadStore | None:
