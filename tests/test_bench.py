@@ -244,3 +244,15 @@ def test_cuda_rows_carry_the_allocator_figures():
         # The allocator rounds blocks up and holds workspaces: never below the exact count.
         assert r.cuda_max_allocated_bytes >= r.step_peak_bytes
         assert r.cuda_max_reserved_bytes >= r.cuda_max_allocated_bytes
+
+
+def test_plot_from_json_with_a_crashed_row(mlp_run, tmp_path):
+    from remat.bench import BenchResult
+    from remat.plots import plot_bench
+
+    doc = json.loads(json.dumps(mlp_run.to_dict()))  # through JSON, as a saved run is
+    configs = [ConfigResult(**c) for c in doc["configs"]]
+    configs.append(ConfigResult(name="_crash", status="crashed", error="worker killed by SIGSEGV"))
+    result = BenchResult(environment=Environment(**doc["environment"]), configs=configs)
+    plot_bench(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,7 +37,6 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
     timeline_ax, tradeoff_ax = fig.subplots(1, 2)
     cycle = [f"C{i}" for i in range(10)]
 
-    labels = _label_offsets(result)
     for i, row in enumerate(result.configs):
         color = cycle[i % len(cycle)]
         label = row.name if row.status == "ok" else f"{row.name} ({row.status})"
@@ -64,9 +63,6 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
             x, y = row.median_step_s * 1e3, row.step_peak_bytes / MB
             marker = "o" if row.status == "ok" else "x"
             tradeoff_ax.plot([x], [y], marker, color=color, markersize=8, label=label)
-            tradeoff_ax.annotate(
-                row.name, (x, y), textcoords="offset points", xytext=labels[i], fontsize=8
-            )
 
     env = result.environment
     timeline_ax.set_title("live memory over one training step (dot: backward starts)")
@@ -80,7 +76,11 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
     tradeoff_ax.set_xlabel(f"median step time (ms, {env.steps} interleaved rounds)")
     tradeoff_ax.set_ylabel("training-step peak (MB)")
     tradeoff_ax.grid(alpha=0.3)
-    tradeoff_ax.margins(x=0.25, y=0.15)
+    tradeoff_ax.legend(fontsize=8, loc="best")  # a legend: close points stay readable
+    points = _points(result)
+    if points:  # axes from zero: savings and slowdowns at their true size
+        tradeoff_ax.set_xlim(0, 1.3 * max(p[0] for p in points) * 1e3)
+        tradeoff_ax.set_ylim(0, 1.15 * max(p[1] for p in points) / MB)
 
     fig.suptitle(
         f"remat bench: {env.model} ({env.parameters or 0:,} parameters), batch {env.batch}, "
@@ -90,28 +90,9 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
     fig.savefig(path, dpi=dpi)
 
 
-def _label_offsets(result: BenchResult) -> list[tuple[int, int]]:
-    """Label offsets (points) for the trade-off panel: stack labels of near-coincident points."""
-    pts = [
+def _points(result: BenchResult) -> list[tuple[float, int]]:
+    return [
         (r.median_step_s, r.step_peak_bytes)
-        if r.median_step_s is not None and r.step_peak_bytes is not None
-        else None
         for r in result.configs
+        if r.median_step_s is not None and r.step_peak_bytes is not None
     ]
-    placed = [p for p in pts if p is not None]
-    if not placed:
-        return [(6, 4)] * len(pts)
-    xr = (max(p[0] for p in placed) - min(p[0] for p in placed)) or 1.0
-    yr = (max(p[1] for p in placed) - min(p[1] for p in placed)) or 1.0
-    offsets: list[tuple[int, int]] = []
-    for i, p in enumerate(pts):
-        near = sum(
-            1
-            for q in pts[:i]
-            if p is not None
-            and q is not None
-            and abs(p[0] - q[0]) / xr < 0.12
-            and abs(p[1] - q[1]) / yr < 0.06
-        )
-        offsets.append((6, 4 - 11 * near))
-    return offsets
