@@ -24,7 +24,8 @@ from remat.offload import (
     OffloadStore,
     offload,
 )
-from remat.planner import Chain, Plan, Region, RegionOption, pareto, parse_budget, plan_chain
+from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
+from remat.planning import AutoPlan, apply_plan, autoplan, pareto, plan
 from remat.policies import (
     Ops,
     Policy,
@@ -38,6 +39,7 @@ from remat.policies import (
     recompute,
     where,
 )
+from remat.profile import Profile, profile
 from remat.segments import Segments, segments, sqrt
 
 __version__ = "0.1.0"
@@ -79,14 +81,20 @@ __all__ = [
     "OffloadStats",
     "OffloadStore",
     "offload",
-    # plan
+    # profile and plan
+    "AutoPlan",
     "Chain",
     "Plan",
+    "Profile",
     "Region",
     "RegionOption",
+    "apply_plan",
+    "autoplan",
     "pareto",
     "parse_budget",
+    "plan",
     "plan_chain",
+    "profile",
     # errors
     "BudgetError",
     "CheckpointError",

@@ -28,7 +28,9 @@ _STATE = "_remat_state"
 class _Wrapped:
     """What ``apply`` changed on one module, so ``remove`` can undo it exactly."""
 
-    treatment: Treatment
+    # Outermost first: a block can be a follower of a segment and checkpointed itself
+    # inside that segment's recomputation (plans nest regions, Rotor-style).
+    treatments: tuple[Treatment, ...]
     # The module's own instance-level forward before apply; None when it had none (a
     # sentinel object would not survive deepcopy/pickle).
     instance_forward: Any
@@ -40,7 +42,9 @@ def _run_wrapped(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = type(module).forward.__get__(module)
     else:
         forward = state.instance_forward
-    return state.treatment.run(forward, args, kwargs)
+    for treatment in reversed(state.treatments[1:]):
+        forward = functools.partial(treatment.run_forward, forward)
+    return state.treatments[0].run(forward, args, kwargs)
 
 
 def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
@@ -92,8 +96,11 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
         return model
     for treatment in {id(t): t for _, _, t in assignments}.values():
         treatment.check(model, [(fqn, m) for fqn, m, t in assignments if t is treatment])
+    roles: dict[int, tuple[nn.Module, list[Treatment]]] = {}
     for _, module, treatment in assignments:
-        _wrap(module, treatment)
+        roles.setdefault(id(module), (module, []))[1].append(treatment)
+    for module, treatments in roles.values():
+        _wrap(module, tuple(treatments))
     register_module_names(model)
     return model
 
@@ -101,22 +108,28 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
 def _outermost(
     regions: list[tuple[str, nn.Module, Treatment]],
 ) -> list[tuple[str, nn.Module, Treatment]]:
+    """Drop regions inside another region (the root, when children are selected too).
+
+    A module may appear several times with different roles (segment head or follower,
+    then its own treatment): those are kept, in order.
+    """
+    names = {fqn for fqn, _, _ in regions}
     kept: list[tuple[str, nn.Module, Treatment]] = []
     for fqn, module, treatment in regions:
-        if fqn == "" and len(regions) > 1:
-            continue  # the root and some children: the children are the regions
-        if any(fqn.startswith(outer + ".") for outer, _, _ in kept if outer):
+        if fqn == "" and len(names) > 1:
+            continue
+        if any(fqn.startswith(outer + ".") for outer in names if outer and outer != fqn):
             continue
         kept.append((fqn, module, treatment))
     return kept
 
 
-def _wrap(module: nn.Module, treatment: Treatment) -> None:
+def _wrap(module: nn.Module, treatments: tuple[Treatment, ...]) -> None:
     state = module.__dict__.get(_STATE)
     if state is not None:  # applied before: update, do not nest
-        state.treatment = treatment
+        state.treatments = treatments
         return
-    module.__dict__[_STATE] = _Wrapped(treatment, module.__dict__.get("forward"))
+    module.__dict__[_STATE] = _Wrapped(treatments, module.__dict__.get("forward"))
     module.forward = functools.partial(_run_wrapped, module)
 
 
@@ -142,7 +155,7 @@ def remove(model: nn.Module) -> nn.Module:
 def applied(model: nn.Module) -> dict[str, str]:
     """Qualified name -> treatment name of every region remat has applied to ``model``."""
     return {
-        fqn: module.__dict__[_STATE].treatment.name
+        fqn: "+".join(t.name for t in module.__dict__[_STATE].treatments)
         for fqn, module in model.named_modules()
         if _STATE in module.__dict__
     }

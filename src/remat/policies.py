@@ -204,6 +204,10 @@ class Treatment:
     def run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
         raise NotImplementedError
 
+    def run_forward(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`run` with the arguments spread, to stand in for a forward."""
+        return self.run(forward, args, kwargs)
+
     def check(self, model: nn.Module, regions: list[tuple[str, nn.Module]]) -> None:
         """Called once by ``apply``: raise on options that conflict with this model."""
 
@@ -316,31 +320,43 @@ class Ops(Treatment):
         save: ops whose outputs are kept (aten names such as ``"mm"`` or ``aten.mm``).
         recompute: ops always recomputed, even if listed in ``save`` by a preset.
         preset: name in :data:`OP_PRESETS` providing ``save`` (``"save-matmuls"``).
+        save_calls: single calls to keep, named ``"<overload>#<k>"`` (the k-th call of that
+            overload in the region, e.g. ``"aten.addmm.default#2"``): what plans use.
     """
 
     save: frozenset[Any] = field(default_factory=frozenset)
     recompute: frozenset[Any] = field(default_factory=frozenset)
     preset: str | None = None
+    save_calls: frozenset[str] = field(default_factory=frozenset)
     determinism_check: str = "metadata"
     name: str = "ops"
 
-    def policy_fn(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        from torch.utils.checkpoint import CheckpointPolicy
+    def _contexts(self) -> tuple[Any, Any]:
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-        packet = getattr(func, "overloadpacket", func)
-        if packet in self.save and packet not in self.recompute:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
+        calls: dict[tuple[bool, str], int] = {}  # per checkpointed call: k-th call of an op
+
+        def policy_fn(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.save_calls:
+                key = (ctx.is_recompute, str(func))
+                k = calls.get(key, 0)
+                calls[key] = k + 1
+                if f"{func}#{k}" in self.save_calls:
+                    return CheckpointPolicy.MUST_SAVE
+            packet = getattr(func, "overloadpacket", func)
+            if packet in self.save and packet not in self.recompute:
+                return CheckpointPolicy.MUST_SAVE
+            return CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(policy_fn)
 
     def run(self, forward, args, kwargs):
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
         return run_checkpoint(
             forward,
             args,
             kwargs,
             determinism_check=self.determinism_check,
-            context_fn=lambda: create_selective_checkpoint_contexts(self.policy_fn),
+            context_fn=self._contexts,
         )
 
 
@@ -398,8 +414,8 @@ class Policy:
 
 def as_policy(value: Any) -> Policy:
     """Accept a Policy, a Treatment (default blocks), or anything :func:`as_selector` takes."""
-    if isinstance(value, Policy):
-        return value
+    if isinstance(value, Policy) or callable(getattr(value, "assign", None)):
+        return value  # anything that assigns its own (fqn, module, treatment) roles
     if isinstance(value, Treatment):
         return Policy(selector=_DefaultBlocks(), treatment=value)
     return Policy(selector=as_selector(value), treatment=Recompute())

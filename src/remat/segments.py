@@ -16,6 +16,7 @@ arguments as the head: if the model does anything else between its blocks, they 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,10 +42,16 @@ class _SegmentRun:
 
     name: str
     blocks: list[nn.Module]
-    inside: bool = False  # True while the head runs the blocks itself
     output: Any = None
     extra: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     next_index: int = 0  # the follower expected to be called next
+
+
+# Set while a segment runner calls one of its blocks. A follower called then does the real
+# work; called by the model's own forward, it hands back the segment's output. A flag
+# rather than per-segment state, because a nested segment is also recomputed on its own
+# in backward, outside the run of the segment around it.
+_calling = threading.local()
 
 
 def _chained(out: Any) -> Any:
@@ -53,13 +60,14 @@ def _chained(out: Any) -> Any:
 
 
 def _run_segment(run: _SegmentRun, head_forward: Callable[..., Any], *args: Any, **kwargs: Any):
-    run.inside = True
-    try:
-        out = head_forward(*args, **kwargs)
-        for block in run.blocks[1:]:
-            out = block(_chained(out), *args[1:], **kwargs)  # through the follower: runs it
-    finally:
-        run.inside = False
+    out = head_forward(*args, **kwargs)
+    for block in run.blocks[1:]:
+        previous = getattr(_calling, "on", False)
+        _calling.on = True
+        try:
+            out = block(_chained(out), *args[1:], **kwargs)
+        finally:
+            _calling.on = previous
     return out
 
 
@@ -85,7 +93,7 @@ class _Follower(Treatment):
 
     def run(self, forward, args, kwargs):
         run = self.run_state
-        if run.inside:  # the head is running the segment: do the real work
+        if getattr(_calling, "on", False):  # a segment runner calls: do the real work
             return forward(*args, **kwargs)
         expected_args, expected_kwargs = run.extra or ((), {})
         in_order = run.next_index == self.index and args and args[0] is _chained(run.output)

@@ -1,0 +1,227 @@
+"""From a profile to a plan, and from a plan to a checkpointed model.
+
+``remat.plan(profile, budget)`` turns a :class:`remat.profile.Profile` into the planner's
+chain problem, takes off the budget what the chain does not model (``outside_bytes``), and
+solves it. ``remat.apply_plan(model, plan)`` applies it with ``remat.apply``: regions the plan
+recomputes get :class:`~remat.policies.Recompute`, op-level choices get
+:class:`~remat.policies.Ops` with the chosen calls, and multi-region segments become
+:mod:`remat.segments` heads and followers (nested segments nest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat.errors import BudgetError, PlanError
+from remat.memory import MemoryTracker
+from remat.policies import Ops, Recompute, Treatment
+from remat.profile import Profile
+
+__all__ = ["AutoPlan", "apply_plan", "autoplan", "measure_step_peak", "pareto", "plan"]
+
+
+def _chain_budget(profile: Profile, budget: Any) -> tuple[int, int]:
+    from remat.planner import parse_budget
+
+    total = parse_budget(budget, baseline_bytes=profile.step_peak_bytes)
+    return total, total - profile.outside_bytes
+
+
+def plan(profile: Profile | Any, budget: Any, *, solver: str = "auto", op_options: bool = True,
+         **options: Any) -> Any:  # fmt: skip
+    """The cheapest plan whose predicted training-step peak fits ``budget``.
+
+    Args:
+        profile: from :func:`remat.profile` (or a ``remat.planner.Chain``, planned as is).
+        budget: bytes, a size (``"6GiB"``, ``"300MB"``) or a percentage of the
+            un-checkpointed step's peak (``"40%"``; new bytes, parameters excluded).
+        solver: ``"auto"``/``"chain"`` (optimal DP), ``"sqrt"``, ``"every-n"``, ``"greedy"``.
+        op_options: give the chain solver each region's op-level menu.
+        **options: solver options (``resolution_bytes``, ``nested``, ``n``).
+
+    Returns:
+        A ``remat.planner.Plan``; ``predicted_peak_bytes`` includes ``outside_bytes``.
+
+    Raises:
+        BudgetError: nothing fits; ``min_feasible_bytes`` is the smallest budget that does.
+    """
+    from remat.planner import Chain, min_peak_bytes, plan_chain
+
+    if isinstance(profile, Chain):  # a hand-made or loaded problem: plan it as it is
+        return plan_chain(profile, budget, solver=solver, **options)
+    chain = profile.to_chain(op_options=op_options and solver in ("auto", "chain"))
+    total, chain_budget = _chain_budget(profile, budget)
+    floor = profile.outside_bytes + min_peak_bytes(chain)
+    if chain_budget <= 0:
+        raise BudgetError(
+            f"remat.plan: budget {total} B is below what lives outside the checkpointable "
+            f"regions ({profile.outside_bytes} B); the smallest feasible budget is {floor} B",
+            min_feasible_bytes=floor,
+        )
+    try:
+        result = plan_chain(chain, chain_budget, solver=solver, **options)
+    except BudgetError as err:
+        needed = (err.min_feasible_bytes or 0) + profile.outside_bytes
+        raise BudgetError(
+            f"remat.plan: no {solver} plan fits {total} B; the smallest feasible budget is "
+            f"{needed} B",
+            min_feasible_bytes=needed,
+        ) from None
+    return dataclasses.replace(
+        result,
+        budget_bytes=total,
+        predicted_peak_bytes=result.predicted_peak_bytes + profile.outside_bytes,
+        meta={
+            **result.meta,
+            "outside_bytes": profile.outside_bytes,
+            "cost_unit": profile.cost_unit,
+        },
+    )
+
+
+def pareto(profile: Profile | Any, **options: Any) -> list[Any]:
+    """The frontier of (predicted peak, extra cost) plans for a profile (or a chain)."""
+    from remat.planner import Chain
+    from remat.planner import pareto as chain_pareto
+
+    if isinstance(profile, Chain):
+        return chain_pareto(profile, **options)
+
+    return [
+        dataclasses.replace(p, predicted_peak_bytes=p.predicted_peak_bytes + profile.outside_bytes)
+        for p in chain_pareto(profile.to_chain(), **options)
+    ]
+
+
+class _PlanPolicy:
+    """``remat.apply`` input built from a plan: explicit (fqn, module, treatment) roles."""
+
+    def __init__(self, assignments: list[tuple[str, nn.Module, Treatment]]) -> None:
+        self.assignments = assignments
+
+    def assign(self, model: nn.Module) -> list[tuple[str, nn.Module, Treatment]]:
+        return self.assignments
+
+
+def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, Treatment]]:
+    """The roles ``plan`` gives each module of ``model``, outermost first."""
+    from remat.segments import _Follower, _Head, _SegmentRun
+
+    modules = dict(model.named_modules())
+    missing = [r.name for r in plan.regions if r.name not in modules]
+    if missing:
+        raise PlanError(
+            f"remat.apply_plan: the plan names regions {missing} that {type(model).__name__} "
+            "does not have (was it made for another model?)"
+        )
+    roles: dict[str, list[Treatment]] = {r.name: [] for r in plan.regions}
+    for start, stop in sorted(plan.segments, key=lambda s: (s[0], -s[1])):
+        names = [plan.regions[i].name for i in range(start, stop)]
+        run = _SegmentRun(name=f"{names[0]}-{names[-1]}", blocks=[modules[n] for n in names])
+        roles[names[0]].append(_Head(run))
+        for index, name in enumerate(names[1:], start=1):
+            roles[name].append(_Follower(run, index))
+    for region in plan.regions:
+        if region.action == "recompute":
+            roles[region.name].append(Recompute())
+        elif region.action == "ops":
+            roles[region.name].append(Ops(save_calls=frozenset(region.save_ops)))
+        elif region.action != "store":
+            raise PlanError(f"remat.apply_plan: action {region.action!r} is not supported yet")
+    return [(name, modules[name], t) for name, ts in roles.items() for t in ts]
+
+
+def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place (any earlier remat policy is removed first)."""
+    from remat.apply import apply, remove
+
+    remove(model)
+    assignments = plan_assignments(model, plan)
+    if assignments:
+        apply(model, _PlanPolicy(assignments))
+    return model
+
+
+def measure_step_peak(
+    model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any], torch.Tensor]
+) -> int:
+    """New bytes at the peak of one training step (parameters and inputs excluded)."""
+    with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
+        loss_fn(model(*inputs)).backward()
+    existing = {
+        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+        for t in (*model.parameters(), *model.buffers(), *inputs)
+        if isinstance(t, torch.Tensor)
+    }
+    model.zero_grad(set_to_none=True)
+    return tracker.peak_bytes - sum(existing.values())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoPlan:
+    """What :func:`autoplan` chose and measured.
+
+    Attributes:
+        plan: the plan, applied to the model.
+        profile: the profile it was planned from.
+        budget_bytes: the budget in bytes.
+        measured_peak_bytes: the applied plan's training-step peak, measured by the tracker
+            (new bytes, parameters and inputs excluded); at most ``budget_bytes``.
+        rounds: plans tried; more than one when the memory model was optimistic and the
+            budget given to the solver had to be tightened by the measured excess.
+    """
+
+    plan: Any
+    profile: Profile
+    budget_bytes: int
+    measured_peak_bytes: int
+    rounds: int
+
+
+def autoplan(
+    model: nn.Module,
+    *inputs: Any,
+    budget: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    solver: str = "auto",
+    max_rounds: int = 6,
+    profile: Profile | None = None,
+) -> AutoPlan:
+    """Profile, plan, apply and measure: a plan whose *measured* peak fits ``budget``.
+
+    The chain model predicts the peak; the tracker measures it. When the measurement exceeds
+    the budget, the solver is asked again with the budget lowered by the excess, until the
+    measured peak fits (or ``max_rounds`` plans were tried).
+
+    Raises:
+        BudgetError: no plan within ``max_rounds`` measured under the budget.
+    """
+    from remat.profile import _default_loss
+    from remat.profile import profile as make_profile
+
+    loss_of = loss_fn or _default_loss
+    prof = profile or make_profile(model, *inputs, loss_fn=loss_of)
+    total, _ = _chain_budget(prof, budget)
+    target = total
+    options: dict[str, Any] = {}
+    for round_index in range(1, max_rounds + 1):
+        chosen = plan(prof, target, solver=solver, **options)
+        apply_plan(model, chosen)
+        measured = measure_step_peak(model, inputs, loss_of)
+        if measured <= total:
+            return AutoPlan(plan=chosen, profile=prof, budget_bytes=total,
+                            measured_peak_bytes=measured, rounds=round_index)  # fmt: skip
+        if chosen.segments and solver in ("auto", "chain") and not options:
+            options = {"nested": False}  # first try without multi-region segments
+        else:
+            target -= measured - total
+    raise BudgetError(
+        f"remat.autoplan: after {max_rounds} plans the measured peak ({measured} B) still "
+        f"exceeds the budget ({total} B)",
+        min_feasible_bytes=measured,
+    )

@@ -1,0 +1,438 @@
+"""Profile a model for the planner: per region (and per op inside it) cost and bytes.
+
+``remat.profile(model, *inputs)`` runs the model a few times on the device it is on:
+
+1. one training step in which every candidate region records, in bytes, its input, its output
+   and what autograd saves while it runs (unique storages; parameters and buffers excluded),
+   and in which a dispatch mode lists every op of each region with its output bytes;
+2. timed forward passes (median per region and per op) on CPU and CUDA; on the meta device,
+   where nothing can be timed, the cost is FLOPs (``FlopCounterMode``) plus output bytes as a
+   stand-in for the memory traffic of pointwise ops;
+3. the un-checkpointed training step under :class:`remat.MemoryTracker`, whose peak calibrates
+   what the chain model does not see (embedding, head, loss, gradients being produced).
+
+Candidate regions are, by default, the children of the model's repeated-block lists (the
+``blocks`` of a GPT, the ``layers`` of a Llama); a model without such a list is a chain of
+its direct children.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from remat.errors import PlanError
+from remat.memory import MemoryTracker
+from remat.policies import block_lists
+
+__all__ = ["OpProfile", "Profile", "RegionProfile", "default_regions", "profile"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpProfile:
+    """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region."""
+
+    name: str
+    output_bytes: int
+    cost: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegionProfile:
+    """What the planner needs to know about one region (bytes are unique storages).
+
+    Attributes:
+        name: the module's qualified name.
+        type: its class name.
+        cost: forward cost (seconds, or FLOPs + bytes on meta; see ``Profile.cost_unit``).
+        flops: forward FLOPs.
+        input_bytes: its tensor inputs (kept when it is checkpointed).
+        saved_bytes: what autograd keeps for its backward when it runs normally, input
+            included.
+        output_bytes: its output.
+        transient_bytes: the most it allocates beyond its saved activations and output while
+            it runs forward or backward on its own (gradients in flight, workspaces).
+        ops: its ops, in call order.
+    """
+
+    name: str
+    type: str
+    cost: float
+    flops: int
+    input_bytes: int
+    saved_bytes: int
+    output_bytes: int
+    transient_bytes: int = 0
+    ops: tuple[OpProfile, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """Per-region profile of one training step of a model.
+
+    Attributes:
+        regions: the candidate regions, in the order the forward runs them.
+        cost_unit: ``"seconds"`` or ``"flops+bytes"`` (meta device).
+        device: where it was measured.
+        step_peak_bytes: the un-checkpointed training step's peak, new bytes only
+            (parameters and inputs excluded): what budgets in percent refer to.
+        outside_bytes: the part of that peak the chain model does not explain (embeddings,
+            head, loss); planning subtracts it from the budget.
+        forward_cost: the whole model's forward cost, for relative overheads.
+    """
+
+    regions: tuple[RegionProfile, ...]
+    cost_unit: str
+    device: str
+    step_peak_bytes: int
+    outside_bytes: int
+    forward_cost: float
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
+        """The planner's problem for these regions (op-level menus when ``op_options``)."""
+        from remat.planner import Chain, Op, Region, with_ops
+
+        regions = []
+        for r in self.regions:
+            region = Region(
+                name=r.name,
+                fwd_cost=r.cost,
+                input_bytes=r.input_bytes,
+                saved_bytes=max(r.saved_bytes, r.input_bytes),
+                output_bytes=r.output_bytes,
+                transient_bytes=r.transient_bytes,
+            )
+            ops = [Op(name=o.name, output_bytes=o.output_bytes, recompute_cost=o.cost)
+                   for o in r.ops if o.output_bytes > 0]  # fmt: skip
+            if op_options and ops:
+                region = with_ops(region, ops, max_options=max_options)
+            regions.append(region)
+        return Chain(regions)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(asdict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        data = json.loads(text)
+        regions = tuple(
+            RegionProfile(**{**r, "ops": tuple(OpProfile(**o) for o in r["ops"])})
+            for r in data.pop("regions")
+        )
+        return cls(regions=regions, **data)
+
+
+def default_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Children of the repeated-block lists, else the model's direct children."""
+    lists = block_lists(model)
+    if lists:
+        return [
+            (f"{fqn}.{name}" if fqn else name, child)
+            for fqn, blocks in lists
+            for name, child in blocks.named_children()
+        ]
+    return list(model.named_children())
+
+
+def _storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
+    keys: dict[int, int] = {}
+    for t in tree_leaves(tree):
+        if isinstance(t, Tensor):
+            st = t.untyped_storage()
+            if st._cdata not in exclude:
+                keys[st._cdata] = st.nbytes()
+    return set(keys), sum(keys.values())
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Lists the ops each region runs, with their new output bytes and duration."""
+
+    def __init__(self, current: Callable[[], str | None], timed: bool, sync: Callable[[], None]):
+        super().__init__()
+        self.current, self.timed, self.sync = current, timed, sync
+        self.ops: dict[str, list[list[Any]]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        region = self.current()
+        start = time.perf_counter() if self.timed and region else 0.0
+        out = func(*args, **(kwargs or {}))
+        if region is None:
+            return out
+        if self.timed:
+            self.sync()
+        elapsed = time.perf_counter() - start
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, Tensor)}  # fmt: skip
+        _, nbytes = _storage_bytes(out, inputs)
+        counts = self.counts.setdefault(region, {})
+        k = counts.get(str(func), 0)
+        counts[str(func)] = k + 1
+        self.ops.setdefault(region, []).append([f"{func}#{k}", nbytes, elapsed])
+        return out
+
+
+def profile(
+    model: nn.Module,
+    *inputs: Any,
+    loss_fn: Callable[[Any], Tensor] | None = None,
+    regions: Sequence[str] | None = None,
+    repeats: int = 3,
+    **kwargs: Any,
+) -> Profile:
+    """Profile ``model`` on ``inputs`` for :func:`remat.plan`.
+
+    Args:
+        model: the model, on the device to profile (``cpu``, ``cuda`` or ``meta``).
+        *inputs: its positional inputs.
+        loss_fn: output -> scalar loss; default ``output.float().sum()`` (first tensor leaf).
+        regions: qualified names of the candidate regions, in forward order; default
+            :func:`default_regions`.
+        repeats: timed forward passes (median).
+        **kwargs: keyword inputs of the model.
+
+    Returns:
+        A :class:`Profile`.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+        PlanError: a region name does not exist or a region never ran.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remat.profile: model must be an nn.Module, got {type(model).__name__}")
+    named = dict(model.named_modules())
+    if regions is None:
+        chosen = default_regions(model)
+    else:
+        missing = [r for r in regions if r not in named]
+        if missing:
+            raise PlanError(f"remat.profile: no module named {missing} in {type(model).__name__}")
+        chosen = [(r, named[r]) for r in regions]
+    if not chosen:
+        raise PlanError(f"remat.profile: {type(model).__name__} has no candidate regions")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    on_meta = device.type == "meta"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # Parameters, buffers and the model's inputs exist before the step: not new bytes, so a
+    # region whose input is the data batch keeps nothing new when checkpointed.
+    existing = (*model.parameters(), *model.buffers(), *tree_leaves((inputs, kwargs)))
+    exclude = {t.untyped_storage()._cdata for t in existing if isinstance(t, Tensor)}
+    loss_of = loss_fn or _default_loss
+
+    stack: list[str] = []
+    records: dict[str, dict[str, Any]] = {name: {"saved": {}, "times": []} for name, _ in chosen}
+    handles = []
+    for name, module in chosen:
+        handles.append(
+            module.register_forward_pre_hook(
+                _pre(name, stack, records, exclude, sync), with_kwargs=True
+            )
+        )
+        handles.append(
+            module.register_forward_hook(
+                _post(name, stack, records, exclude, sync), always_call=True
+            )
+        )
+
+    def pack(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        if stack and st._cdata not in exclude:
+            records[stack[-1]]["saved"][st._cdata] = st.nbytes()
+        return t
+
+    try:
+        recorder = _OpRecorder(lambda: stack[-1] if stack else None, not on_meta, sync)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
+            loss = loss_of(model(*inputs, **kwargs))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        for rec in records.values():
+            rec["times"].clear()
+        for _ in range(0 if on_meta else repeats):
+            with torch.no_grad():
+                model(*inputs, **kwargs)
+        flops = _region_flops(model, chosen, inputs, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
+        loss = loss_of(model(*inputs, **kwargs))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    existing = _storage_bytes((list(model.parameters()), list(model.buffers()), inputs), set())[1]
+    step_peak = tracker.peak_bytes - existing
+
+    profiles = []
+    for name, module in chosen:
+        rec = records[name]
+        if "input" not in rec:
+            raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
+        ops = recorder.ops.get(name, [])
+        if on_meta:
+            cost = float(flops.get(name, 0) + sum(o[1] for o in ops))
+            op_costs = [float(o[1]) for o in ops]  # FLOPs per op are not broken out: bytes
+        else:
+            cost = statistics.median(rec["times"]) if rec["times"] else 0.0
+            total = sum(o[2] for o in ops) or 1.0
+            op_costs = [cost * o[2] / total for o in ops]  # scaled to the timed forward
+        profiles.append(
+            RegionProfile(
+                name=name,
+                type=type(module).__name__,
+                cost=cost,
+                flops=int(flops.get(name, 0)),
+                input_bytes=rec["input"][1],
+                saved_bytes=_union(rec),
+                output_bytes=rec["output"][1],
+                transient_bytes=_transient_bytes(module, *rec["call"]),
+                ops=tuple(
+                    OpProfile(name=o[0], output_bytes=o[1], cost=c) for o, c in zip(ops, op_costs)
+                ),
+            )
+        )
+    profiles = _with_gradient_bytes(model, chosen, profiles)
+    chain_peak = _store_all_peak(profiles)
+    return Profile(
+        regions=tuple(profiles),
+        cost_unit="flops+bytes" if on_meta else "seconds",
+        device=str(device),
+        step_peak_bytes=step_peak,
+        outside_bytes=max(0, step_peak - chain_peak),
+        forward_cost=sum(p.cost for p in profiles),
+        meta={"model": type(model).__name__},
+    )
+
+
+def _default_loss(out: Any) -> Tensor:
+    return next(t for t in tree_leaves(out) if isinstance(t, Tensor)).float().sum()
+
+
+def _with_gradient_bytes(
+    model: nn.Module, chosen: Sequence[tuple[str, nn.Module]], profiles: list[RegionProfile]
+) -> list[RegionProfile]:
+    """Add to each region's transient the parameter gradients live during its backward.
+
+    Gradients pile up as backward runs from the last region to the first: while region i
+    runs backward, the gradients of regions i.. and of the parameters outside the chain
+    (counted as all present, which is safe) are live.
+    """
+    import dataclasses
+
+    def grad_bytes(params: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+
+    own = [grad_bytes(module.parameters()) for _, module in chosen]
+    inside = {id(p) for _, module in chosen for p in module.parameters()}
+    outside = grad_bytes(p for p in model.parameters() if id(p) not in inside)
+    out, later = [], outside
+    for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
+        later += own_bytes
+        out.append(dataclasses.replace(profile_, transient_bytes=profile_.transient_bytes + later))
+    return out[::-1]
+
+
+def _union(rec: dict[str, Any]) -> int:
+    saved = dict(rec["saved"])
+    keys, _ = rec["input"]
+    saved.update({k: rec["input_sizes"][k] for k in keys})  # keys exclude pre-existing inputs
+    return sum(saved.values())
+
+
+def _store_all_peak(profiles: Sequence[RegionProfile]) -> int:
+    from remat.planner import Chain, Region, store_all_peak
+
+    return store_all_peak(Chain([
+        Region(name=p.name, fwd_cost=p.cost, input_bytes=p.input_bytes,
+               saved_bytes=max(p.saved_bytes, p.input_bytes), output_bytes=p.output_bytes,
+               transient_bytes=p.transient_bytes)
+        for p in profiles
+    ]))  # fmt: skip
+
+
+def _transient_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Run the region alone, forward and backward, and return what it allocates on top of
+    its saved activations and output: the forward's excess over what it keeps, or the
+    backward's excess over what is live when it starts, whichever is larger."""
+
+    def fresh(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.is_floating_point():
+            return t.detach().requires_grad_(t.requires_grad)
+        return t.detach() if isinstance(t, Tensor) else t
+
+    from torch.utils._pytree import tree_map
+
+    args, kwargs = tree_map(fresh, (args, kwargs))
+    # Parameter gradients are not this region's transient: they accumulate over the whole
+    # backward and are counted once for the model in Profile.outside_bytes.
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        return _excess_bytes(module, args, kwargs)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _excess_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    with MemoryTracker(timeline=False) as tracker:
+        out = module(*args, **kwargs)
+        after_forward = tracker.current_bytes
+        outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+        grads = [torch.ones_like(t) for t in outs]
+        before_backward = tracker.current_bytes
+        if outs:
+            torch.autograd.backward(outs, grads)
+    forward_excess = tracker.peak_by_phase["forward"] - after_forward
+    backward_excess = tracker.peak_by_phase["backward"] - before_backward
+    return max(0, forward_excess, backward_excess)
+
+
+def _pre(name, stack, records, exclude, sync):
+    def hook(module, args, kwargs):
+        sync()
+        rec = records[name]
+        if "call" not in rec:  # bytes come from the first (profiled) call; later ones are timed
+            rec["call"] = (args, kwargs)  # replayed alone for the transient
+            rec["input"] = _storage_bytes((args, kwargs), exclude)
+            rec["input_sizes"] = {
+                t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
+            }  # fmt: skip
+        rec["start"] = time.perf_counter()
+        stack.append(name)
+
+    return hook
+
+
+def _post(name, stack, records, exclude, sync):
+    def hook(module, args, output):
+        sync()
+        rec = records[name]
+        rec["times"].append(time.perf_counter() - rec["start"])
+        rec.setdefault("output", _storage_bytes(output, exclude))
+        if stack and stack[-1] == name:
+            stack.pop()
+
+    return hook
+
+
+def _region_flops(model, chosen, inputs, kwargs) -> dict[str, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs, **kwargs)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    return {name: sum(counts.get(f"{prefix}.{name}", {}).values()) for name, _ in chosen}
