@@ -1,0 +1,125 @@
+"""remat.profile -> remat.plan -> remat.apply_plan / autoplan on real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import remat
+from remat.models import build_workload
+from remat.planning import measure_step_peak
+from remat.profile import Profile
+
+B, T, C = 2, 16, 32
+
+
+def small_gpt(**sizes):
+    options = dict(batch=B, n_layers=4, seq_len=T, d_model=C, n_heads=4, vocab_size=64)
+    options.update(sizes)
+    return build_workload("gpt", **options)
+
+
+def loss_of(workload):
+    return lambda out: workload.loss_fn(out, workload.targets)
+
+
+def test_profile_bytes_per_block():
+    workload = small_gpt()
+    prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+    assert [r.name for r in prof.regions] == [f"blocks.{i}" for i in range(4)]
+    x = B * T * C * 4
+    heads = 4
+    # everything a pre-norm block saves, by hand: its input, both layer norms' outputs,
+    # means and rstds, qkv (one storage for q, k, v), attention out and logsumexp, the
+    # re-laid-out attention output, the residual, fc out and gelu out
+    saved = (
+        x  # input (saved by ln1)
+        + 4 * (B * T * 4)  # ln1 and ln2 mean, rstd
+        + 2 * x  # ln1 and ln2 outputs
+        + 3 * x  # qkv
+        + B * heads * T * 4  # logsumexp
+        + x  # attention output (CPU flash attention lays it out as (B, T, H, hd), so the
+        # transpose + reshape before the projection is a view of it, not a copy)
+        + x  # first residual (input of ln2)
+        + 2 * 4 * x  # fc output, gelu output
+    )
+    for region in prof.regions:
+        assert region.input_bytes == x and region.output_bytes == x
+        assert region.saved_bytes == saved
+        assert region.cost > 0 and region.flops > 0 and region.ops
+    assert Profile.from_json(prof.to_json()) == prof
+
+
+ACTIVATION_BOUND = dict(batch=8, n_layers=6, seq_len=64, d_model=64, n_heads=4, vocab_size=128)
+
+
+def test_plan_predicts_within_budget_and_apply_plan_is_exact():
+    reference = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
+    workload = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
+    prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+    plan = remat.plan(prof, "60%")
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    remat.apply_plan(workload.model, plan)
+    assert set(remat.applied(workload.model)) <= {r.name for r in plan.regions}
+    grads = []
+    for w in (reference, workload):
+        torch.manual_seed(0)
+        w.loss().backward()
+        grads.append([p.grad for p in w.model.parameters()])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_infeasible_budget_names_the_smallest_feasible():
+    workload = small_gpt()
+    prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+    with pytest.raises(remat.BudgetError) as info:
+        remat.plan(prof, 1000)
+    floor = info.value.min_feasible_bytes
+    assert floor > 1000
+    assert remat.plan(prof, floor).predicted_peak_bytes <= floor
+
+
+def test_pareto_frontier_is_monotone():
+    workload = small_gpt()
+    prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+    front = remat.pareto(prof)
+    peaks = [p.predicted_peak_bytes for p in front]
+    costs = [p.extra_cost for p in front]
+    assert peaks == sorted(peaks) and costs == sorted(costs, reverse=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["75%", "50%", "25%"])
+def test_autoplan_measured_peak_within_budget(budget):
+    """GPT with activations dominating: the measured step peak never exceeds the budget,
+    or the planner says why it cannot fit."""
+    reference = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
+    workload = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
+    try:
+        result = remat.autoplan(
+            workload.model, *workload.inputs, budget=budget, loss_fn=loss_of(workload)
+        )
+    except remat.BudgetError as err:
+        assert budget == "25%", f"{budget} should be feasible: {err}"
+        total = remat.parse_budget(budget, baseline_bytes=remat.profile(
+            reference.model, *reference.inputs, loss_fn=loss_of(reference)
+        ).step_peak_bytes)  # fmt: skip
+        assert err.min_feasible_bytes > total
+        return
+    measured = measure_step_peak(workload.model, workload.inputs, loss_of(workload))
+    assert measured == result.measured_peak_bytes <= result.budget_bytes
+    grads = []
+    for w in (reference, workload):
+        torch.manual_seed(0)
+        w.model.zero_grad(set_to_none=True)
+        w.loss().backward()
+        grads.append([p.grad for p in w.model.parameters()])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_profile_bad_input():
+    workload = small_gpt()
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        remat.profile("gpt", *workload.inputs)
+    with pytest.raises(remat.PlanError, match="no module named"):
+        remat.profile(workload.model, *workload.inputs, regions=["blocks.9"])
