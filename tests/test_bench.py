@@ -138,13 +138,16 @@ def test_compare_grads_detects_differences_and_missing_gradients():
     assert compare_grads(ref, same) == (True, 0.0, 0.0, [])
 
     off = {"loss": torch.tensor(1.5), "grads": {"a": g["a"].clone(), "b": g["b"] + 0.25}}
-    match, loss_diff, max_diff, missing = compare_grads(ref, off)
-    assert not match and loss_diff == 0.0 and missing == []
+    match, loss_diff, max_diff, mismatched = compare_grads(ref, off)
+    assert not match and loss_diff == 0.0 and mismatched == ["b"]
     assert max_diff == pytest.approx(0.25)
 
     gone = {"loss": torch.tensor(1.5), "grads": {"a": g["a"].clone(), "b": None}}
-    match, _, max_diff, missing = compare_grads(ref, gone)
-    assert not match and missing == ["b"] and max_diff == g["b"].abs().max().item()
+    match, _, max_diff, mismatched = compare_grads(ref, gone)
+    assert not match and mismatched == ["b"] and max_diff == g["b"].abs().max().item()
+
+    wrong_loss = {"loss": torch.tensor(1.75), "grads": same["grads"]}
+    assert compare_grads(ref, wrong_loss) == (False, 0.25, 0.0, [])
 
 
 def test_downsample_keeps_every_peak_and_the_limit():
@@ -211,6 +214,22 @@ def test_json_has_every_figure_and_the_environment(mlp_run, tmp_path):
     for row in doc["configs"]:
         assert set(row) == set(ConfigResult.__dataclass_fields__)
         assert isinstance(row["step_peak_bytes"], int) and isinstance(row["flops"], int)
+
+
+def test_batchnorm_statistics_updated_twice_fail_the_row():
+    # torch.utils.checkpoint reruns BatchNorm in recomputation: running stats move twice and
+    # num_batches_tracked reads 2. remat replays buffers, so its row matches none.
+    result = run_bench(
+        BenchOptions(model="convnet", batch=2, steps=1, configs=["tutorial", "remat"])
+    )
+    rows = {r.name: r for r in result.configs}
+    assert rows["remat"].status == "ok" and rows["remat"].buffers_match is True
+    assert rows["remat"].max_buffer_diff == 0.0
+    tutorial = rows["tutorial"]
+    assert tutorial.status == "FAIL" and tutorial.grads_match is True
+    assert tutorial.buffers_match is False and "buffers differ" in tutorial.error
+    assert tutorial.max_buffer_diff == 1.0  # num_batches_tracked: 2 instead of 1
+    assert result.failed == ["tutorial"]
 
 
 @pytest.mark.slow

@@ -88,7 +88,8 @@ def measure(workload: Workload, seed: int, grads_path: str) -> dict[str, Any]:
         n: None if p.grad is None else p.grad.detach().cpu() for n, p in model.named_parameters()
     }
     loss = loss.detach()
-    torch.save({"loss": loss.cpu(), "grads": grads}, grads_path)
+    buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
+    torch.save({"loss": loss.cpu(), "grads": grads, "buffers": buffers}, grads_path)
     out = {
         "forward_peak_bytes": t.peak_by_phase.get("forward"),
         "step_peak_bytes": t.peak_bytes,
@@ -99,7 +100,7 @@ def measure(workload: Workload, seed: int, grads_path: str) -> dict[str, Any]:
         "backward_start": backward_start,
         "loss": loss.item(),
     }
-    del grads, loss
+    del grads, buffers, loss
     with flop_counter() as counter:
         _step(workload, seed)
     out["flops"] = int(counter.get_total_flops())

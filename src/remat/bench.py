@@ -52,6 +52,7 @@ __all__ = [
     "Environment",
     "MissingExtraError",
     "compare_grads",
+    "compare_tensors",
     "default_config_names",
     "parse_configs",
     "policy_config",
@@ -92,8 +93,8 @@ class ConfigResult:
 
     Attributes:
         name: the configuration (with its ``:arg``).
-        status: ``"ok"``; ``"FAIL"`` when loss or gradients differ from ``none``'s beyond
-            ``torch.testing.assert_close`` tolerances; ``"oom"`` when it ran out of memory;
+        status: ``"ok"``; ``"FAIL"`` when loss, gradients or buffers differ from ``none``'s
+            beyond ``torch.testing.assert_close`` tolerances; ``"oom"`` when it ran out of memory;
             ``"crashed"`` when its worker raised or died.
         error: what went wrong, one line (``None`` when ok).
         forward_peak_bytes: remat's tracker: peak live bytes during the forward pass,
@@ -112,6 +113,9 @@ class ConfigResult:
         max_grad_diff: largest absolute difference of any gradient element from ``none``'s (a
             gradient missing on one side counts as zeros there).
         grads_match: loss and every gradient within ``assert_close`` tolerances of ``none``'s.
+        max_buffer_diff: largest absolute difference of any buffer element from ``none``'s
+            after the step (BatchNorm running statistics, ``num_batches_tracked``).
+        buffers_match: every buffer within ``assert_close`` tolerances of ``none``'s.
         timeline: ``[op_index, live_bytes]`` over the training step, max-pooled to at most
             ``TIMELINE_POINTS`` points so peaks survive.
         backward_start: the op index at which the backward pass starts.
@@ -134,6 +138,8 @@ class ConfigResult:
     loss_diff: float | None = None
     max_grad_diff: float | None = None
     grads_match: bool | None = None
+    max_buffer_diff: float | None = None
+    buffers_match: bool | None = None
     timeline: list[list[int]] = field(default_factory=list)
     backward_start: int | None = None
 
@@ -147,7 +153,7 @@ class BenchResult:
 
     @property
     def failed(self) -> list[str]:
-        """Configurations whose gradients differ from ``none``'s or whose worker crashed."""
+        """Configurations that differ from ``none`` (FAIL) or whose worker crashed."""
         return [c.name for c in self.configs if c.status in ("FAIL", "crashed")]
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,6 +317,35 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return True
 
 
+def compare_tensors(
+    reference: dict[str, torch.Tensor | None], other: dict[str, torch.Tensor | None]
+) -> tuple[bool, float, list[str]]:
+    """Compare named tensors (gradients, buffers) with ``torch.testing.assert_close``.
+
+    Returns:
+        ``(match, max_diff, mismatched)``: whether every tensor is within the dtype's
+        tolerances, the largest absolute element difference (a tensor missing on one side
+        counts as zeros there; a shape mismatch as infinite), and the names that differ.
+    """
+    max_diff, mismatched = 0.0, []
+    for name in dict.fromkeys([*reference, *other]):
+        a, b = other.get(name), reference.get(name)
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            diff = (a if a is not None else b).double().abs().max().item()
+        elif a.shape != b.shape:
+            diff = math.inf
+        else:
+            diff = (a.double() - b.double()).abs().max().item()
+            if _close(a, b):
+                max_diff = max(max_diff, diff)
+                continue
+        mismatched.append(name)
+        max_diff = max(max_diff, diff)
+    return not mismatched, max_diff, mismatched
+
+
 def compare_grads(
     reference: dict[str, Any], other: dict[str, Any]
 ) -> tuple[bool, float, float, list[str]]:
@@ -321,27 +356,14 @@ def compare_grads(
         other: the same for the configuration.
 
     Returns:
-        ``(match, loss_diff, max_grad_diff, missing)``: whether loss and all gradients are within
-        ``torch.testing.assert_close`` tolerances, the absolute loss difference, the largest
-        absolute gradient difference, and parameters with a gradient on one side only.
+        ``(match, loss_diff, max_grad_diff, mismatched)``: whether loss and all gradients are
+        within ``torch.testing.assert_close`` tolerances, the absolute loss difference, the
+        largest absolute gradient difference, and the parameters whose gradients differ.
     """
-    match = _close(other["loss"], reference["loss"])
+    loss_ok = _close(other["loss"], reference["loss"])
     loss_diff = (other["loss"].double() - reference["loss"].double()).abs().item()
-    max_diff, missing = 0.0, []
-    for name in dict.fromkeys([*reference["grads"], *other["grads"]]):
-        a, b = other["grads"].get(name), reference["grads"].get(name)
-        if a is None and b is None:
-            continue
-        if a is None or b is None:
-            missing.append(name)
-            max_diff = max(max_diff, (a if a is not None else b).double().abs().max().item())
-        elif a.shape != b.shape:
-            missing.append(name)
-            max_diff = math.inf
-        else:
-            max_diff = max(max_diff, (a.double() - b.double()).abs().max().item())
-            match = match and _close(a, b)
-    return match and not missing, loss_diff, max_diff, missing
+    match, max_diff, mismatched = compare_tensors(reference["grads"], other["grads"])
+    return loss_ok and match, loss_diff, max_diff, mismatched
 
 
 def _compare(results: list[ConfigResult], grads_paths: dict[str, str]) -> None:
@@ -360,9 +382,19 @@ def _compare(results: list[ConfigResult], grads_paths: dict[str, str]) -> None:
         if reference is None or r.status != "ok":
             continue
         other = torch.load(grads_paths[r.name], weights_only=True)
-        r.grads_match, r.loss_diff, r.max_grad_diff, missing = compare_grads(reference, other)
+        r.grads_match, r.loss_diff, r.max_grad_diff, bad = compare_grads(reference, other)
+        r.buffers_match, r.max_buffer_diff, bad_buffers = compare_tensors(
+            reference["buffers"], other["buffers"]
+        )
+        problems = []
         if not r.grads_match:
-            r.status = "FAIL"
-            r.error = f"gradients differ from none's (max |diff| {r.max_grad_diff:.3g})"
-            if missing:
-                r.error += f"; no gradient for {len(missing)} parameters, e.g. {missing[0]}"
+            what = f"{len(bad)} parameters, e.g. {bad[0]}" if bad else "the loss"
+            problems.append(f"gradients differ ({what}; max |diff| {r.max_grad_diff:.3g})")
+        if not r.buffers_match:
+            # BatchNorm statistics updated again in recomputation, typically.
+            problems.append(
+                f"buffers differ ({len(bad_buffers)}, e.g. {bad_buffers[0]}; "
+                f"max |diff| {r.max_buffer_diff:.3g})"
+            )
+        if problems:
+            r.status, r.error = "FAIL", "; ".join(problems) + " vs none"

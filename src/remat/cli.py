@@ -247,7 +247,10 @@ def _status(r: Any) -> str:
         # grads_match None: none did not finish, so there was nothing to compare with.
         return "[green]ok[/green]" if r.grads_match else "[yellow]ok, unchecked[/yellow]"
     if r.status == "FAIL":
-        return "[bold red]FAIL[/bold red]: gradients differ"
+        what = [
+            w for w, ok in (("gradients", r.grads_match), ("buffers", r.buffers_match)) if not ok
+        ]
+        return f"[bold red]FAIL[/bold red]: {' and '.join(what) or 'loss'} differ"
     # oom / crashed: the row still appears, with the reason.
     return f"[yellow]{r.status}[/yellow]: {r.error}"
 
