@@ -205,6 +205,7 @@ def _mb(n: int | None) -> str:
 
 
 def _print_table(result: Any) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -213,13 +214,32 @@ def _print_table(result: Any) -> None:
         f"remat bench: {env.model} ({env.parameters or 0:,} params), batch {env.batch}, "
         f"{env.dtype}, {env.device_name}, median of {env.steps} interleaved steps"
     )
-    table = Table(title=title, title_justify="left")
     cuda = any(r.cuda_max_allocated_bytes is not None for r in result.configs)
-    headers = ["config", "fwd peak MB", "step peak MB", "saved MB"]
-    headers += ["cuda alloc MB", "cuda rsrvd MB"] if cuda else []
-    headers += ["step ms", "× none", "+GFLOP", "max |Δgrad|", "status"]
+    caption = (
+        "fwd/step MB: peak live memory in the forward pass / the whole training step "
+        "(parameters, inputs, gradients included); saved MB: kept for backward; "
+        + ("cuda/rsrvd MB: the CUDA allocator's max allocated/reserved; " if cuda else "")
+        + "ms: median step time; ×none: its ratio to none's; +GFLOP: recomputation; "
+        "Δgrad: max |gradient - none's|"
+    )
+    table = Table(
+        title=title,
+        caption=caption,
+        title_justify="left",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    headers = ["config", "fwd MB", "step MB", "saved MB"]
+    headers += ["cuda MB", "rsrvd MB"] if cuda else []
+    headers += ["ms", "×none", "+GFLOP", "Δgrad", "status"]
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 or h == "status" else "right")
+        table.add_column(
+            h,
+            justify="left" if i == 0 or h == "status" else "right",
+            min_width=max(len(r.name) for r in result.configs) if i == 0 else None,
+        )
     for r in result.configs:
         row = [r.name, _mb(r.forward_peak_bytes), _mb(r.step_peak_bytes), _mb(r.saved_bytes)]
         if cuda:
