@@ -328,3 +328,39 @@ def test_peft_lora_trains_through_remat():
     assert len(lora) == 4 * LAYERS and all(g is not None for g in lora.values())
     torch.testing.assert_close(loss, loss_ref, **EXACT)
     torch.testing.assert_close(lora, {n: grads_ref[n] for n in lora}, **EXACT)
+
+
+def test_trainer_with_activation_checkpointing_trains_on_remat(tmp_path):
+    pytest.importorskip("accelerate")  # Trainer needs it
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+
+    reference = build("llama")
+    model = copy.deepcopy(reference)
+    hf.enable(model)
+    data = [{"input_ids": IDS[i], "labels": IDS[i]} for i in range(B)] * 2
+    params = inspect.signature(TrainingArguments).parameters
+    flag = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in params
+        else ("gradient_checkpointing")
+    )
+
+    def train(m, checkpointing):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=B, seed=0,
+            report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, dataloader_num_workers=0, **{flag: checkpointing},
+        )  # fmt: skip
+        Trainer(model=m, args=args, train_dataset=data).train()
+        return {n: p.detach() for n, p in m.named_parameters()}
+
+    before = model.lm_head.weight.detach().clone()
+    expected = train(reference, False)
+    got = train(model, True)  # Trainer calls the model's checkpointing entry point
+    layer = model.model.layers[0]
+    assert isinstance(layer._gradient_checkpointing_func, hf.HFCheckpointFunction)
+    assert layer.gradient_checkpointing
+    assert not torch.equal(got["lm_head.weight"], before)
+    torch.testing.assert_close(got, expected, **EXACT)  # two AdamW steps, same dropout
