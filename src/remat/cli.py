@@ -211,15 +211,16 @@ def _print_table(result: Any) -> None:
 
     env = result.environment
     title = (
-        f"remat bench: {env.model} ({env.parameters or 0:,} params), batch {env.batch}, "
-        f"{env.dtype}, {env.device_name}, median of {env.steps} interleaved steps"
+        f"remat bench: {env.model}, {env.parameters or 0:,} params, batch {env.batch}, "
+        f"{env.dtype}, {env.device_name}, {env.steps} rounds"
     )
     cuda = any(r.cuda_max_allocated_bytes is not None for r in result.configs)
     caption = (
         "fwd/step MB: peak live memory in the forward pass / the whole training step "
         "(parameters, inputs, gradients included); saved MB: kept for backward; "
         + ("cuda/rsrvd MB: the CUDA allocator's max allocated/reserved; " if cuda else "")
-        + "ms: median step time; ×none: its ratio to none's; +GFLOP: recomputation; "
+        + "ms: median step time over the interleaved rounds; ×none: its ratio to none's; "
+        "+GFLOP: recomputation; "
         "Δgrad: max |gradient - none's|"
     )
     table = Table(
