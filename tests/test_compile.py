@@ -63,16 +63,6 @@ def gpt():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(RecursionError, remat.CheckpointError),
-    reason="remat.apply under torch.compile: apply._run_wrapped binds type(m).forward with "
-    "__get__, which dynamo rebuilds as m.forward (remat's wrapper) after the graph break at "
-    "torch.get_rng_state -> RecursionError; with that fixed, the compiled forward is "
-    "recomputed eagerly and saves other tensors -> CheckpointError. Fix: bind with "
-    "functools.partial and run regions on torch.utils.checkpoint when "
-    "torch.compiler.is_compiling() (as remat.integrations.hf does)",
-)
 def test_remat_apply_model_compiles_and_trains():
     reference, workload = gpt(), gpt()
     remat.apply(workload.model, remat.every(1))

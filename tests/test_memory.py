@@ -185,9 +185,11 @@ def test_exception_inside_forward_leaves_nothing_active() -> None:
             raise ValueError("boom in forward")
 
     model = nn.Sequential(nn.Linear(A, A), Boom())
-    with pytest.raises(ValueError, match="boom in forward"):
-        with MemoryTracker(module=model, count_existing=[model]):
-            model(torch.randn(2, A))
+    with (
+        pytest.raises(ValueError, match="boom in forward"),
+        MemoryTracker(module=model, count_existing=[model]),
+    ):
+        model(torch.randn(2, A))
     assert_clean()
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     with MemoryTracker() as mt:  # and a fresh tracker works afterwards

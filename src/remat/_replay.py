@@ -44,6 +44,8 @@ def describe_fn(fn: Any) -> str:
         method = "" if owner is fn else f".{getattr(fn, '__name__', 'forward')}"
         return f"module '{name}' ({kind}{method})" if name else f"module {kind}{method}"
     if isinstance(fn, functools.partial):
+        if fn.args and isinstance(fn.args[0], nn.Module):  # partial(type(m).forward, m)
+            return describe_fn(fn.args[0])
         return f"partial({describe_fn(fn.func)})"
     qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
     return f"function {getattr(fn, '__module__', None) or '?'}.{qualname}"

@@ -39,7 +39,9 @@ class _Wrapped:
 def _run_wrapped(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _Wrapped = module.__dict__[_STATE]
     if state.instance_forward is None:
-        forward = type(module).forward.__get__(module)
+        # A partial, not type(module).forward.__get__(module): dynamo rebuilds a bound
+        # method as module.forward after a graph break, which is this wrapper again.
+        forward = functools.partial(type(module).forward, module)
     else:
         forward = state.instance_forward
     for treatment in reversed(state.treatments[1:]):

@@ -15,6 +15,7 @@ ops, recompute the rest) or ``remat.offload`` (saved tensors to CPU, no recomput
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -215,6 +216,26 @@ class Treatment:
         return Policy(selector=as_selector(other), treatment=self)
 
 
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _traceable_checkpoint(forward, args, kwargs, **options: Any) -> Any:
+    """The region under ``torch.compile``: ``torch.utils.checkpoint``, which dynamo traces.
+
+    remat's own engine reads the RNG state and enters ``saved_tensors_hooks``, so dynamo would
+    break the graph and recompute the compiled region eagerly, saving other tensors.
+    Non-reentrant ``torch.utils.checkpoint`` becomes a higher-order op that the compiler
+    recomputes inside its own backward graph (with the same op-level save list, through
+    ``context_fn``). Buffers are not replayed there: BatchNorm statistics of a compiled
+    checkpointed region are updated twice, as with PyTorch's checkpoint.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+
+
 def _check_engine_options(engine: str, determinism_check: str, flags: dict[str, Any]) -> None:
     if engine not in ENGINES:
         raise ValueError(f"remat: engine={engine!r} does not exist; choose one of {ENGINES}")
@@ -252,6 +273,10 @@ class Recompute(Treatment):
         )
 
     def run(self, forward, args, kwargs):
+        if _is_compiling():
+            return _traceable_checkpoint(
+                forward, args, kwargs, preserve_rng_state=self.preserve_rng_state
+            )
         return run_checkpoint(
             forward,
             args,
@@ -351,6 +376,10 @@ class Ops(Treatment):
         return create_selective_checkpoint_contexts(policy_fn)
 
     def run(self, forward, args, kwargs):
+        if _is_compiling():
+            # A partial, not a bound method or closure: the context_fn forms dynamo accepts.
+            contexts = functools.partial(type(self)._contexts, self)
+            return _traceable_checkpoint(forward, args, kwargs, context_fn=contexts)
         return run_checkpoint(
             forward,
             args,

@@ -30,13 +30,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from remat._replay import register_module_names
 from remat.apply import applied
 from remat.errors import RematError
-from remat.policies import Ops, Policy, Recompute, Treatment, _DefaultBlocks, as_selector, recompute
+from remat.policies import Policy, Recompute, Treatment, _DefaultBlocks, as_selector, recompute
 
 __all__ = ["HFCheckpointFunction", "disable", "enable", "is_enabled"]
 
@@ -79,38 +78,11 @@ class HFCheckpointFunction:
             module = _layer_of(function)
             if module is not None and not module.__dict__.get(_SELECTED, False):
                 return forward(*args, **call_kwargs)
-        if torch.compiler.is_compiling():
-            return _run_compiled(treatment, forward, args, call_kwargs)
-        return treatment.run(forward, args, call_kwargs)
+        return treatment.run(forward, args, call_kwargs)  # routes itself under compile
 
     def __repr__(self) -> str:
         which = "selected layers" if self.selective else "all layers"
         return f"HFCheckpointFunction({self.treatment!r}, {which})"
-
-
-def _run_compiled(treatment: Treatment, forward: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
-    """The layer under torch.compile: torch.utils.checkpoint, which dynamo traces.
-
-    remat's hooks engine cannot be traced (it reads the RNG state and enters
-    saved_tensors_hooks, so dynamo breaks the graph and the compiled forward would be
-    recomputed eagerly, saving other tensors). Non-reentrant torch.utils.checkpoint becomes
-    a higher-order op that the compiler recomputes inside its own backward graph; op-level
-    policies keep their save list through its ``context_fn``.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    options: dict[str, Any] = {"use_reentrant": False}
-    if isinstance(treatment, Ops):
-        # A partial, not a bound method or closure: the only context_fn forms dynamo takes.
-        options["context_fn"] = functools.partial(type(treatment)._contexts, treatment)
-    elif isinstance(treatment, Recompute):
-        options["preserve_rng_state"] = treatment.preserve_rng_state
-    else:
-        raise RematError(
-            f"remat.integrations.hf: the {treatment.name!r} treatment cannot run under "
-            "torch.compile; use remat.recompute() or remat.ops(...)"
-        )
-    return checkpoint(forward, *args, **options, **kwargs)
 
 
 def _layer_of(function: Any) -> nn.Module | None:
