@@ -15,6 +15,9 @@ from remat.cli import main
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_GPT = ["--model", "gpt", "--layers", "2", "--d-model", "32", "--heads", "2"]
 TINY_GPT += ["--seq-len", "16", "--vocab", "64", "--batch", "2"]
+# activations outweigh parameter gradients here, so percentage budgets are feasible
+SMALL_GPT = ["--model", "gpt", "--layers", "4", "--d-model", "64", "--heads", "4"]
+SMALL_GPT += ["--seq-len", "64", "--vocab", "128", "--batch", "8"]
 
 
 def test_help_shows_examples(capsys):
@@ -137,3 +140,29 @@ def test_unwritable_output_path_fails_before_running(tmp_path, capsys):
     assert main(["bench", "--quiet", "--plot", str(tmp_path / "file" / "b.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--plot" in err
+
+
+def test_policy_configurations_run_and_match(tmp_path, capsys):
+    js = tmp_path / "policies.json"
+    configs = "every2,save-matmuls,sqrt,offload,auto:60%"
+    argv = ["bench", *SMALL_GPT, "--steps", "1", "--configs", configs, "--quiet", "--json", str(js)]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = {r["name"]: r for r in json.loads(js.read_text())["configs"]}
+    assert list(rows) == ["none", *configs.split(",")]
+    for name, row in rows.items():
+        assert row["status"] == "ok" and row["grads_match"] is True, name
+
+
+def test_plan_prints_and_verifies_a_plan(tmp_path, capsys):
+    js = tmp_path / "plan.json"
+    argv = ["plan", *SMALL_GPT, "--budget", "75%", "--verify", "--json", str(js)]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Plan by chain" in out and "within the budget" in out
+    doc = json.loads(js.read_text())
+    assert doc["verify"]["measured_peak_bytes"] <= doc["plan"]["budget_bytes"]
+
+
+def test_plan_infeasible_budget_exits_1(capsys):
+    assert main(["plan", *TINY_GPT, "--budget", "1KB"]) == 1
+    assert "smallest feasible budget" in capsys.readouterr().err

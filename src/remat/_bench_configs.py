@@ -175,6 +175,38 @@ def _blocks(names: tuple[str, ...]):
     return remat.by_name(*names)
 
 
+def _ops(preset: str):
+    import remat
+
+    return remat.ops(preset)
+
+
+def _sqrt():
+    import remat
+
+    return remat.sqrt()
+
+
+def _offload(workload: Workload):
+    import remat
+
+    on_cpu = workload.inputs[0].device.type == "cpu"
+    return remat.offload(store=remat.CpuStore() if on_cpu else None)
+
+
+def _auto(workload: Workload, arg: str | None) -> None:
+    import remat
+
+    if not arg:
+        raise ValueError("configuration 'auto' needs a budget: auto:40% or auto:300MB")
+    remat.autoplan(
+        workload.model,
+        *workload.inputs,
+        budget=arg,
+        loss_fn=lambda out: workload.loss_fn(out, workload.targets),
+    )
+
+
 def _crash(workload: Workload, arg: str | None) -> None:
     # Test-only: a worker that dies for real (a signal, no Python exception to report).
     import os
@@ -224,6 +256,37 @@ for _config in (
         description="reentrant torch.utils.checkpoint on blocks 1..n-1: the tutorial's bug "
         "(mlp: block inputs without requires_grad, blocks 1-2 get no gradients: FAIL)",
         apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _torch_checkpoint(True)),
+        default=False,
+    ),
+    policy_config(
+        "every2",
+        "every 2nd block recomputed (remat.apply)",
+        lambda w, a: _blocks(w.blocks[::2]),
+        default=False,
+    ),
+    policy_config(
+        "save-matmuls",
+        "every block, op-level: matmul/attention outputs kept, the rest recomputed",
+        lambda w, a: _blocks(w.blocks) & _ops("save-matmuls"),
+        default=False,
+    ),
+    policy_config(
+        "sqrt",
+        "Chen's sqrt(n) segments of the block list, each one region (remat.sqrt)",
+        lambda w, a: _sqrt(),
+        default=False,
+    ),
+    policy_config(
+        "offload",
+        "every block's saved tensors to host memory (on cpu: remat.CpuStore, a copy)",
+        lambda w, a: _blocks(w.blocks) & _offload(w),
+        default=False,
+    ),
+    BenchConfig(
+        name="auto",
+        description="remat's planner at a budget: auto:40% (of none's step peak) or auto:300MB",
+        apply=_auto,
+        takes_arg=True,
         default=False,
     ),
     BenchConfig(

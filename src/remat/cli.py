@@ -22,6 +22,7 @@ examples:
   remat bench --model gpt --layers 6           a GPT-style stack
   remat bench --json out/bench.json --plot out/bench.png
   remat bench --help                           all options of the benchmark
+  remat plan --model gpt --budget 40% --verify the cheapest plan for a budget, checked
 """
 
 BENCH_EPILOG = """\
@@ -39,6 +40,17 @@ examples:
 exit status: 0 when every configuration matches none's loss and gradients (a configuration
 that runs out of memory is a result, not a failure); 1 when one differs (FAIL) or its worker
 crashed, naming it; 2 for bad arguments.
+"""
+
+PLAN_EPILOG = """\
+examples:
+  remat plan --model gpt --budget 40%
+  remat plan --model gpt --layers 48 --budget 2GiB --json plan.json
+  remat plan --model gpt --budget 25% --solver sqrt --verify
+
+exit status: 0 when a plan fits (and, with --verify, its measured peak fits and its gradients
+equal the un-checkpointed model's); 1 when no plan fits or the check fails; 2 for bad
+arguments.
 """
 
 SIZE_FLAGS = {  # flag -> size option of GPTConfig (and of hf:<arch> models)
@@ -110,6 +122,38 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="PATH", help="write the two-panel PNG")
     bench.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     bench.set_defaults(run=_bench)
+
+    plan = sub.add_parser(
+        "plan",
+        help="the cheapest checkpointing plan for a memory budget",
+        description="Profile a model (per block: time, bytes, ops), plan for the budget with\n"
+        "remat's optimal chain solver (or a heuristic), print the plan and its prediction;\n"
+        "with --verify, apply it, measure the training step's peak with the tracker and\n"
+        "compare gradients with the un-checkpointed model.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("--model", default="gpt", help="gpt (default), mlp, convnet, hf:<arch>")
+    plan.add_argument(
+        "--budget",
+        required=True,
+        help="bytes, a size (300MB, 6GiB) or a percentage of the un-checkpointed step's peak",
+    )
+    plan.add_argument(
+        "--solver", default="auto", help="auto (optimal chain DP), sqrt, every-n, greedy"
+    )
+    plan.add_argument("--verify", action="store_true", help="apply, measure, check gradients")
+    plan.add_argument("--batch", type=int, help="batch size (default: the model's)")
+    plan.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
+    plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
+    plan_sizes = plan.add_argument_group("model sizes (gpt and hf:<arch>)")
+    for flag in SIZE_FLAGS:
+        plan_sizes.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N", help=SIZE_HELP[flag]
+        )
+    plan.add_argument("--json", metavar="PATH", help="write the plan (and the check) as JSON")
+    plan.set_defaults(run=_plan)
     return parser
 
 
@@ -184,6 +228,87 @@ def _bench(args: argparse.Namespace) -> int:
         if row.status in ("FAIL", "crashed"):
             print(f"remat bench: {row.name}: {row.status}: {row.error}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import remat
+    from remat._bench_configs import MissingExtraError, build_bench_workload
+    from remat.bench import resolve_device
+    from remat.planning import measure_step_peak
+
+    sizes = {opt: getattr(args, flag) for flag, opt in SIZE_FLAGS.items()}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+
+    def build() -> Any:
+        return build_bench_workload(
+            args.model,
+            batch=args.batch,
+            device=resolve_device(args.device),
+            dtype=args.dtype,
+            seed=args.seed,
+            sizes=sizes,
+        )
+
+    try:
+        workload = build()
+        loss_fn = _loss_of(workload)
+        prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_fn)
+        chosen = remat.plan(prof, args.budget, solver=args.solver)
+    except remat.BudgetError as e:
+        print(f"remat plan: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, RuntimeError, MissingExtraError) as e:
+        print(f"remat plan: error: {e}", file=sys.stderr)
+        return 2
+    print(chosen)
+    print(
+        f"un-checkpointed step peak {prof.step_peak_bytes / 1e6:.1f} MB; planned peak "
+        f"{chosen.predicted_peak_bytes / 1e6:.1f} MB (of which {prof.outside_bytes / 1e6:.1f} "
+        f"MB outside the blocks); extra cost {chosen.extra_cost / (chosen.forward_cost or 1):.1%}"
+        " of the blocks' forward"
+    )
+    report: dict[str, Any] = {"plan": chosen.to_dict(), "step_peak_bytes": prof.step_peak_bytes}
+    status = 0
+    if args.verify:
+        reference = build()
+        torch.manual_seed(args.seed)
+        reference.loss().backward()
+        remat.apply_plan(workload.model, chosen)
+        measured = measure_step_peak(workload.model, workload.inputs, loss_fn)
+        torch.manual_seed(args.seed)
+        workload.loss().backward()
+        diff = max(
+            (a.grad - b.grad).abs().max().item()
+            for a, b in zip(workload.model.parameters(), reference.model.parameters())
+            if a.grad is not None
+        )
+        try:  # bitwise on CPU float32 in practice; assert_close's tolerances elsewhere
+            torch.testing.assert_close(
+                [a.grad for a in workload.model.parameters()],
+                [b.grad for b in reference.model.parameters()],
+            )
+            same = True
+        except AssertionError:
+            same = False
+        fits = measured <= chosen.budget_bytes
+        print(
+            f"measured peak {measured / 1e6:.1f} MB ({'within' if fits else 'OVER'} the budget "
+            f"{chosen.budget_bytes / 1e6:.1f} MB); max |gradient difference| {diff:.1e}"
+        )
+        report["verify"] = {"measured_peak_bytes": measured, "max_grad_diff": diff}
+        status = 0 if fits and same else 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return status
+
+
+def _loss_of(workload: Any) -> Any:
+    return lambda out: workload.loss_fn(out, workload.targets)
 
 
 def _run_with_progress(run_bench: Any, options: Any) -> Any:
