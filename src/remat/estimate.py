@@ -95,6 +95,7 @@ def estimate(
     checkpoint_modules: ModuleFilter | None = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
     timeline: bool = False,
+    policy: Any = None,
     **kwargs: Any,
 ) -> EstimateReport:
     """Measure one training step of ``model`` on fake tensors, allocating nothing.
@@ -108,6 +109,8 @@ def estimate(
         loss_fn: ``output -> scalar``; default: the output's (or its ``.loss``/``.logits``, or
             its first floating tensor's) ``.float().sum()``.
         timeline: keep the tracker's per-op timeline in the report.
+        policy: a ``remat.apply`` policy (``remat.every(1)``, ``remat.ops("save-matmuls")``,
+            ...) applied for the estimate only; an alternative to ``checkpoint_modules``.
         **kwargs: keyword inputs of ``model`` (tensors become fake copies too).
 
     Returns:
@@ -131,6 +134,8 @@ def estimate(
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = torch.float32 if first is None else first.dtype
     device = torch.device("cpu") if first is None else first.device
+    if policy is not None and checkpoint_modules is not None:
+        raise ValueError("estimate: pass either policy= or checkpoint_modules=, not both")
     names = _select(model, checkpoint_modules)
 
     # Fake copies of every parameter and buffer (same device, no data): gradients land on
@@ -152,6 +157,7 @@ def estimate(
     with (
         _swapped(model, params, buffers),
         _checkpointed(model, names),
+        _policy_applied(model, policy) as policy_regions,
         fake,
         torch.enable_grad(),
         tracker,
@@ -175,9 +181,29 @@ def estimate(
         peak_bytes=tracker.peak_bytes,
         saved_bytes_by_module=dict(tracker.saved_bytes_by_module),
         peak_by_module=dict(tracker.peak_by_module),
-        checkpointed=tuple(names),
+        checkpointed=tuple(names) + tuple(policy_regions),
         timeline=tracker.timeline,
     )
+
+
+@contextlib.contextmanager
+def _policy_applied(model: nn.Module, policy: Any) -> Iterator[list[str]]:
+    """Apply a remat policy for the estimate, and take it off again afterwards."""
+    if policy is None:
+        yield []
+        return
+    from remat.apply import applied, apply, remove
+
+    if applied(model):
+        raise ValueError(
+            "estimate: the model already has a remat policy applied; pass policy=None to "
+            "estimate it as it is, or remat.remove(model) first"
+        )
+    apply(model, policy)
+    try:
+        yield list(applied(model))
+    finally:
+        remove(model)
 
 
 def _to_fake_input(
