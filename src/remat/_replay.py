@@ -35,6 +35,19 @@ def register_module_names(root: nn.Module) -> None:
         _MODULE_NAMES[module] = name or type(root).__name__
 
 
+def owner_module(fn: Any) -> nn.Module | None:
+    """The module whose forward ``fn`` runs: the module itself, a bound method's owner, or
+    the module of ``functools.partial(type(m).forward, m)`` (what ``remat.apply`` passes)."""
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return owner
+    if isinstance(fn, functools.partial) and fn.args and isinstance(fn.args[0], nn.Module):
+        return fn.args[0]
+    return None
+
+
 def describe_fn(fn: Any) -> str:
     """A human name for a checkpointed callable: its module's qualified name where known."""
     owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from remat._replay import owner_module
 from remat.errors import RematError
 from remat.policies import Treatment
 
@@ -520,9 +521,7 @@ class Offload(Treatment):
         if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return forward(*args, **kwargs)
         with self._state.lock:
-            region = _Region(
-                self._state.current_forward(), _state_keys(getattr(forward, "__self__", None))
-            )
+            region = _Region(self._state.current_forward(), _state_keys(owner_module(forward)))
         pack = functools.partial(self._pack, region)
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             return forward(*args, **kwargs)

@@ -1,0 +1,268 @@
+"""remat's planner against the usual ways of choosing what to checkpoint, at equal measured peak.
+
+For a GPT-style model (12 blocks by default, d=256, 8 heads, seq 256, batch 8, float32, CPU)
+and a heterogeneous chain of residual MLP blocks (widths 1x, 8x, 2x, 4x of d, repeating),
+this measures, for each method, the training step's peak (new bytes, parameters and inputs
+excluded, by remat's tracker) and the step time as a ratio to no checkpointing (median of
+interleaved rounds in this process):
+
+- ``all-blocks``, ``every-2/3/4``: per-block recomputation of every n-th block;
+- ``sqrt``: Chen's √n segments (``remat.sqrt()``);
+- ``torch-selective``: PyTorch's selective checkpointing on every block, saving
+  mm/addmm/sdpa outputs (``torch.utils.checkpoint`` + ``create_selective_checkpoint_contexts``);
+- ``remat:<budget>``: ``remat.autoplan`` at budgets from 75% down to 20% of none's peak.
+
+``torch.compile`` with ``activation_memory_budget`` and PyTorch's ``sac_milp`` are not run
+here: the compiled graph's allocations are invisible to a dispatch-mode tracker (dynamo falls
+back to eager under one), so on CPU there is no exact peak to compare, and the SAC estimator
+needs CUDA. On a GPU they belong beside these rows, measured with the allocator.
+
+Prints a table, writes JSON and a frontier plot (peak vs time ratio, one series per method).
+
+Run: ``python benchmarks/planner.py [--layers 12 48] [--budgets 75,60,50,40,30,25,20]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import remat
+from remat.models import Workload, build_workload
+from remat.planning import measure_step_peak
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class HeteroBlock(nn.Module):
+    def __init__(self, d: int, mult: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, mult * d)
+        self.fc2 = nn.Linear(mult * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class HeteroChain(nn.Module):
+    """Residual MLP blocks of different widths: regions that differ in cost and bytes."""
+
+    def __init__(self, d: int = 256, n: int = 12) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(HeteroBlock(d, (1, 8, 2, 4)[i % 4]) for i in range(n))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).mean(dim=1)
+
+
+def hetero_workload(seed: int = 0) -> Workload:
+    torch.manual_seed(seed)
+    model = HeteroChain()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 256, 256, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    names = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
+    return Workload(name="hetero", model=model, inputs=(x,), targets=y,
+                    loss_fn=F.cross_entropy, blocks=names)  # fmt: skip
+
+
+def torch_selective(workload: Workload) -> None:
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        checkpoint,
+        create_selective_checkpoint_contexts,
+    )
+
+    aten = torch.ops.aten
+    save = {
+        aten.mm,
+        aten.addmm,
+        aten.bmm,
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_flash_attention,
+        aten._scaled_dot_product_efficient_attention,
+    }
+
+    def policy(ctx, func, *args, **kwargs):
+        packet = getattr(func, "overloadpacket", func)
+        return CheckpointPolicy.MUST_SAVE if packet in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    for name in workload.blocks:
+        block = workload.model.get_submodule(name)
+        original = block.forward
+
+        def forward(x, original=original):
+            return checkpoint(
+                original,
+                x,
+                use_reentrant=False,
+                context_fn=lambda: create_selective_checkpoint_contexts(policy),
+            )
+
+        block.forward = forward
+
+
+def methods(budgets: list[str]) -> dict[str, object]:
+    fixed = {
+        "none": None,
+        "all-blocks": lambda w: remat.apply(w.model, remat.by_name(*w.blocks)),
+        "every-2": lambda w: remat.apply(w.model, remat.by_name(*w.blocks[::2])),
+        "every-3": lambda w: remat.apply(w.model, remat.by_name(*w.blocks[::3])),
+        "every-4": lambda w: remat.apply(w.model, remat.by_name(*w.blocks[::4])),
+        "sqrt": lambda w: remat.apply(w.model, remat.sqrt()),
+        "torch-selective": torch_selective,
+    }
+    return {**fixed, **{f"remat:{b}%": b for b in budgets}}
+
+
+def step_seconds(workload: Workload) -> float:
+    workload.model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    workload.loss().backward()
+    return time.perf_counter() - start
+
+
+def run_model(label: str, make, args: argparse.Namespace) -> dict:
+    base = make()
+    loss_of = lambda out, w=base: w.loss_fn(out, w.targets)  # noqa: E731
+    profile = remat.profile(base.model, *base.inputs, loss_fn=loss_of)
+    rows, workloads = {}, {}
+    for name, how in methods(args.budgets.split(",")).items():
+        w = copy.deepcopy(base)
+        loss = lambda out, w=w: w.loss_fn(out, w.targets)  # noqa: E731
+        note = ""
+        if isinstance(how, str):
+            try:
+                result = remat.autoplan(
+                    w.model, *w.inputs, budget=f"{how}%", loss_fn=loss, profile=profile
+                )
+                note = f"{result.rounds} plan(s); predicted {result.plan.predicted_peak_bytes}"
+            except remat.BudgetError as err:
+                rows[name] = {"status": "infeasible", "error": str(err)}
+                continue
+        elif how is not None:
+            how(w)
+        rows[name] = {"status": "ok", "peak_bytes": measure_step_peak(w.model, w.inputs, loss),
+                      "note": note}  # fmt: skip
+        workloads[name] = w
+    for _ in range(args.warmup):
+        for w in workloads.values():
+            step_seconds(w)
+    times = {name: [] for name in workloads}
+    names = list(workloads)
+    for r in range(args.steps):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(step_seconds(workloads[name]))
+    base_time = statistics.median(times["none"])
+    for name, ts in times.items():
+        rows[name]["ratio"] = statistics.median(ts) / base_time
+        rows[name]["step_s"] = ts
+    return {"model": label, "step_peak_bytes": profile.step_peak_bytes, "rows": rows}
+
+
+def compare(result: dict) -> list[str]:
+    """For each baseline, the cheapest remat plan whose measured peak is not higher."""
+    rows = result["rows"]
+    ours = [(r["peak_bytes"], r["ratio"], n) for n, r in rows.items()
+            if n.startswith("remat:") and r["status"] == "ok"]  # fmt: skip
+    lines = []
+    for name, row in rows.items():
+        if name.startswith("remat:") or name == "none" or row["status"] != "ok":
+            continue
+        fits = [o for o in ours if o[0] <= row["peak_bytes"]]
+        if not fits:
+            lines.append(f"  {name}: no remat plan at or below its peak")
+            continue
+        best = min(fits, key=lambda o: o[1])
+        verdict = "better" if best[1] < row["ratio"] else "not better"
+        lines.append(
+            f"  {name:<16} {row['peak_bytes'] / 1e6:7.1f} MB x{row['ratio']:.2f}  vs  {best[2]} "
+            f"{best[0] / 1e6:7.1f} MB x{best[1]:.2f}: {verdict}"
+        )
+    return lines
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(results), 4.5))
+    for k, result in enumerate(results):
+        ax = fig.add_subplot(1, len(results), k + 1)
+        rows = {n: r for n, r in result["rows"].items() if r["status"] == "ok"}
+        ours = sorted((r["peak_bytes"] / 1e6, r["ratio"]) for n, r in rows.items()
+                      if n.startswith("remat:"))  # fmt: skip
+        if ours:
+            ax.plot(*zip(*ours), "o-", color="C3", label="remat planner")
+        for i, (name, r) in enumerate(n for n in rows.items() if not n[0].startswith("remat:")):
+            ax.plot(r["peak_bytes"] / 1e6, r["ratio"], "s", color=f"C{i % 3}" if i < 3 else None,
+                    label=name)  # fmt: skip
+        ax.set_xlabel("measured step peak, MB (new bytes)")
+        ax.set_ylabel("step time / none")
+        ax.set_title(result["model"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[12])
+    parser.add_argument("--budgets", default="75,60,50,40,30,25,20")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-hetero", action="store_true")
+    parser.add_argument("--json", type=Path, default=RESULTS / "planner.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "planner.png")
+    args = parser.parse_args(argv)
+
+    models = [(f"gpt-{n}", lambda n=n: build_workload("gpt", n_layers=n)) for n in args.layers]
+    if not args.no_hetero:
+        models.append(("hetero-12", hetero_workload))
+    results = []
+    for label, make in models:
+        result = run_model(label, make, args)
+        results.append(result)
+        print(f"\n{label}: un-checkpointed step peak {result['step_peak_bytes'] / 1e6:.1f} MB")
+        print(f"  {'method':<16}{'peak MB':>10}{'x none':>8}")
+        for name, row in result["rows"].items():
+            if row["status"] != "ok":
+                print(f"  {name:<16}{'infeasible':>10}")
+                continue
+            print(f"  {name:<16}{row['peak_bytes'] / 1e6:>10.1f}{row['ratio']:>8.2f}")
+        print("At equal or lower measured peak:")
+        print("\n".join(compare(result)))
+    document = {
+        "benchmark": "planner",
+        "command": "python benchmarks/planner.py " + " ".join(argv or []),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "platform": platform.platform(), "threads": torch.get_num_threads()},
+        "not_run": {"torch.compile activation_memory_budget": "no exact CPU peak under compile",
+                    "sac_milp": "PyTorch's SAC estimator needs CUDA"},
+        "results": results,
+    }  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2))
+    plot(results, args.plot)
+    return document
+
+
+if __name__ == "__main__":
+    main()
