@@ -147,6 +147,13 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
     return model
 
 
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_plan` (the same as ``remat.remove``)."""
+    from remat.apply import remove
+
+    return remove(model)
+
+
 def measure_step_peak(
     model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any], torch.Tensor]
 ) -> int:
@@ -195,8 +202,9 @@ def autoplan(
     """Profile, plan, apply and measure: a plan whose *measured* peak fits ``budget``.
 
     The chain model predicts the peak; the tracker measures it. When the measurement exceeds
-    the budget, the solver is asked again with the budget lowered by the excess, until the
-    measured peak fits (or ``max_rounds`` plans were tried).
+    the budget, the solver is asked again with the budget lowered by the excess; when it
+    leaves room (the model is conservative), with the budget raised by the room left, keeping
+    the cheapest plan whose measured peak fits. At most ``max_rounds`` plans are measured.
 
     Raises:
         BudgetError: no plan within ``max_rounds`` measured under the budget.
@@ -209,19 +217,45 @@ def autoplan(
     total, _ = _chain_budget(prof, budget)
     target = total
     options: dict[str, Any] = {}
-    for round_index in range(1, max_rounds + 1):
-        chosen = plan(prof, target, solver=solver, **options)
+    best: tuple[Any, int] | None = None
+    least: int | None = None  # the lowest peak measured: a budget that is feasible
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
+        try:
+            chosen = plan(prof, target, solver=solver, **options)
+        except BudgetError as err:
+            floor = err.min_feasible_bytes or 0
+            if best is not None or floor <= target:
+                break
+            # The model says nothing fits, but it is conservative: measure its least-memory
+            # plan, which may well fit.
+            target = floor
+            continue
         apply_plan(model, chosen)
         measured = measure_step_peak(model, inputs, loss_of)
+        least = measured if least is None else min(least, measured)
         if measured <= total:
-            return AutoPlan(plan=chosen, profile=prof, budget_bytes=total,
-                            measured_peak_bytes=measured, rounds=round_index)  # fmt: skip
-        if chosen.segments and solver in ("auto", "chain") and not options:
+            if best is None or chosen.extra_cost < best[0].extra_cost:
+                best = (chosen, measured)
+            slack = total - measured
+            if slack <= total // 100:
+                break
+            target += slack  # the model overestimated: let the solver use what is left
+        elif best is not None:
+            break  # a cheaper plan did not fit; keep the one that did
+        elif chosen.segments and solver in ("auto", "chain") and not options:
             options = {"nested": False}  # first try without multi-region segments
         else:
             target -= measured - total
+    if best is not None:
+        chosen, measured = best
+        apply_plan(model, chosen)
+        return AutoPlan(plan=chosen, profile=prof, budget_bytes=total,
+                        measured_peak_bytes=measured, rounds=rounds)  # fmt: skip
+    remove_plan(model)
     raise BudgetError(
-        f"remat.autoplan: after {max_rounds} plans the measured peak ({measured} B) still "
-        f"exceeds the budget ({total} B)",
-        min_feasible_bytes=measured,
+        f"remat.autoplan: no plan measured within the budget ({total} B) in {rounds} tries"
+        + (f"; the lowest peak measured was {least} B" if least is not None else ""),
+        min_feasible_bytes=least,
     )
