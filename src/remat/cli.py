@@ -113,11 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=5, help="timed rounds (default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     bench.add_argument("--seed", type=int, default=0, help="seeds weights, data and dropout")
-    sizes = bench.add_argument_group("model sizes (gpt and hf:<arch>)")
-    for flag in SIZE_FLAGS:
-        sizes.add_argument(
-            f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N", help=SIZE_HELP[flag]
-        )
+    _add_size_flags(bench)
     bench.add_argument("--json", metavar="PATH", help="write every figure and the environment")
     bench.add_argument("--plot", metavar="PATH", help="write the two-panel PNG")
     bench.add_argument("--quiet", action="store_true", help="no table, no progress bar")
@@ -147,14 +143,24 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
     plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
-    plan_sizes = plan.add_argument_group("model sizes (gpt and hf:<arch>)")
-    for flag in SIZE_FLAGS:
-        plan_sizes.add_argument(
-            f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N", help=SIZE_HELP[flag]
-        )
+    _add_size_flags(plan)
     plan.add_argument("--json", metavar="PATH", help="write the plan (and the check) as JSON")
     plan.set_defaults(run=_plan)
     return parser
+
+
+def _add_size_flags(parser: argparse.ArgumentParser) -> None:
+    sizes = parser.add_argument_group("model sizes (gpt and hf:<arch>)")
+    for flag in SIZE_FLAGS:
+        sizes.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N", help=SIZE_HELP[flag]
+        )
+
+
+def _sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The model size options given on the command line (``--layers`` -> ``n_layers``)."""
+    sizes = {opt: getattr(args, flag) for flag, opt in SIZE_FLAGS.items()}
+    return {k: v for k, v in sizes.items() if v is not None}
 
 
 def _version() -> str:
@@ -189,8 +195,7 @@ def _error(message: str) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from remat.bench import BenchOptions, MissingExtraError, parse_configs, run_bench
 
-    sizes = {opt: getattr(args, flag) for flag, opt in SIZE_FLAGS.items()}
-    sizes = {k: v for k, v in sizes.items() if v is not None}
+    sizes = _sizes(args)
     if sizes and not (args.model == "gpt" or args.model.startswith("hf:")):
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in SIZE_FLAGS if getattr(args, f))
         return _error(f"{flags}: size flags apply to --model gpt or hf:<arch>, not {args.model!r}")
@@ -240,8 +245,7 @@ def _plan(args: argparse.Namespace) -> int:
     from remat.bench import resolve_device
     from remat.planning import measure_step_peak
 
-    sizes = {opt: getattr(args, flag) for flag, opt in SIZE_FLAGS.items()}
-    sizes = {k: v for k, v in sizes.items() if v is not None}
+    sizes = _sizes(args)
 
     def build() -> Any:
         return build_bench_workload(
