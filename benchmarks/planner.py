@@ -210,9 +210,10 @@ def plot(results: list[dict], path: Path) -> None:
                       if n.startswith("remat:"))  # fmt: skip
         if ours:
             ax.plot(*zip(*ours), "o-", color="C3", label="remat planner")
-        for i, (name, r) in enumerate(n for n in rows.items() if not n[0].startswith("remat:")):
-            ax.plot(r["peak_bytes"] / 1e6, r["ratio"], "s", color=f"C{i % 3}" if i < 3 else None,
-                    label=name)  # fmt: skip
+        baselines = [(n, r) for n, r in rows.items() if not n.startswith("remat:")]
+        for i, (name, r) in enumerate(baselines):
+            ax.plot(r["peak_bytes"] / 1e6, r["ratio"], "sD^v<>p"[i % 7], color=f"C{(i + 4) % 10}",
+                    label=name, markersize=7)  # fmt: skip
         ax.set_xlabel("measured step peak, MB (new bytes)")
         ax.set_ylabel("step time / none")
         ax.set_title(result["model"])
@@ -231,7 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-hetero", action="store_true")
     parser.add_argument("--json", type=Path, default=RESULTS / "planner.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "planner.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw --plot from --json")
     args = parser.parse_args(argv)
+    if args.replot:
+        document = json.loads(args.json.read_text())
+        plot(document["results"], args.plot)
+        return document
 
     models = [(f"gpt-{n}", lambda n=n: build_workload("gpt", n_layers=n)) for n in args.layers]
     if not args.no_hetero:
