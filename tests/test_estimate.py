@@ -146,3 +146,18 @@ def test_llama_checkpointing_every_decoder_layer() -> None:
     assert all(s < plain.saved_bytes_by_module[n] for s, n in zip(saved, layers))
     assert plain.param_bytes == ckpt.param_bytes == plain.grad_bytes
     assert plain.param_bytes == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_policy_gives_the_same_report_as_the_module_list() -> None:
+    import remat
+
+    sizes = dict(SMALL["gpt"])
+    w = build_workload("gpt", batch=sizes.pop("batch"), **sizes)
+    by_names = estimate(w.model, *w.inputs, checkpoint_modules=list(w.blocks))
+    by_policy = estimate(w.model, *w.inputs, policy=remat.every(1))
+    assert by_policy.peak_bytes == by_names.peak_bytes
+    assert by_policy.saved_bytes == by_names.saved_bytes
+    assert by_policy.checkpointed == tuple(w.blocks)
+    assert remat.applied(w.model) == {}  # applied for the estimate only
+    with pytest.raises(ValueError, match="either policy= or checkpoint_modules="):
+        estimate(w.model, *w.inputs, policy=remat.every(1), checkpoint_modules=["blocks.0"])

@@ -236,6 +236,12 @@ class Plan:
     resolution_bytes: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def apply(self, model: Any) -> Any:
+        """Apply this plan to ``model`` in place (``remat.apply_plan``) and return it."""
+        from remat.planning import apply_plan
+
+        return apply_plan(model, self)
+
     @property
     def choices(self) -> tuple[str, ...]:
         """The option name of each region."""
