@@ -122,7 +122,10 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
     roles: dict[str, list[Treatment]] = {r.name: [] for r in plan.regions}
     for start, stop in sorted(plan.segments, key=lambda s: (s[0], -s[1])):
         names = [plan.regions[i].name for i in range(start, stop)]
-        run = _SegmentRun(name=f"{names[0]}-{names[-1]}", blocks=[modules[n] for n in names])
+        blocks = [modules[n] for n in names]
+        run = _SegmentRun(
+            name=f"{names[0]}-{names[-1]}", blocks=blocks, members=frozenset(map(id, blocks))
+        )
         roles[names[0]].append(_Head(run))
         for index, name in enumerate(names[1:], start=1):
             roles[name].append(_Follower(run, index))

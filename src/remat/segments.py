@@ -43,14 +43,15 @@ class _SegmentRun:
     name: str
     blocks: list[nn.Module]
     output: Any = None
+    members: frozenset[int] = frozenset()  # ids of its blocks, to tell nested segments
     extra: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     next_index: int = 0  # the follower expected to be called next
 
 
-# Set while a segment runner calls one of its blocks. A follower called then does the real
-# work; called by the model's own forward, it hands back the segment's output. A flag
-# rather than per-segment state, because a nested segment is also recomputed on its own
-# in backward, outside the run of the segment around it.
+# The segment whose runner is calling one of its blocks right now. A follower of segment S
+# does the real work when that caller is S or a segment nested inside S (a nested segment
+# is also recomputed on its own in backward, outside S's run); called by the model's own
+# forward or by a segment around S, it hands back S's output (S's head already ran it).
 _calling = threading.local()
 
 
@@ -62,12 +63,12 @@ def _chained(out: Any) -> Any:
 def _run_segment(run: _SegmentRun, head_forward: Callable[..., Any], *args: Any, **kwargs: Any):
     out = head_forward(*args, **kwargs)
     for block in run.blocks[1:]:
-        previous = getattr(_calling, "on", False)
-        _calling.on = True
+        previous = getattr(_calling, "run", None)
+        _calling.run = run
         try:
             out = block(_chained(out), *args[1:], **kwargs)
         finally:
-            _calling.on = previous
+            _calling.run = previous
     return out
 
 
@@ -93,7 +94,8 @@ class _Follower(Treatment):
 
     def run(self, forward, args, kwargs):
         run = self.run_state
-        if getattr(_calling, "on", False):  # a segment runner calls: do the real work
+        caller = getattr(_calling, "run", None)
+        if caller is not None and caller.members <= run.members:  # S or nested in S calls
             return forward(*args, **kwargs)
         expected_args, expected_kwargs = run.extra or ((), {})
         in_order = run.next_index == self.index and args and args[0] is _chained(run.output)
@@ -132,7 +134,8 @@ class Segments(Policy):
             for start in range(0, n, length):
                 part = children[start : start + length]
                 name = f"{prefix}{part[0][0]}-{part[-1][0]}"
-                run = _SegmentRun(name=name, blocks=[m for _, m in part])
+                modules = [m for _, m in part]
+                run = _SegmentRun(name=name, blocks=modules, members=frozenset(map(id, modules)))
                 inner = self.treatment if isinstance(self.treatment, Recompute) else Recompute()
                 out.append((prefix + part[0][0], part[0][1], _Head(run, inner)))
                 out.extend(
