@@ -12,10 +12,10 @@ interleaved rounds in this process):
   mm/addmm/sdpa outputs (``torch.utils.checkpoint`` + ``create_selective_checkpoint_contexts``);
 - ``remat:<budget>``: ``remat.autoplan`` at budgets from 75% down to 20% of none's peak.
 
-``torch.compile`` with ``activation_memory_budget`` and PyTorch's ``sac_milp`` are not run
-here: the compiled graph's allocations are invisible to a dispatch-mode tracker (dynamo falls
-back to eager under one), so on CPU there is no exact peak to compare, and the SAC estimator
-needs CUDA. On a GPU they belong beside these rows, measured with the allocator.
+``--compile`` adds ``torch.compile`` with ``activation_memory_budget`` (1.0, 0.5, 0.1) to the
+existing JSON: their peaks come from the resident set, since a dispatch-mode tracker sees
+nothing inside a compiled graph (see ``_compile_budget.py``). PyTorch's ``sac_milp`` is not
+run: its SAC estimator needs CUDA.
 
 Prints a table, writes JSON and a frontier plot (peak vs time ratio, one series per method).
 
@@ -77,6 +77,46 @@ def hetero_workload(seed: int = 0) -> Workload:
     names = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
     return Workload(name="hetero", model=model, inputs=(x,), targets=y,
                     loss_fn=F.cross_entropy, blocks=names)  # fmt: skip
+
+
+def make_workload(label: str) -> Workload:
+    """The benchmark's models by label: ``gpt-<layers>`` or ``hetero-12``."""
+    if label.startswith("gpt-"):
+        return build_workload("gpt", n_layers=int(label[4:]))
+    if label == "hetero-12":
+        return hetero_workload()
+    raise ValueError(f"unknown model label {label!r}")
+
+
+def compile_rows(label: str, steps: int) -> dict[str, dict]:
+    """``torch.compile`` with ``activation_memory_budget`` 0.5 and 0.1, in a subprocess
+    that measures peaks from the resident set (see ``_compile_budget.py``)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    worker = Path(__file__).parent / "_compile_budget.py"
+    measured = {}
+    for budget in (1.0, 0.5, 0.1):  # one process each (see _compile_budget.py)
+        spec = {"model": label, "budget": budget, "steps": steps,
+                "bench_dir": str(Path(__file__).parent)}  # fmt: skip
+        done = subprocess.run([sys.executable, str(worker), json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=3600)  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            return {f"compile:{budget}": {"status": "failed", "error": done.stderr[-2000:]}}
+        measured[budget] = json.loads(lines[-1])
+    base = measured[1.0]["seconds"]
+    return {
+        f"compile:{budget}": {
+            "status": "ok",
+            "peak_bytes": r["peak_bytes"],
+            "ratio": r["seconds"] / base,
+            "note": "peak from the resident set; time relative to compile:1.0, separate processes",
+        }
+        for budget, r in measured.items()
+    }
 
 
 def torch_selective(workload: Workload) -> None:
@@ -181,7 +221,7 @@ def compare(result: dict) -> list[str]:
             if n.startswith("remat:") and r["status"] == "ok"]  # fmt: skip
     lines = []
     for name, row in rows.items():
-        if name.startswith("remat:") or name == "none" or row["status"] != "ok":
+        if name.startswith("remat:") or name in ("none", "compile:1.0") or row["status"] != "ok":
             continue
         fits = [o for o in ours if o[0] <= row["peak_bytes"]]
         if not fits:
@@ -210,7 +250,8 @@ def plot(results: list[dict], path: Path) -> None:
                       if n.startswith("remat:"))  # fmt: skip
         if ours:
             ax.plot(*zip(*ours), "o-", color="C3", label="remat planner")
-        baselines = [(n, r) for n, r in rows.items() if not n.startswith("remat:")]
+        baselines = [(n, r) for n, r in rows.items()
+                     if not n.startswith("remat:") and n != "compile:1.0"]  # fmt: skip
         for i, (name, r) in enumerate(baselines):
             ax.plot(r["peak_bytes"] / 1e6, r["ratio"], "sD^v<>p"[i % 7], color=f"C{(i + 4) % 10}",
                     label=name, markersize=7)  # fmt: skip
@@ -233,15 +274,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=RESULTS / "planner.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "planner.png")
     parser.add_argument("--replot", action="store_true", help="only redraw --plot from --json")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add torch.compile activation_memory_budget rows to the existing --json (Linux)",
+    )
+    parser.add_argument("--compile-models", nargs="+", default=["gpt-12", "hetero-12"])
     args = parser.parse_args(argv)
-    if args.replot:
+    if args.replot or args.compile:
         document = json.loads(args.json.read_text())
+        if args.compile:
+            for result in document["results"]:
+                if result["model"] in args.compile_models:
+                    result["rows"].update(compile_rows(result["model"], args.steps))
+                    print(f"\n{result['model']}, with torch.compile rows:")
+                    print("\n".join(compare(result)))
+            document["not_run"].pop("torch.compile activation_memory_budget", None)
+            document["compile_command"] = "python benchmarks/planner.py --compile"
+            args.json.write_text(json.dumps(document, indent=2))
         plot(document["results"], args.plot)
         return document
 
-    models = [(f"gpt-{n}", lambda n=n: build_workload("gpt", n_layers=n)) for n in args.layers]
-    if not args.no_hetero:
-        models.append(("hetero-12", hetero_workload))
+    labels = [f"gpt-{n}" for n in args.layers] + ([] if args.no_hetero else ["hetero-12"])
+    models = [(label, lambda label=label: make_workload(label)) for label in labels]
     results = []
     for label, make in models:
         result = run_model(label, make, args)
@@ -260,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/planner.py " + " ".join(argv or []),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "platform": platform.platform(), "threads": torch.get_num_threads()},
-        "not_run": {"torch.compile activation_memory_budget": "no exact CPU peak under compile",
+        "not_run": {"torch.compile activation_memory_budget": "run with --compile",
                     "sac_milp": "PyTorch's SAC estimator needs CUDA"},
         "results": results,
     }  # fmt: skip

@@ -160,7 +160,11 @@ def remove_plan(model: nn.Module) -> nn.Module:
 def measure_step_peak(
     model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any], torch.Tensor]
 ) -> int:
-    """New bytes at the peak of one training step (parameters and inputs excluded)."""
+    """New bytes at the peak of one training step (parameters and inputs excluded).
+
+    Gradients are cleared first: they are allocated by the step, so they count.
+    """
+    model.zero_grad(set_to_none=True)
     with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
         loss_fn(model(*inputs)).backward()
     existing = {
