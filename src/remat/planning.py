@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat._storage import iter_tensors, unique_storage_bytes
 from remat.errors import BudgetError, PlanError
 from remat.memory import MemoryTracker
 from remat.policies import Ops, Recompute, Treatment
@@ -167,13 +168,11 @@ def measure_step_peak(
     model.zero_grad(set_to_none=True)
     with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
         loss_fn(model(*inputs)).backward()
-    existing = {
-        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
-        for t in (*model.parameters(), *model.buffers(), *inputs)
-        if isinstance(t, torch.Tensor)
-    }
+    existing = unique_storage_bytes(
+        iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
+    )
     model.zero_grad(set_to_none=True)
-    return tracker.peak_bytes - sum(existing.values())
+    return tracker.peak_bytes - existing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from remat._storage import iter_tensors, unique_storage_bytes
 from remat.errors import PlanError
 from remat.memory import MemoryTracker
 from remat.policies import block_lists
@@ -269,7 +270,9 @@ def profile(
         loss = loss_of(model(*inputs, **kwargs))
         loss.backward()
     model.zero_grad(set_to_none=True)
-    existing = _storage_bytes((list(model.parameters()), list(model.buffers()), inputs), set())[1]
+    existing = unique_storage_bytes(
+        iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
+    )
     step_peak = tracker.peak_bytes - existing
 
     profiles = []
