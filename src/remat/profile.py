@@ -117,6 +117,7 @@ class Profile:
                    for o in r.ops if o.output_bytes > 0]  # fmt: skip
             if op_options and ops:
                 region = with_ops(region, ops, max_options=max_options)
+                region = _with_preset_options(region, ops)
             regions.append(region)
         return Chain(regions)
 
@@ -131,6 +132,34 @@ class Profile:
             for r in data.pop("regions")
         )
         return cls(regions=regions, **data)
+
+
+def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
+    """Add the named op presets (``"save-matmuls"``...) to a region's menu.
+
+    The knapsack menu is thinned to a few options spread over memory, which can drop the
+    well-known good ones (keep every matmul, recompute the pointwise ops); they are added
+    back by name, unless an option of the menu keeps no more bytes for no more cost.
+    """
+    import dataclasses
+
+    from remat.planner import RegionOption
+    from remat.policies import OP_PRESETS
+
+    options = list(region.options)
+    total = sum(o.recompute_cost for o in ops)
+    for preset, names in OP_PRESETS.items():
+        saved = [o for o in ops if o.name.split("#")[0].split(".")[1] in names]
+        if not saved:
+            continue
+        kept = region.input_bytes + sum(o.output_bytes for o in saved)
+        cost = total - sum(o.recompute_cost for o in saved)
+        inside = region.input_bytes <= kept < region.saved_bytes and 0 < cost < region.fwd_cost
+        dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
+        if inside and not dominated:
+            options.append(RegionOption(name=preset, kept_bytes=kept, recompute_cost=cost,
+                                        save_ops=tuple(o.name for o in saved)))  # fmt: skip
+    return dataclasses.replace(region, options=tuple(options))
 
 
 def default_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
