@@ -146,3 +146,22 @@ def test_nested_segments_across_containers_are_exact():
         w.loss().backward()
     for a, b in zip(workload.model.parameters(), reference.model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_named_presets_join_a_thinned_menu():
+    from remat.profile import OpProfile, RegionProfile
+
+    ops = (
+        OpProfile(name="aten.addmm.default#0", output_bytes=400, cost=5.0),
+        OpProfile(name="aten.gelu.default#0", output_bytes=400, cost=1.0),
+        OpProfile(name="aten.addmm.default#1", output_bytes=100, cost=3.0),
+        OpProfile(name="aten.add.Tensor#0", output_bytes=100, cost=0.5),
+    )
+    region = RegionProfile(name="b", type="Block", cost=9.5, flops=0, input_bytes=100,
+                           saved_bytes=1100, output_bytes=100, ops=ops)  # fmt: skip
+    prof = Profile(regions=(region,), cost_unit="seconds", device="cpu", step_peak_bytes=2000,
+                   outside_bytes=0, forward_cost=9.5)  # fmt: skip
+    menu = {o.name: o for o in prof.to_chain(max_options=1).regions[0].menu()}
+    assert menu["save-matmuls"].save_ops == ("aten.addmm.default#0", "aten.addmm.default#1")
+    assert menu["save-matmuls"].kept_bytes == 100 + 500
+    assert menu["save-matmuls"].recompute_cost == 1.5
