@@ -17,11 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._storage import iter_tensors, unique_storage_bytes
 from remat.errors import BudgetError, PlanError
-from remat.memory import MemoryTracker
 from remat.policies import Ops, Recompute, Treatment
-from remat.profile import Profile
+from remat.profile import Profile, measure_step_peak
 
 __all__ = ["AutoPlan", "apply_plan", "autoplan", "measure_step_peak", "pareto", "plan"]
 
@@ -156,23 +154,6 @@ def remove_plan(model: nn.Module) -> nn.Module:
     from remat.apply import remove
 
     return remove(model)
-
-
-def measure_step_peak(
-    model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any], torch.Tensor]
-) -> int:
-    """New bytes at the peak of one training step (parameters and inputs excluded).
-
-    Gradients are cleared first: they are allocated by the step, so they count.
-    """
-    model.zero_grad(set_to_none=True)
-    with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
-        loss_fn(model(*inputs)).backward()
-    existing = unique_storage_bytes(
-        iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
-    )
-    model.zero_grad(set_to_none=True)
-    return tracker.peak_bytes - existing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

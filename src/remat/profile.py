@@ -75,6 +75,19 @@ class RegionProfile:
     transient_bytes: int = 0
     ops: tuple[OpProfile, ...] = ()
 
+    def to_region(self) -> Any:
+        """The planner's ``Region`` (no op-level options), its input counted in its saved."""
+        from remat.planner import Region
+
+        return Region(
+            name=self.name,
+            fwd_cost=self.cost,
+            input_bytes=self.input_bytes,
+            saved_bytes=max(self.saved_bytes, self.input_bytes),
+            output_bytes=self.output_bytes,
+            transient_bytes=self.transient_bytes,
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
@@ -101,18 +114,11 @@ class Profile:
 
     def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
         """The planner's problem for these regions (op-level menus when ``op_options``)."""
-        from remat.planner import Chain, Op, Region, with_ops
+        from remat.planner import Chain, Op, with_ops
 
         regions = []
         for r in self.regions:
-            region = Region(
-                name=r.name,
-                fwd_cost=r.cost,
-                input_bytes=r.input_bytes,
-                saved_bytes=max(r.saved_bytes, r.input_bytes),
-                output_bytes=r.output_bytes,
-                transient_bytes=r.transient_bytes,
-            )
+            region = r.to_region()
             ops = [Op(name=o.name, output_bytes=o.output_bytes, recompute_cost=o.cost)
                    for o in r.ops if o.output_bytes > 0]  # fmt: skip
             if op_options and ops:
@@ -295,14 +301,7 @@ def profile(
     finally:
         for h in handles:
             h.remove()
-    with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
-        loss = loss_of(model(*inputs, **kwargs))
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    existing = unique_storage_bytes(
-        iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
-    )
-    step_peak = tracker.peak_bytes - existing
+    step_peak = measure_step_peak(model, inputs, loss_of, **kwargs)
 
     profiles = []
     for name, module in chosen:
@@ -349,6 +348,26 @@ def _default_loss(out: Any) -> Tensor:
     return next(t for t in tree_leaves(out) if isinstance(t, Tensor)).float().sum()
 
 
+def measure_step_peak(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    loss_fn: Callable[[Any], Tensor],
+    **kwargs: Any,
+) -> int:
+    """New bytes at the peak of one training step (parameters and inputs excluded).
+
+    Gradients are cleared first: they are allocated by the step, so they count.
+    """
+    model.zero_grad(set_to_none=True)
+    with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
+        loss_fn(model(*inputs, **kwargs)).backward()
+    existing = unique_storage_bytes(
+        iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
+    )
+    model.zero_grad(set_to_none=True)
+    return tracker.peak_bytes - existing
+
+
 def _with_gradient_bytes(
     model: nn.Module, chosen: Sequence[tuple[str, nn.Module]], profiles: list[RegionProfile]
 ) -> list[RegionProfile]:
@@ -381,14 +400,9 @@ def _union(rec: dict[str, Any]) -> int:
 
 
 def _store_all_peak(profiles: Sequence[RegionProfile]) -> int:
-    from remat.planner import Chain, Region, store_all_peak
+    from remat.planner import Chain, store_all_peak
 
-    return store_all_peak(Chain([
-        Region(name=p.name, fwd_cost=p.cost, input_bytes=p.input_bytes,
-               saved_bytes=max(p.saved_bytes, p.input_bytes), output_bytes=p.output_bytes,
-               transient_bytes=p.transient_bytes)
-        for p in profiles
-    ]))  # fmt: skip
+    return store_all_peak(Chain([p.to_region() for p in profiles]))
 
 
 def _transient_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
