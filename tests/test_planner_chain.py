@@ -31,14 +31,19 @@ from remat.planner import (
 from remat.planner.chain import discretize
 
 
-def random_chain(rng: random.Random, n: int, *, scale: int = 1, options: bool = True) -> Chain:
+def random_chain(
+    rng: random.Random, n: int, *, scale: int = 1, options: bool = True, unsaved: float = 0.0
+) -> Chain:
+    """``unsaved``: the chance that a region's input is not saved (a ReLU after a Linear)."""
     regions = []
     for i in range(n):
         inp = rng.randint(1, 6) * scale
-        saved = inp + rng.randint(0, 12) * scale
+        input_saved = not unsaved or rng.random() >= unsaved  # the seeds' chains stay put
+        saved = (inp if input_saved else 0) + rng.randint(0, 12) * scale
+        most = saved if input_saved else saved + inp  # what an op-level option may keep
         opts = []
-        if options and saved > inp and rng.random() < 0.5:
-            kept = scale * rng.randint(inp // scale, saved // scale)
+        if options and most > inp and rng.random() < 0.5:
+            kept = scale * rng.randint(inp // scale, most // scale)
             opts.append(
                 RegionOption(name="half", kept_bytes=kept, recompute_cost=rng.randint(0, 4))
             )
@@ -51,6 +56,7 @@ def random_chain(rng: random.Random, n: int, *, scale: int = 1, options: bool = 
                 output_bytes=rng.randint(1, 6) * scale,
                 transient_bytes=rng.randint(0, 4) * scale,
                 options=tuple(opts),
+                input_saved=input_saved,
             )
         )
     return Chain(regions)
@@ -110,6 +116,39 @@ def test_flat_dp_equals_exhaustive_search(seed):
     chain = random_chain(rng, n, options=seed >= 3)  # n=10: 2 options per region, 1024 plans
     scored = [simulate(chain, items) for items in flat_plans(chain)]
     check_against(chain, scored, nested=False)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_dp_equals_exhaustive_search_with_unsaved_inputs(seed):
+    """Regions whose input nothing saves (ReLU after Linear): the store option keeps less
+    than the input, and a checkpoint holding the input adds it back."""
+    rng = random.Random(5000 + seed)
+    chain = random_chain(rng, rng.randint(1, 6), unsaved=0.5)
+    scored = [simulate(chain, items) for items in nested_plans(chain, 0, len(chain))]
+    check_against(chain, scored, nested=True)
+    scored = [simulate(chain, items) for items in flat_plans(chain)]
+    check_against(chain, scored, nested=False)
+
+
+def test_unsaved_input_by_hand():
+    """Linear (saves its input) -> ReLU (saves its output, which the next Linear also keeps
+    as its input: counted there) -> Linear, 10-byte activations, no transients."""
+
+    def region(name, saved, input_saved=True):
+        return Region(name=name, fwd_cost=1, input_bytes=10, saved_bytes=saved,
+                      output_bytes=10, input_saved=input_saved)  # fmt: skip
+
+    chain = Chain([region("fc1", 10), region("relu", 0, input_saved=False), region("fc2", 10)])
+    # Store all: fc1 keeps its input (10); the ReLU's input (fc1's output) is freed, so the
+    # ReLU keeps nothing of its own; fc2 keeps the ReLU's output. The forward of the ReLU
+    # peaks at 10 + (its input 10 + its output 10) = 30; fc2's backward at 10 + 10 + 10 = 30.
+    assert simulate(chain, [("leaf", 0, 0), ("leaf", 1, 0), ("leaf", 2, 0)]) == (30, 0.0)
+    # Recomputing the ReLU alone makes its checkpoint hold fc1's output: 10 more bytes.
+    assert simulate(chain, [("leaf", 0, 0), ("leaf", 1, 1), ("leaf", 2, 0)])[0] == 40
+    # A segment [relu, fc2) rerun: its checkpoint holds the ReLU's input while the ReLU,
+    # stored inside, runs backward with its output's gradient: 10 + 10 + 10 + 10.
+    seg = ("seg", 1, 3, [("leaf", 1, 0), ("leaf", 2, 0)])
+    assert simulate(chain, [("leaf", 0, 0), seg]) == (40, 2.0)
 
 
 @pytest.mark.slow

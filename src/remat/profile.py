@@ -57,12 +57,15 @@ class RegionProfile:
         cost: forward cost (seconds, or FLOPs + bytes on meta; see ``Profile.cost_unit``).
         flops: forward FLOPs.
         input_bytes: its tensor inputs (kept when it is checkpointed).
-        saved_bytes: what autograd keeps for its backward when it runs normally, input
-            included.
+        saved_bytes: what autograd keeps for its backward when it runs normally, its input
+            included when something saves it (``input_saved``).
         output_bytes: its output.
         transient_bytes: the most it allocates beyond its saved activations and output while
-            it runs forward or backward on its own (gradients in flight, workspaces).
+            it runs forward or backward on its own (gradients in flight, workspaces), with
+            the parameter gradients live during its backward.
         ops: its ops, in call order.
+        input_saved: whether its input is saved for backward (see ``planner.Region``).
+        forward_transient_bytes: the part of ``transient_bytes`` reached in its forward.
     """
 
     name: str
@@ -74,18 +77,22 @@ class RegionProfile:
     output_bytes: int
     transient_bytes: int = 0
     ops: tuple[OpProfile, ...] = ()
+    input_saved: bool = True
+    forward_transient_bytes: int | None = None
 
     def to_region(self) -> Any:
-        """The planner's ``Region`` (no op-level options), its input counted in its saved."""
+        """The planner's ``Region`` (no op-level options)."""
         from remat.planner import Region
 
         return Region(
             name=self.name,
             fwd_cost=self.cost,
             input_bytes=self.input_bytes,
-            saved_bytes=max(self.saved_bytes, self.input_bytes),
+            saved_bytes=self.saved_bytes,
             output_bytes=self.output_bytes,
             transient_bytes=self.transient_bytes,
+            input_saved=self.input_saved,
+            forward_transient_bytes=self.forward_transient_bytes,
         )
 
 
@@ -160,7 +167,10 @@ def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
             continue
         kept = region.input_bytes + sum(o.output_bytes for o in saved)
         cost = total - sum(o.recompute_cost for o in saved)
-        inside = region.input_bytes <= kept < region.saved_bytes and 0 < cost < region.fwd_cost
+        inside = (
+            region.input_bytes <= kept < region.saved_with_input_bytes
+            and 0 < cost < region.fwd_cost
+        )
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
         if inside and not dominated:
             options.append(RegionOption(name=preset, kept_bytes=kept, recompute_cost=cost,
@@ -169,7 +179,10 @@ def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
 
 
 def default_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children of the repeated-block lists, else the model's direct children."""
+    """Children of the repeated-block lists, else the model's direct children with every
+    ``nn.Sequential`` among them opened up into its own children (recursively): a
+    Sequential is a chain already, and its layers are regions the planner can tell apart
+    (three big blocks leave it little to choose from)."""
     lists = block_lists(model)
     if lists:
         return [
@@ -177,7 +190,18 @@ def default_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
             for fqn, blocks in lists
             for name, child in blocks.named_children()
         ]
-    return list(model.named_children())
+    return _opened(model, "")
+
+
+def _opened(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, child in module.named_children():
+        fqn = f"{prefix}{name}"
+        if isinstance(child, nn.Sequential) and len(child):
+            out += _opened(child, f"{fqn}.")
+        else:
+            out.append((fqn, child))
+    return out
 
 
 def _storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
@@ -303,11 +327,15 @@ def profile(
             h.remove()
     step_peak = measure_step_peak(model, inputs, loss_of, **kwargs)
 
-    profiles = []
-    for name, module in chosen:
-        rec = records[name]
-        if "input" not in rec:
+    for name, _ in chosen:
+        if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
+    handed_on = _attribute_to_consumers([records[name] for name, _ in chosen])
+    profiles = []
+    for (name, module), moved in zip(chosen, handed_on):
+        rec = records[name]
+        saved_bytes, input_saved = _union(rec)
+        forward_transient, transient = _transient_bytes(module, *rec["call"])
         ops = recorder.ops.get(name, [])
         if on_meta:
             cost = float(flops.get(name, 0) + sum(o[1] for o in ops))
@@ -323,9 +351,11 @@ def profile(
                 cost=cost,
                 flops=int(flops.get(name, 0)),
                 input_bytes=rec["input"][1],
-                saved_bytes=_union(rec),
+                saved_bytes=saved_bytes,
+                input_saved=input_saved,
                 output_bytes=rec["output"][1],
-                transient_bytes=_transient_bytes(module, *rec["call"]),
+                transient_bytes=transient + moved,
+                forward_transient_bytes=forward_transient,
                 ops=tuple(
                     OpProfile(name=o[0], output_bytes=o[1], cost=c) for o, c in zip(ops, op_costs)
                 ),
@@ -392,11 +422,38 @@ def _with_gradient_bytes(
     return out[::-1]
 
 
-def _union(rec: dict[str, Any]) -> int:
-    saved = dict(rec["saved"])
-    keys, _ = rec["input"]
-    saved.update({k: rec["input_sizes"][k] for k in keys})  # keys exclude pre-existing inputs
-    return sum(saved.values())
+def _attribute_to_consumers(recs: Sequence[dict[str, Any]]) -> list[int]:
+    """Count each saved tensor once: in the region that takes it as input.
+
+    A region that saves its own output (ReLU, sigmoid, exp save their result) saves the very
+    tensor the next region takes as input; the chain model counts a saved input in the
+    consumer's saved bytes, so that tensor leaves the producer's (and is marked saved for the
+    consumer). The producer still needs it for its own backward, after the consumer's
+    backward has run and released it: those bytes join the producer's transient. Returns,
+    per region, the bytes moved that way.
+    """
+    moved = []
+    for i, rec in enumerate(recs):
+        rec.setdefault("saved_elsewhere", set())
+        consumers = [r for r in recs[i + 1 :] if r["input"][0] & rec["saved"].keys()]
+        shared = {k for r in consumers for k in r["input"][0]} & rec["saved"].keys()
+        shared -= rec["input"][0]
+        for r in consumers:
+            r.setdefault("saved_elsewhere", set()).update(r["input"][0] & shared)
+        moved.append(sum(rec["saved"].pop(k) for k in shared))
+    return moved
+
+
+def _union(rec: dict[str, Any]) -> tuple[int, bool]:
+    """A region's saved bytes, its input counted when it is saved (by the region, or by the
+    region before as its output), and whether it is: a ReLU's input, the Linear's output
+    before it, is freed once the ReLU has run, so the ReLU's saved bytes leave it out."""
+    keys, _ = rec["input"]  # keys exclude pre-existing inputs
+    saved_inputs = {k for k in keys if k in rec["saved"] or k in rec["saved_elsewhere"]}
+    own = sum(v for k, v in rec["saved"].items() if k not in keys)
+    # Part of a several-tensor input saved: counted, and the whole input held on top when a
+    # checkpoint holds it (an overcount, on the safe side).
+    return own + sum(rec["input_sizes"][k] for k in saved_inputs), saved_inputs == keys
 
 
 def _store_all_peak(profiles: Sequence[RegionProfile]) -> int:
@@ -405,10 +462,12 @@ def _store_all_peak(profiles: Sequence[RegionProfile]) -> int:
     return store_all_peak(Chain([p.to_region() for p in profiles]))
 
 
-def _transient_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def _transient_bytes(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, int]:
     """Run the region alone, forward and backward, and return what it allocates on top of
-    its saved activations and output: the forward's excess over what it keeps, or the
-    backward's excess over what is live when it starts, whichever is larger."""
+    its saved activations and output: (the forward's excess over what it keeps, the larger
+    of that and the backward's excess over what is live when it starts)."""
 
     def fresh(t: Any) -> Any:
         if isinstance(t, Tensor) and t.is_floating_point():
@@ -430,18 +489,20 @@ def _transient_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
             p.requires_grad_(True)
 
 
-def _excess_bytes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def _excess_bytes(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, int]:
     with MemoryTracker(timeline=False) as tracker:
         out = module(*args, **kwargs)
         after_forward = tracker.current_bytes
+        forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
         grads = [torch.ones_like(t) for t in outs]
         before_backward = tracker.current_bytes
         if outs:
             torch.autograd.backward(outs, grads)
-    forward_excess = tracker.peak_by_phase["forward"] - after_forward
     backward_excess = tracker.peak_by_phase["backward"] - before_backward
-    return max(0, forward_excess, backward_excess)
+    return max(0, forward_excess), max(0, forward_excess, backward_excess)
 
 
 def _pre(name, stack, records, exclude, sync):

@@ -15,7 +15,13 @@ items (Rotor's recursion; in PyTorch terms a nested ``checkpoint``). A sequence 
   a segment reruns its inner sequence (forward then backward) on top of ``K``; its input,
   held by the checkpoint, is the same storage as its first region's input, counted there.
 
-So the peak is reached in backward, while some region's saved activations are live
+A region whose input nothing saves (``input_saved=False``: a ReLU keeps its output, not
+its input) leaves the input out of its saved bytes. Storing it keeps only those; its input
+is live during its forward, and in its backward only when a checkpoint holds it: when it
+runs with recompute or an op-level option (its own checkpoint), or when it heads a segment
+being rerun ("held" below). Its forward can then peak above its backward.
+
+So the peak is mostly reached in backward, while some region's saved activations are live
 (recomputed or not) together with everything held for the regions before it. The extra cost
 counts each leaf's ``recompute_cost`` once per run of its backward, and the regions of a
 segment once more per segment enclosing them. ``simulate`` follows these rules literally;
@@ -25,8 +31,13 @@ The DP (Beaumont et al., "Optimal checkpointing for heterogeneous chains", 2019)
 ``C(s, t, m)`` the least extra cost to run sub-chain ``[s, t)`` forward and backward within
 ``m`` bytes (its input counted inside ``m``),
 
-    C(s, t, m) = min( min_o [m >= bwd_s] cost(o) + C(s+1, t, m - kept(o)),
-                      min_{s+2 <= e < t} fwd(s, e) + C(s, e, m) + C(e, t, m - in_s) )
+    C(s, t, m) = min( min_o [m >= need(o)] cost(o) + C(s+1, t, m - kept(o)),
+                      min_{s+2 <= e < t} fwd(s, e) + H(s, e, m) + C(e, t, m - in_s) )
+
+where ``need(o)`` is the larger of the region's forward and backward peaks with option ``o``,
+and ``H`` is ``C`` for a sequence whose input a checkpoint holds (a segment being rerun): it
+differs from ``C`` only where the first region's input is not saved (``kept`` and ``need`` of
+its store option grow by the input).
 
 Memory is discretised: every byte count is rounded *up* to a multiple of the resolution and
 the budget down, so a plan that fits at the resolution fits in bytes, and the solver is
@@ -50,6 +61,7 @@ from remat.planner.plan import (
     Chain,
     Plan,
     Region,
+    RegionOption,
     RegionPlan,
     check_segments,
     option_index,
@@ -77,35 +89,56 @@ _FLAT_SLOTS = 20_000
 
 
 # ----------------------------------------------------------------------------- memory model
-def simulate(chain: Chain, items: Sequence[Item], base: int = 0) -> tuple[int, float]:
-    """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes."""
+def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tuple[int, int, int]:
+    """(bytes kept until its backward, forward peak, backward peak) of ``region`` run with
+    ``option`` on top of what is live; ``held``: a checkpoint around it holds its input."""
+    spare = 0 if region.input_saved else region.input_bytes  # the input, when nothing saves it
+    run = region.output_bytes + region.forward_extra_bytes
+    if option.kind == STORE:
+        extra = spare if held else 0
+        return (
+            option.kept_bytes + extra,
+            option.kept_bytes + spare + run,
+            region.backward_bytes + extra,
+        )
+    # Its own checkpoint holds the input (counted in kept) until its backward is done.
+    return option.kept_bytes, option.kept_bytes + run, region.backward_bytes + spare
+
+
+def simulate(
+    chain: Chain, items: Sequence[Item], base: int = 0, held: bool = False
+) -> tuple[int, float]:
+    """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes
+    (``held``: a checkpoint holds the input of the first item, as in a segment's rerun)."""
     regs = chain.regions
-    live, peak, cost, held = base, base, 0.0, []
-    for it in items:  # forward
+    live, peak, cost, kept, needs = base, base, 0.0, [], []
+    for pos, it in enumerate(items):  # forward
         if it[0] == "leaf":
-            r, o = regs[it[1]], regs[it[1]].menu()[it[2]]
-            peak = max(peak, live + o.kept_bytes + r.output_bytes + r.transient_bytes)
-            h = o.kept_bytes
+            r = regs[it[1]]
+            h, fwd, bwd = leaf_bytes(r, r.menu()[it[2]], held and pos == 0)
+            peak = max(peak, live + fwd)
+            needs.append(bwd)
         else:
             a, b = it[1], it[2]
             for j in range(a, b):
                 r = regs[j]
                 extra = r.input_bytes if j > a else 0
                 peak = max(
-                    peak, live + regs[a].input_bytes + extra + r.output_bytes + r.transient_bytes
+                    peak,
+                    live + regs[a].input_bytes + extra + r.output_bytes + r.forward_extra_bytes,
                 )
                 cost += r.fwd_cost
             h = regs[a].input_bytes
+            needs.append(0)
         live += h
-        held.append(h)
-    for it, h in zip(reversed(items), reversed(held)):  # backward
+        kept.append(h)
+    for it, h, bwd in zip(reversed(items), reversed(kept), reversed(needs)):  # backward
         live -= h
         if it[0] == "leaf":
-            r = regs[it[1]]
-            peak = max(peak, live + r.backward_bytes)
-            cost += r.menu()[it[2]].recompute_cost
+            peak = max(peak, live + bwd)
+            cost += regs[it[1]].menu()[it[2]].recompute_cost
         else:
-            p, c = simulate(chain, it[3], live)
+            p, c = simulate(chain, it[3], live, held=True)
             peak, cost = max(peak, p), cost + c
     return peak, cost
 
@@ -213,6 +246,7 @@ def _sizes(chain: Chain) -> list[int]:
     out = []
     for r in chain.regions:
         out += [r.input_bytes, r.saved_bytes, r.output_bytes, r.transient_bytes]
+        out += [r.forward_extra_bytes]
         out += [o.kept_bytes for o in r.options]
     return out
 
@@ -246,14 +280,27 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 output_bytes=up(r.output_bytes),
                 transient_bytes=up(r.transient_bytes),
                 options=opts,
+                input_saved=r.input_saved,
+                forward_transient_bytes=up(r.forward_extra_bytes),
             )
         )
     return Chain(regions)
 
 
 # ----------------------------------------------------------------------------- the DP
-def _table(q: Chain, m_max: int, nested: bool) -> np.ndarray:
-    """``C[s, t, m]`` (nested) or ``C[s, 0, m]`` for ``t = n`` (flat), in slots."""
+def _leaf_terms(r: Region, held: bool) -> list[tuple[int, int, float]]:
+    """Per option of ``r``: (need, kept, cost), need being its forward/backward peak."""
+    out = []
+    for o in r.menu():
+        kept, fwd, bwd = leaf_bytes(r, o, held)
+        out.append((max(fwd, bwd), kept, o.recompute_cost))
+    return out
+
+
+def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``C[s, t, m]`` (nested) or ``C[s, 0, m]`` for ``t = n`` (flat), in slots, and ``H``:
+    the same for sequences whose input a checkpoint holds (``H is C`` when that changes
+    nothing, i.e. every region's input is saved)."""
     import numpy as np  # lazily: `import remat` must work without numpy
 
     n = len(q)
@@ -263,95 +310,114 @@ def _table(q: Chain, m_max: int, nested: bool) -> np.ndarray:
         C[np.arange(n + 1), np.arange(n + 1), :] = 0.0
     else:
         C[n, 0, :] = 0.0
+    H = C.copy() if nested and not all(r.input_saved for r in q.regions) else C
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
     for s in range(n - 1, -1, -1):
         r = q.regions[s]
-        w = r.backward_bytes
         ts = slice(s + 1, n + 1) if nested else slice(0, 1)
-        if w <= m_max:  # a leaf: C[s, t, m] = cost(o) + C[s+1, t, m - kept(o)] for m >= w
-            best = C[s, ts, w:]
-            for o in r.menu():
-                k = o.kept_bytes
-                np.minimum(best, o.recompute_cost + C[s + 1, ts, w - k : m_max + 1 - k], out=best)
+        tables = [(C, False)] if H is C else [(C, False), (H, True)]
+        for T, held in tables:  # a leaf: T[s, t, m] = cost(o) + C[s+1, t, m - kept(o)]
+            for need, k, cost in _leaf_terms(r, held):
+                if need <= m_max:
+                    view = T[s, ts, need:]
+                    np.minimum(view, cost + C[s + 1, ts, need - k : m_max + 1 - k], out=view)
         a = r.input_bytes
         if not nested or a > m_max:
             continue
         for t in range(s + 3, n + 1):  # a segment [s, e) with a non-empty rest [e, t)
             es = slice(s + 2, t)
-            A = C[s, es, a:] + C[es, t, : m_max + 1 - a]
+            A = H[s, es, a:] + C[es, t, : m_max + 1 - a]
             A += (P[s + 2 : t] - P[s])[:, None]
-            np.minimum(C[s, t, a:], A.min(axis=0), out=C[s, t, a:])
-    return C
+            best = A.min(axis=0)
+            np.minimum(C[s, t, a:], best, out=C[s, t, a:])
+            if H is not C:
+                np.minimum(H[s, t, a:], best, out=H[s, t, a:])
+    return C, H
 
 
-def _reconstruct(q: Chain, C: np.ndarray, m: int, nested: bool) -> list:
+def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -> list:
     import numpy as np  # lazily: `import remat` must work without numpy
 
     n = len(q)
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
 
-    def seq(s: int, t: int, m: int) -> list:
+    def seq(s: int, t: int, m: int, held: bool) -> list:
         items: list = []
         while s < t:
             r = q.regions[s]
-            col = (lambda tt: tt) if nested else (lambda tt: 0)
+            col = t if nested else 0
             best = (math.inf, None)
-            if r.backward_bytes <= m:
-                for k, o in enumerate(r.menu()):
-                    v = o.recompute_cost + C[s + 1, col(t), m - o.kept_bytes]
+            for k, (need, kept, cost) in enumerate(_leaf_terms(r, held)):
+                if need <= m:
+                    v = cost + C[s + 1, col, m - kept]
                     if v < best[0]:
-                        best = (v, ("leaf", k))
+                        best = (v, ("leaf", k, kept))
             a = r.input_bytes
             if nested and a <= m:
                 for e in range(s + 2, t):
-                    v = (P[e] - P[s]) + C[s, e, m] + C[e, t, m - a]
+                    v = (P[e] - P[s]) + H[s, e, m] + C[e, t, m - a]
                     if v < best[0]:
-                        best = (v, ("seg", e))
-            kind, x = best[1]
+                        best = (v, ("seg", e, a))
+            kind, x, kept = best[1]
             if kind == "leaf":
                 items.append(("leaf", s, x))
-                m -= r.menu()[x].kept_bytes
                 s += 1
             else:
-                items.append(("seg", s, x, seq(s, x, m)))
-                m -= a
+                items.append(("seg", s, x, seq(s, x, m, True)))
                 s = x
+            m, held = m - kept, False
         return items
 
-    return seq(0, n, m)
+    return seq(0, n, m, False)
 
 
 def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
-    """The least peak over all plans, exact in bytes, and a plan reaching it."""
+    """The least peak over all plans, exact in bytes, and a plan reaching it.
+
+    ``M[s, t]`` is the least peak of ``[s, t)`` and ``G[s, t]`` the same with its input held
+    by a checkpoint. Store and recompute are enough: an op-level option keeps more than
+    recompute for the same peak in its backward.
+    """
     import numpy as np  # lazily: `import remat` must work without numpy
 
     n, regs = len(chain), chain.regions
     inp = np.array([r.input_bytes for r in regs] + [0], dtype=np.int64)
-    w = np.array([r.backward_bytes for r in regs], dtype=np.int64)
+    terms = {
+        held: [[(need, kept) for need, kept, _ in _leaf_terms(r, held)[:2]] for r in regs]
+        for held in (False, True)
+    }
     M = np.zeros((n + 1, n + 1), dtype=np.int64)  # M[s, t]: least peak of [s, t)
+    G = np.zeros((n + 1, n + 1), dtype=np.int64)  # the same, input held
     for s in range(n - 1, -1, -1):
         ts = np.arange(s + 1, n + 1) if nested else np.array([n])
-        M[s, ts] = np.maximum(w[s], inp[s] + M[s + 1, ts])  # a leaf, cheapest option: recompute
+        for T, held in ((M, False), (G, True)):
+            T[s, ts] = np.min(
+                [np.maximum(need, kept + M[s + 1, ts]) for need, kept in terms[held][s]], axis=0
+            )
         if nested:
             for t in range(s + 3, n + 1):
-                seg = np.maximum(M[s, s + 2 : t], inp[s] + M[s + 2 : t, t]).min()
+                seg = np.maximum(G[s, s + 2 : t], inp[s] + M[s + 2 : t, t]).min()
                 M[s, t] = min(M[s, t], seg)
+                G[s, t] = min(G[s, t], seg)
 
-    def seq(s: int, t: int) -> list:
+    def seq(s: int, t: int, held: bool) -> list:
         items: list = []
         while s < t:
-            target = M[s, t] if nested else M[s, n]
-            leaf = max(w[s], inp[s] + (M[s + 1, t] if s + 1 < t else 0))
-            if nested and leaf > target:
-                e = next(e for e in range(s + 2, t) if max(M[s, e], inp[s] + M[e, t]) == target)
-                items.append(("seg", s, e, seq(s, e)))
-                s = e
-            else:  # recompute keeps least; the last region of a sequence may as well store
-                items.append(("leaf", s, 0 if s + 1 == t else 1))
+            target = (G if held else M)[s, t if nested else n]
+            rest = M[s + 1, t if nested else n]
+            leaf = [(kept if s + 1 < t else 0, k) for k, (need, kept) in enumerate(terms[held][s])
+                    if max(need, kept + rest) == target]  # fmt: skip
+            if leaf:  # on a tie, what keeps least for what follows, else store (index 0)
+                items.append(("leaf", s, min(leaf)[1]))
                 s += 1
+            else:
+                e = next(e for e in range(s + 2, t) if max(G[s, e], inp[s] + M[e, t]) == target)
+                items.append(("seg", s, e, seq(s, e, True)))
+                s = e
+            held = False
         return items
 
-    return int(M[0, n]), seq(0, n)
+    return int(M[0, n]), seq(0, n, False)
 
 
 def min_peak_bytes(chain: Chain, *, nested: bool = True) -> int:
@@ -398,7 +464,7 @@ def _dp(chain: Chain, budget: int, nested: bool, resolution_bytes: int | None, s
     exact = all(x % r == 0 for x in _sizes(chain))
     m_max = _table_slots(n, budget, r, nested)
     q = discretize(chain, r)
-    return q, _table(q, m_max, nested), r, exact
+    return q, *_table(q, m_max, nested), r, exact
 
 
 def solve_chain(
@@ -443,11 +509,11 @@ def solve_chain(
     candidates = []
     while runs:
         nest = runs.pop(0)
-        q, C, r, exact = _dp(chain, budget, nest, resolution_bytes, slots)
+        q, C, H, r, exact = _dp(chain, budget, nest, resolution_bytes, slots)
         if nest and not exact and resolution_bytes is None:
             runs.append(False)
         if np.isfinite(C[0, n if nest else 0, -1]):
-            items = _reconstruct(q, C, C.shape[-1] - 1, nest)
+            items = _reconstruct(q, C, H, C.shape[-1] - 1, nest)
             candidates.append(_items_to_plan(chain, items, resolution_bytes=r, **kw))
     if candidates:
         return min(candidates, key=lambda p: p.extra_cost)  # stable: nested wins ties
@@ -477,11 +543,15 @@ def pareto(
     """
     n = len(chain)
     top = store_all_peak(chain)
-    plans = [_items_to_plan(chain, _min_peak(chain, nested)[1], solver="chain", budget_bytes=None)]
+    plans = [
+        _items_to_plan(chain, _min_peak(chain, nested)[1], solver="chain", budget_bytes=None),
+        # store-all, which a rounded table can miss (sizes round up, the budget down)
+        plan_from_choices(chain, [0] * n, solver="chain"),
+    ]
     runs = [nested]
     while runs:
         nest = runs.pop(0)
-        q, C, r, exact = _dp(chain, top, nest, resolution_bytes, slots)
+        q, C, H, r, exact = _dp(chain, top, nest, resolution_bytes, slots)
         if nest and not exact and resolution_bytes is None:
             runs.append(False)
         costs = C[0, n if nest else 0, :]
@@ -489,7 +559,7 @@ def pareto(
         for m in range(len(costs)):
             if costs[m] < prev:
                 prev = costs[m]
-                items = _reconstruct(q, C, m, nest)
+                items = _reconstruct(q, C, H, m, nest)
                 plans.append(
                     _items_to_plan(
                         chain, items, solver="chain", budget_bytes=None, resolution_bytes=r

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import TYPE_CHECKING
 
@@ -186,7 +186,7 @@ def with_ops(region: Region, ops: Sequence[Op], **kwargs) -> Region:
     """``region`` with the op-level options of ``solve_ops`` that store/recompute do not beat."""
     opts = []
     for o in solve_ops(ops, input_bytes=region.input_bytes, **kwargs):
-        inside = region.input_bytes <= o.kept_bytes < region.saved_bytes
+        inside = region.input_bytes <= o.kept_bytes < region.saved_with_input_bytes
         if inside and 0 < o.recompute_cost < region.fwd_cost:
             opts.append(
                 RegionOption(
@@ -196,12 +196,4 @@ def with_ops(region: Region, ops: Sequence[Op], **kwargs) -> Region:
                     save_ops=o.save_ops,
                 )
             )
-    return Region(
-        name=region.name,
-        fwd_cost=region.fwd_cost,
-        input_bytes=region.input_bytes,
-        saved_bytes=region.saved_bytes,
-        output_bytes=region.output_bytes,
-        transient_bytes=region.transient_bytes,
-        options=tuple(opts),
-    )
+    return replace(region, options=tuple(opts))

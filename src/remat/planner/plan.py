@@ -69,13 +69,20 @@ class Region:
         fwd_cost: forward cost, in any unit (FLOPs or seconds) as long as the chain agrees.
         input_bytes: the region's input, what a checkpoint keeps.
         saved_bytes: what autograd keeps for the region's backward when it runs normally,
-            counting its input (the model holds the input whenever the region's activations
-            are live); so ``saved_bytes >= input_bytes``.
+            counting its input when something saves it (``input_saved``); so then
+            ``saved_bytes >= input_bytes``.
         output_bytes: the region's output (normally the next region's input); while the region
             runs forward its output is live, and while it runs backward its output's gradient.
         transient_bytes: any further peak while the region runs forward or backward
             (workspace, its input's gradient being produced).
         options: op-level options between store and recompute (see ``planner.ops``).
+        input_saved: whether autograd saves the region's input (the region itself, or the
+            region before it saving its output). ``False`` for a ReLU after a Linear: the ReLU
+            keeps its output, and the Linear's output is freed once the ReLU has run, unless a
+            checkpoint holds it. Then ``saved_bytes`` leaves the input out.
+        forward_transient_bytes: the part of ``transient_bytes`` reached in the forward
+            (``None``: all of it). Gradients in flight and parameter gradients piling up
+            exist only in the backward.
     """
 
     name: str
@@ -85,6 +92,8 @@ class Region:
     output_bytes: int
     transient_bytes: int = 0
     options: tuple[RegionOption, ...] = ()
+    input_saved: bool = True
+    forward_transient_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -93,7 +102,11 @@ class Region:
         _check_cost(owner, "fwd_cost", self.fwd_cost)
         for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
             _check_bytes(owner, attr, getattr(self, attr))
-        if self.saved_bytes < self.input_bytes:
+        if self.forward_transient_bytes is not None:
+            _check_bytes(owner, "forward_transient_bytes", self.forward_transient_bytes)
+        if not isinstance(self.input_saved, bool):
+            raise ValueError(f"{owner}: input_saved must be a bool, got {self.input_saved!r}")
+        if self.input_saved and self.saved_bytes < self.input_bytes:
             raise ValueError(
                 f"{owner}: saved_bytes ({self.saved_bytes}) must count the input "
                 f"(input_bytes={self.input_bytes}), so saved_bytes >= input_bytes"
@@ -106,16 +119,30 @@ class Region:
             if o.name in names:
                 raise ValueError(f"{owner}: duplicate option name {o.name!r}")
             names.add(o.name)
-            if not self.input_bytes <= o.kept_bytes <= self.saved_bytes:
+            if not self.input_bytes <= o.kept_bytes <= self.saved_with_input_bytes:
                 raise ValueError(
                     f"{owner}: option {o.name!r} keeps {o.kept_bytes} bytes, outside "
-                    f"[input_bytes={self.input_bytes}, saved_bytes={self.saved_bytes}]"
+                    f"[input_bytes={self.input_bytes}, "
+                    f"saved_with_input_bytes={self.saved_with_input_bytes}]"
                 )
         object.__setattr__(self, "options", opts)
 
     @property
+    def forward_extra_bytes(self) -> int:
+        """The transient reached in the forward."""
+        ftr = self.forward_transient_bytes
+        return self.transient_bytes if ftr is None else ftr
+
+    @property
+    def saved_with_input_bytes(self) -> int:
+        """What a checkpoint of this region that saved every op would keep: its saved
+        activations and its input (which the checkpoint holds)."""
+        return self.saved_bytes + (0 if self.input_saved else self.input_bytes)
+
+    @property
     def backward_bytes(self) -> int:
-        """Bytes live for this region while it runs backward, whatever its option."""
+        """Bytes live for this region while it runs backward, its input aside when nothing
+        saves it (``input_saved=False``): then a checkpoint holding it adds it."""
         return self.saved_bytes + self.output_bytes + self.transient_bytes
 
     def menu(self) -> tuple[RegionOption, ...]:
