@@ -113,7 +113,12 @@ class _Follower(Treatment):
                 "remat.every(1) for this model instead."
             )
         run.next_index += 1
-        return run.output
+        out = run.output
+        if run.next_index == len(run.blocks):
+            # Handed on for the last time: holding it longer would keep the segment's output
+            # alive through the whole backward (the model may well free it much earlier).
+            run.output, run.extra = None, None
+        return out
 
 
 @dataclass(frozen=True)
