@@ -255,3 +255,14 @@ def test_cuda_allocator_figures_beside_ours() -> None:
         fwd = cpu.peak_bytes
         loss.backward()
     assert mt.peak_by_phase["forward"] == fwd
+
+
+def test_window_peak_starts_over():
+    with MemoryTracker(timeline=False) as mt:
+        big = torch.ones(1000)  # 4000 bytes
+        del big
+        mt.start_window()
+        small = torch.ones(10)  # 40 bytes
+    assert mt.peak_bytes == 4000
+    assert mt.window_peak_bytes == 40
+    del small

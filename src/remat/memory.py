@@ -95,6 +95,8 @@ class MemoryTracker:
 
     Attributes (bytes):
         peak_bytes: highest live total seen.
+        window_peak_bytes: highest live total since the last :meth:`start_window` (or since
+            the start).
         current_bytes: live total now (at exit: what stays allocated).
         peak_by_phase: ``{"forward": ..., "backward": ...}``.
         peak_by_module: for each module, the highest live total while it ran (it or a
@@ -146,6 +148,7 @@ class MemoryTracker:
 
     def _reset(self) -> None:
         self.peak_bytes = 0
+        self.window_peak_bytes = 0
         self.current_bytes = 0
         self.peak_by_phase: dict[str, int] = {"forward": 0, "backward": 0}
         self.peak_by_module: dict[str, int] = {}
@@ -255,8 +258,15 @@ class MemoryTracker:
             if self._active and key in self._live:
                 self.current_bytes -= self._live.pop(key)
 
+    def start_window(self) -> None:
+        """Start ``window_peak_bytes`` over: from now on, the highest live total since this
+        call (e.g. between one module's forward and its backward)."""
+        with self._lock:
+            self.window_peak_bytes = self.current_bytes
+
     def _update_peaks(self, phase: str) -> None:
         cur = self.current_bytes
+        self.window_peak_bytes = max(self.window_peak_bytes, cur)
         self.peak_bytes = max(self.peak_bytes, cur)
         self.peak_by_phase[phase] = max(self.peak_by_phase[phase], cur)
         names = self._stack or [self._current_module(phase)]
