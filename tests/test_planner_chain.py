@@ -32,9 +32,16 @@ from remat.planner.chain import discretize
 
 
 def random_chain(
-    rng: random.Random, n: int, *, scale: int = 1, options: bool = True, unsaved: float = 0.0
+    rng: random.Random,
+    n: int,
+    *,
+    scale: int = 1,
+    options: bool = True,
+    unsaved: float = 0.0,
+    tail: bool = False,
 ) -> Chain:
-    """``unsaved``: the chance that a region's input is not saved (a ReLU after a Linear)."""
+    """``unsaved``: the chance that a region's input is not saved (a ReLU after a Linear);
+    ``tail``: give the chain a random tail (a head and loss after it)."""
     regions = []
     for i in range(n):
         inp = rng.randint(1, 6) * scale
@@ -44,8 +51,16 @@ def random_chain(
         opts = []
         if options and most > inp and rng.random() < 0.5:
             kept = scale * rng.randint(inp // scale, most // scale)
+            # saved op outputs autograd would not keep: held through the backward (tail
+            # chains only, so that the other seeds' chains stay put)
+            extra = rng.randint(0, 3) * scale if tail else 0
             opts.append(
-                RegionOption(name="half", kept_bytes=kept, recompute_cost=rng.randint(0, 4))
+                RegionOption(
+                    name="half",
+                    kept_bytes=kept,
+                    recompute_cost=rng.randint(0, 4),
+                    backward_extra_bytes=extra,
+                )
             )
         regions.append(
             Region(
@@ -59,7 +74,7 @@ def random_chain(
                 input_saved=input_saved,
             )
         )
-    return Chain(regions)
+    return Chain(regions, tail_bytes=rng.randint(0, 30) * scale if tail else 0)
 
 
 def nested_plans(chain: Chain, s: int, t: int):
@@ -123,11 +138,36 @@ def test_dp_equals_exhaustive_search_with_unsaved_inputs(seed):
     """Regions whose input nothing saves (ReLU after Linear): the store option keeps less
     than the input, and a checkpoint holding the input adds it back."""
     rng = random.Random(5000 + seed)
-    chain = random_chain(rng, rng.randint(1, 6), unsaved=0.5)
+    chain = random_chain(rng, rng.randint(1, 6), unsaved=0.5, tail=seed % 2 == 1)
     scored = [simulate(chain, items) for items in nested_plans(chain, 0, len(chain))]
     check_against(chain, scored, nested=True)
     scored = [simulate(chain, items) for items in flat_plans(chain)]
     check_against(chain, scored, nested=False)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_equals_exhaustive_search_with_a_tail(seed):
+    """A tail (head and loss) runs on top of everything the chain keeps: storing the last
+    regions is no longer free."""
+    rng = random.Random(6000 + seed)
+    chain = random_chain(rng, rng.randint(1, 6), tail=True)
+    scored = [simulate(chain, items) for items in nested_plans(chain, 0, len(chain))]
+    check_against(chain, scored, nested=True)
+    scored = [simulate(chain, items) for items in flat_plans(chain)]
+    check_against(chain, scored, nested=False)
+
+
+def test_tail_by_hand():
+    def region(name):
+        return Region(name=name, fwd_cost=1, input_bytes=10, saved_bytes=30, output_bytes=10)
+
+    chain = Chain([region("a"), region("b")], tail_bytes=100)
+    # store both: 30 + 30 held when the tail adds its 100
+    assert simulate(chain, [("leaf", 0, 0), ("leaf", 1, 0)]) == (160, 0.0)
+    # recompute b: 30 + 10 held; a segment [a, b) would hold 10 only
+    assert simulate(chain, [("leaf", 0, 0), ("leaf", 1, 1)])[0] == 140
+    assert simulate(chain, [("seg", 0, 2, [("leaf", 0, 0), ("leaf", 1, 0)])])[0] == 110
+    assert Chain.from_json(chain.to_json()) == chain
 
 
 def test_unsaved_input_by_hand():

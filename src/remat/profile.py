@@ -40,11 +40,13 @@ __all__ = ["OpProfile", "Profile", "RegionProfile", "default_regions", "profile"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OpProfile:
-    """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region."""
+    """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region;
+    ``output_saved``: autograd saves its output for backward (see ``planner.Op``)."""
 
     name: str
     output_bytes: int
     cost: float
+    output_saved: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,9 +108,12 @@ class Profile:
         device: where it was measured.
         step_peak_bytes: the un-checkpointed training step's peak, new bytes only
             (parameters and inputs excluded): what budgets in percent refer to.
-        outside_bytes: the part of that peak the chain model does not explain (embeddings,
-            head, loss); planning subtracts it from the budget.
+        outside_bytes: the part of that peak the chain model does not explain; planning
+            subtracts it from the budget.
         forward_cost: the whole model's forward cost, for relative overheads.
+        tail_bytes: what the model adds after the chain (head, loss and their backward) on
+            top of what the chain holds then, measured between the last region's forward
+            and its backward (``planner.Chain.tail_bytes``).
     """
 
     regions: tuple[RegionProfile, ...]
@@ -117,6 +122,7 @@ class Profile:
     step_peak_bytes: int
     outside_bytes: int
     forward_cost: float
+    tail_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
@@ -126,13 +132,16 @@ class Profile:
         regions = []
         for r in self.regions:
             region = r.to_region()
-            ops = [Op(name=o.name, output_bytes=o.output_bytes, recompute_cost=o.cost)
-                   for o in r.ops if o.output_bytes > 0]  # fmt: skip
+            ops = [
+                Op(name=o.name, output_bytes=o.output_bytes, recompute_cost=o.cost,
+                   output_saved=o.output_saved)
+                for o in r.ops if o.output_bytes > 0
+            ]  # fmt: skip
             if op_options and ops:
                 region = with_ops(region, ops, max_options=max_options)
                 region = _with_preset_options(region, ops)
             regions.append(region)
-        return Chain(regions)
+        return Chain(regions, tail_bytes=self.tail_bytes)
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(asdict(self), indent=indent)
@@ -166,6 +175,7 @@ def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
         if not saved:
             continue
         kept = region.input_bytes + sum(o.output_bytes for o in saved)
+        extra = sum(o.output_bytes for o in saved if not o.output_saved)
         cost = total - sum(o.recompute_cost for o in saved)
         inside = (
             region.input_bytes <= kept < region.saved_with_input_bytes
@@ -174,7 +184,8 @@ def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
         if inside and not dominated:
             options.append(RegionOption(name=preset, kept_bytes=kept, recompute_cost=cost,
-                                        save_ops=tuple(o.name for o in saved)))  # fmt: skip
+                                        save_ops=tuple(o.name for o in saved),
+                                        backward_extra_bytes=extra))  # fmt: skip
     return dataclasses.replace(region, options=tuple(options))
 
 
@@ -234,11 +245,11 @@ class _OpRecorder(TorchDispatchMode):
         elapsed = time.perf_counter() - start
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
                   if isinstance(t, Tensor)}  # fmt: skip
-        _, nbytes = _storage_bytes(out, inputs)
+        keys, nbytes = _storage_bytes(out, inputs)
         counts = self.counts.setdefault(region, {})
         k = counts.get(str(func), 0)
         counts[str(func)] = k + 1
-        self.ops.setdefault(region, []).append([f"{func}#{k}", nbytes, elapsed])
+        self.ops.setdefault(region, []).append([f"{func}#{k}", nbytes, elapsed, keys])
         return out
 
 
@@ -314,6 +325,8 @@ def profile(
         recorder = _OpRecorder(lambda: stack[-1] if stack else None, not on_meta, sync)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
             loss = loss_of(model(*inputs, **kwargs))
+        first_call = records[chosen[0][0]].get("call")
+        handles += _watch_gradient_order(model, first_call, grad_order := {})
         loss.backward()
         model.zero_grad(set_to_none=True)
         for rec in records.values():
@@ -325,11 +338,12 @@ def profile(
     finally:
         for h in handles:
             h.remove()
-    step_peak = measure_step_peak(model, inputs, loss_of, **kwargs)
+    step_peak, tail_peak = _measure_step(model, inputs, loss_of, kwargs, last=chosen[-1][1])
 
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
+    saved_keys = {name: set(records[name]["saved"]) for name, _ in chosen}  # before handing on
     handed_on = _attribute_to_consumers([records[name] for name, _ in chosen])
     profiles = []
     for (name, module), moved in zip(chosen, handed_on):
@@ -357,14 +371,23 @@ def profile(
                 transient_bytes=transient + moved,
                 forward_transient_bytes=forward_transient,
                 ops=tuple(
-                    OpProfile(name=o[0], output_bytes=o[1], cost=c) for o, c in zip(ops, op_costs)
+                    OpProfile(
+                        name=o[0],
+                        output_bytes=o[1],
+                        cost=c,
+                        output_saved=not o[1] or bool(o[3] & saved_keys[name]),
+                    )
+                    for o, c in zip(ops, op_costs)
                 ),
             )
         )
-    profiles = _with_gradient_bytes(model, chosen, profiles)
-    chain_peak = _store_all_peak(profiles)
+    profiles = _with_gradient_bytes(model, chosen, profiles, _after_the_chain(grad_order))
+    # The tail sits on top of everything the chain keeps (store-all: every saved byte).
+    tail = max(0, tail_peak - sum(p.saved_bytes for p in profiles))
+    chain_peak = _store_all_peak(profiles, tail)
     return Profile(
         regions=tuple(profiles),
+        tail_bytes=tail,
         cost_unit="flops+bytes" if on_meta else "seconds",
         device=str(device),
         step_peak_bytes=step_peak,
@@ -388,24 +411,93 @@ def measure_step_peak(
 
     Gradients are cleared first: they are allocated by the step, so they count.
     """
+    return _measure_step(model, inputs, loss_fn, kwargs)[0]
+
+
+def _measure_step(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    loss_fn: Callable[[Any], Tensor],
+    kwargs: dict[str, Any],
+    last: nn.Module | None = None,
+) -> tuple[int, int]:
+    """(the step's peak, the peak from the end of ``last``'s forward until its output's
+    gradient is ready: what the rest of the model adds on top), new bytes."""
     model.zero_grad(set_to_none=True)
+    window: dict[str, int] = {}
     with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
-        loss_fn(model(*inputs, **kwargs)).backward()
+
+        def after_last(module: nn.Module, args: Any, out: Any) -> None:
+            if window:
+                return  # the first call ends the chain's forward
+            window["started"] = 1
+            tracker.start_window()
+            outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+            if outs:
+
+                def at_gradient(grad: Tensor) -> None:
+                    window.setdefault("peak", tracker.window_peak_bytes)
+
+                outs[0].register_hook(at_gradient)
+
+        handle = last.register_forward_hook(after_last) if last is not None else None
+        try:
+            loss_fn(model(*inputs, **kwargs)).backward()
+        finally:
+            if handle is not None:
+                handle.remove()
     existing = unique_storage_bytes(
         iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
     )
     model.zero_grad(set_to_none=True)
-    return tracker.peak_bytes - existing
+    return tracker.peak_bytes - existing, max(0, window.get("peak", existing) - existing)
+
+
+def _watch_gradient_order(
+    model: nn.Module, first_call: Any, order: dict[str, Any]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks recording, in ``order``, when each parameter's gradient is accumulated and
+    when the first region's input gradient is ready (the chain's backward is done)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: dict[int, int] = {}
+    order.update(seen=seen, chain_done=None)
+
+    def accumulated(p: Tensor) -> None:
+        seen.setdefault(id(p), len(seen))
+
+    handles = [p.register_post_accumulate_grad_hook(accumulated) for p in params]
+    firsts = [t for t in tree_leaves(first_call) if isinstance(t, Tensor) and t.requires_grad]
+    if firsts:
+
+        def chain_done(grad: Tensor) -> None:
+            if order["chain_done"] is None:
+                order["chain_done"] = len(seen)
+
+        handles.append(firsts[0].register_hook(chain_done))
+    return handles
+
+
+def _after_the_chain(order: dict[str, Any]) -> set[int]:
+    """Ids of the parameters whose gradients appear only after the chain's backward (an
+    embedding before the chain): not live while any region runs backward."""
+    done = order.get("chain_done")
+    if done is None:
+        return set()
+    return {pid for pid, k in order["seen"].items() if k >= done}
 
 
 def _with_gradient_bytes(
-    model: nn.Module, chosen: Sequence[tuple[str, nn.Module]], profiles: list[RegionProfile]
+    model: nn.Module,
+    chosen: Sequence[tuple[str, nn.Module]],
+    profiles: list[RegionProfile],
+    after_the_chain: set[int] = frozenset(),
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
 
     Gradients pile up as backward runs from the last region to the first: while region i
-    runs backward, the gradients of regions i.. and of the parameters outside the chain
-    (counted as all present, which is safe) are live.
+    runs backward, the gradients of regions i+1.. (its own are in its measured transient)
+    and of the parameters outside the chain are live, except those that appear only after
+    the chain's backward (``after_the_chain``).
     """
     import dataclasses
 
@@ -414,11 +506,14 @@ def _with_gradient_bytes(
 
     own = [grad_bytes(module.parameters()) for _, module in chosen]
     inside = {id(p) for _, module in chosen for p in module.parameters()}
-    outside = grad_bytes(p for p in model.parameters() if id(p) not in inside)
+    outside = grad_bytes(
+        p for p in model.parameters() if id(p) not in inside and id(p) not in after_the_chain
+    )
     out, later = [], outside
     for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
-        later += own_bytes
+        # its own gradients are in its measured transient already (_transient_bytes)
         out.append(dataclasses.replace(profile_, transient_bytes=profile_.transient_bytes + later))
+        later += own_bytes
     return out[::-1]
 
 
@@ -456,10 +551,10 @@ def _union(rec: dict[str, Any]) -> tuple[int, bool]:
     return own + sum(rec["input_sizes"][k] for k in saved_inputs), saved_inputs == keys
 
 
-def _store_all_peak(profiles: Sequence[RegionProfile]) -> int:
+def _store_all_peak(profiles: Sequence[RegionProfile], tail: int) -> int:
     from remat.planner import Chain, store_all_peak
 
-    return store_all_peak(Chain([p.to_region() for p in profiles]))
+    return store_all_peak(Chain([p.to_region() for p in profiles], tail_bytes=tail))
 
 
 def _transient_bytes(
@@ -477,16 +572,18 @@ def _transient_bytes(
     from torch.utils._pytree import tree_map
 
     args, kwargs = tree_map(fresh, (args, kwargs))
-    # Parameter gradients are not this region's transient: they accumulate over the whole
-    # backward and are counted once for the model in Profile.outside_bytes.
+    # The region's own parameter gradients appear during its backward as in the real step
+    # (the later regions' ones are added by _with_gradient_bytes). The parameters must keep
+    # requiring grad: without, a Linear saves no input and runs a smaller graph.
     trainable = [p for p in module.parameters() if p.requires_grad]
+    stashed = [p.grad for p in trainable]
     for p in trainable:
-        p.requires_grad_(False)
+        p.grad = None
     try:
         return _excess_bytes(module, args, kwargs)
     finally:
-        for p in trainable:
-            p.requires_grad_(True)
+        for p, g in zip(trainable, stashed):
+            p.grad = g
 
 
 def _excess_bytes(

@@ -102,14 +102,19 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
             region.backward_bytes + extra,
         )
     # Its own checkpoint holds the input (counted in kept) until its backward is done.
-    return option.kept_bytes, option.kept_bytes + run, region.backward_bytes + spare
+    bwd = region.backward_bytes + spare + option.backward_extra_bytes
+    return option.kept_bytes, option.kept_bytes + run, bwd
 
 
 def simulate(
-    chain: Chain, items: Sequence[Item], base: int = 0, held: bool = False
+    chain: Chain, items: Sequence[Item], base: int = 0, held: bool = False, tail: int | None = None
 ) -> tuple[int, float]:
     """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes
-    (``held``: a checkpoint holds the input of the first item, as in a segment's rerun)."""
+    (``held``: a checkpoint holds the input of the first item, as in a segment's rerun;
+    ``tail``: bytes added between the forward and the backward, default the chain's
+    ``tail_bytes``; a segment's rerun has none)."""
+    if tail is None:
+        tail = chain.tail_bytes
     regs = chain.regions
     live, peak, cost, kept, needs = base, base, 0.0, [], []
     for pos, it in enumerate(items):  # forward
@@ -132,13 +137,14 @@ def simulate(
             needs.append(0)
         live += h
         kept.append(h)
+    peak = max(peak, live + tail)
     for it, h, bwd in zip(reversed(items), reversed(kept), reversed(needs)):  # backward
         live -= h
         if it[0] == "leaf":
             peak = max(peak, live + bwd)
             cost += regs[it[1]].menu()[it[2]].recompute_cost
         else:
-            p, c = simulate(chain, it[3], live, held=True)
+            p, c = simulate(chain, it[3], live, held=True, tail=0)
             peak, cost = max(peak, p), cost + c
     return peak, cost
 
@@ -247,7 +253,8 @@ def _sizes(chain: Chain) -> list[int]:
     for r in chain.regions:
         out += [r.input_bytes, r.saved_bytes, r.output_bytes, r.transient_bytes]
         out += [r.forward_extra_bytes]
-        out += [o.kept_bytes for o in r.options]
+        out += [x for o in r.options for x in (o.kept_bytes, o.backward_extra_bytes)]
+    out.append(chain.tail_bytes)
     return out
 
 
@@ -270,7 +277,10 @@ def discretize(chain: Chain, resolution: int) -> Chain:
 
     regions = []
     for r in chain.regions:
-        opts = tuple(replace(o, kept_bytes=up(o.kept_bytes)) for o in r.options)
+        opts = tuple(
+            replace(o, kept_bytes=up(o.kept_bytes), backward_extra_bytes=up(o.backward_extra_bytes))
+            for o in r.options
+        )
         regions.append(
             Region(
                 name=r.name,
@@ -284,7 +294,7 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 forward_transient_bytes=up(r.forward_extra_bytes),
             )
         )
-    return Chain(regions)
+    return Chain(regions, tail_bytes=up(chain.tail_bytes))
 
 
 # ----------------------------------------------------------------------------- the DP
@@ -310,6 +320,7 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
         C[np.arange(n + 1), np.arange(n + 1), :] = 0.0
     else:
         C[n, 0, :] = 0.0
+    C[n, n if nested else 0, : q.tail_bytes] = np.inf  # the tail runs after the whole chain
     H = C.copy() if nested and not all(r.input_saved for r in q.regions) else C
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
     for s in range(n - 1, -1, -1):
@@ -388,6 +399,7 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
     }
     M = np.zeros((n + 1, n + 1), dtype=np.int64)  # M[s, t]: least peak of [s, t)
     G = np.zeros((n + 1, n + 1), dtype=np.int64)  # the same, input held
+    M[n, n] = G[n, n] = chain.tail_bytes  # only the whole chain's end runs the tail
     for s in range(n - 1, -1, -1):
         ts = np.arange(s + 1, n + 1) if nested else np.array([n])
         for T, held in ((M, False), (G, True)):

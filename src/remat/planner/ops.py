@@ -33,11 +33,15 @@ class Op:
         name: how the op is named in save lists (e.g. ``"aten.mm.default#3"``).
         output_bytes: bytes of its output, kept if it is saved.
         recompute_cost: cost of rerunning it, in the chain's cost unit.
+        output_saved: whether autograd saves its output anyway when the region runs
+            normally. When it does not (a matmul feeding a residual add), saving it keeps it
+            in torch's selective-checkpoint cache through the region's whole backward too.
     """
 
     name: str
     output_bytes: int
     recompute_cost: float
+    output_saved: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.output_bytes, bool) or not isinstance(self.output_bytes, int):
@@ -171,9 +175,14 @@ def solve_ops(
         if menu and cost >= menu[-1].recompute_cost:
             continue  # the exact bytes/cost may tie where the rounded ones did not
         names = tuple(ops[i].name for i in s)
+        extra = sum(ops[i].output_bytes for i in s if not ops[i].output_saved)
         menu.append(
             RegionOption(
-                name=f"ops{len(menu)}", kept_bytes=kept, recompute_cost=cost, save_ops=names
+                name=f"ops{len(menu)}",
+                kept_bytes=kept,
+                recompute_cost=cost,
+                save_ops=names,
+                backward_extra_bytes=extra,
             )
         )
     if max_options is not None and len(menu) > max_options:
@@ -188,12 +197,5 @@ def with_ops(region: Region, ops: Sequence[Op], **kwargs) -> Region:
     for o in solve_ops(ops, input_bytes=region.input_bytes, **kwargs):
         inside = region.input_bytes <= o.kept_bytes < region.saved_with_input_bytes
         if inside and 0 < o.recompute_cost < region.fwd_cost:
-            opts.append(
-                RegionOption(
-                    name=o.name,
-                    kept_bytes=o.kept_bytes,
-                    recompute_cost=o.recompute_cost,
-                    save_ops=o.save_ops,
-                )
-            )
+            opts.append(o)
     return replace(region, options=tuple(opts))

@@ -42,6 +42,9 @@ class RegionOption:
         recompute_cost: forward work redone in backward (store: 0; recompute: ``fwd_cost``).
         save_ops: names of the ops whose outputs are saved (op-level options only).
         kind: ``"store"``, ``"recompute"`` or ``"ops"`` (an op-level mix of the two).
+        backward_extra_bytes: what the option holds during the region's backward beyond the
+            region's saved activations: saved op outputs that autograd itself would not
+            keep stay in the selective-checkpoint cache until the region's backward ends.
     """
 
     name: str
@@ -49,12 +52,14 @@ class RegionOption:
     recompute_cost: float
     save_ops: tuple[str, ...] = ()
     kind: str = OPS
+    backward_extra_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RegionOption: name must be a non-empty str, got {self.name!r}")
         _check_bytes(f"option {self.name!r}", "kept_bytes", self.kept_bytes)
         _check_cost(f"option {self.name!r}", "recompute_cost", self.recompute_cost)
+        _check_bytes(f"option {self.name!r}", "backward_extra_bytes", self.backward_extra_bytes)
         if self.kind not in (STORE, RECOMPUTE, OPS):
             raise ValueError(f"option {self.name!r}: kind must be store/recompute/ops")
         object.__setattr__(self, "save_ops", tuple(self.save_ops))
@@ -161,13 +166,19 @@ class Region:
 class Chain:
     """A chain of regions run one after the other: the planner's problem.
 
+    ``tail_bytes``: what the rest of the model (a head, the loss) adds, between the chain's
+    forward and its backward, on top of everything the chain holds then: the peak of an LM
+    head's logits and their gradient sits on top of every block's kept activations.
+
     Example:
         >>> Chain([Region(name="a", fwd_cost=1, input_bytes=4, saved_bytes=8, output_bytes=4)])
     """
 
     regions: tuple[Region, ...]
+    tail_bytes: int = 0
 
-    def __init__(self, regions: Iterable[Region]) -> None:
+    def __init__(self, regions: Iterable[Region], tail_bytes: int = 0) -> None:
+        _check_bytes("Chain", "tail_bytes", tail_bytes)
         regs = tuple(Region(**r) if isinstance(r, dict) else r for r in regions)
         if not regs:
             raise ValueError("Chain: regions must not be empty")
@@ -179,6 +190,7 @@ class Chain:
                 raise ValueError(f"Chain: duplicate region name {r.name!r}")
             seen.add(r.name)
         object.__setattr__(self, "regions", regs)
+        object.__setattr__(self, "tail_bytes", tail_bytes)
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -189,7 +201,7 @@ class Chain:
         return float(sum(r.fwd_cost for r in self.regions))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"regions": [asdict(r) for r in self.regions]}
+        return {"regions": [asdict(r) for r in self.regions], "tail_bytes": self.tail_bytes}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Chain:
@@ -197,7 +209,7 @@ class Chain:
         for r in data["regions"]:
             opts = tuple(RegionOption(**o) for o in r.get("options", ()))
             regions.append(Region(**{**r, "options": opts}))
-        return cls(regions)
+        return cls(regions, tail_bytes=data.get("tail_bytes", 0))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
