@@ -10,12 +10,19 @@ interleaved rounds in this process):
 - ``sqrt``: Chen's √n segments (``remat.sqrt()``);
 - ``torch-selective``: PyTorch's selective checkpointing on every block, saving
   mm/addmm/sdpa outputs (``torch.utils.checkpoint`` + ``create_selective_checkpoint_contexts``);
-- ``remat:<budget>``: ``remat.autoplan`` at budgets from 75% down to 20% of none's peak.
+- ``remat:<budget>``: ``remat.autoplan`` at budgets from 75% down to 20% of none's peak;
+- ``remat@<method>``: ``remat.autoplan`` with the budget set to that method's measured peak,
+  the head-to-head comparison at equal peak (``--no-match`` skips them).
 
 ``--compile`` adds ``torch.compile`` with ``activation_memory_budget`` (1.0, 0.5, 0.1) to the
 existing JSON: their peaks come from the resident set, since a dispatch-mode tracker sees
-nothing inside a compiled graph (see ``_compile_budget.py``). PyTorch's ``sac_milp`` is not
-run: its SAC estimator needs CUDA.
+nothing inside a compiled graph (see ``_compile_budget.py``).
+
+``sac_milp:<fraction>`` is PyTorch's own planner (``torch.distributed._tools``: SAC estimator +
+``sac_milp``), run on CPU through ``_sac_milp.py`` (its op timer uses CUDA events; that file
+supplies CPU stand-ins, see its docstring), applied as PyTorch selective checkpointing. It
+needs ``pulp`` and ``pwlf`` (``pip install -e ".[bench]"``); without them its rows are skipped
+and the JSON says so.
 
 Prints a table, writes JSON and a frontier plot (peak vs time ratio, one series per method).
 
@@ -168,6 +175,20 @@ def methods(budgets: list[str]) -> dict[str, object]:
     return {**fixed, **{f"remat:{b}%": b for b in budgets}}
 
 
+def sac_milp_methods(base: Workload, fractions: list[float]) -> tuple[dict[str, object], str]:
+    """PyTorch's SAC plans for ``base`` at each budget fraction (one estimation for all),
+    and a note on what ran."""
+    try:
+        import pulp  # noqa: F401  (sac_milp's MILP solver)
+        import pwlf  # noqa: F401  (the SAC estimator's trade-off curves)
+        from _sac_milp import sac_milp_plan, sac_milp_stats
+    except ImportError as err:
+        return {}, f"not run: {err} (pip install -e '.[bench]')"
+    stats = sac_milp_stats(base)
+    plans = {f"sac_milp:{f:g}": sac_milp_plan(base, f, stats=stats) for f in fractions}
+    return plans, f"estimators {stats.seconds:.1f} s"
+
+
 def step_seconds(workload: Workload) -> float:
     workload.model.zero_grad(set_to_none=True)
     start = time.perf_counter()
@@ -179,25 +200,43 @@ def run_model(label: str, make, args: argparse.Namespace) -> dict:
     base = make()
     loss_of = lambda out, w=base: w.loss_fn(out, w.targets)  # noqa: E731
     profile = remat.profile(base.model, *base.inputs, loss_fn=loss_of)
+    fractions = [float(f) for f in args.sac_budgets.split(",") if f]
+    sac_plans, sac_note = sac_milp_methods(base, fractions) if fractions else ({}, "")
     rows, workloads = {}, {}
-    for name, how in methods(args.budgets.split(",")).items():
+    todo = {**methods(args.budgets.split(",")), **sac_plans}
+    while todo:
+        name = next(iter(todo))
+        how = todo.pop(name)
         w = copy.deepcopy(base)
         loss = lambda out, w=w: w.loss_fn(out, w.targets)  # noqa: E731
         note = ""
-        if isinstance(how, str):
+        if isinstance(how, (str, int)):  # a percentage, or bytes (a baseline's peak)
             try:
+                budget = f"{how}%" if isinstance(how, str) else how
                 result = remat.autoplan(
-                    w.model, *w.inputs, budget=f"{how}%", loss_fn=loss, profile=profile
+                    w.model, *w.inputs, budget=budget, loss_fn=loss, profile=profile
                 )
                 note = f"{result.rounds} plan(s); predicted {result.plan.predicted_peak_bytes}"
             except remat.BudgetError as err:
                 rows[name] = {"status": "infeasible", "error": str(err)}
                 continue
+        elif name.startswith("sac_milp:"):
+            from _sac_milp import apply_sac_milp
+
+            if how.predicted_peak_bytes < 0:
+                rows[name] = {"status": "infeasible", "error": "sac_milp: no feasible plan"}
+                continue
+            apply_sac_milp(w, how)
+            note = (f"predicted {how.predicted_peak_bytes}; budget {how.budget_bytes}; "
+                    f"MILPs {how.seconds:.2f} s; {sac_note}")  # fmt: skip
         elif how is not None:
             how(w)
         rows[name] = {"status": "ok", "peak_bytes": measure_step_peak(w.model, w.inputs, loss),
                       "note": note}  # fmt: skip
         workloads[name] = w
+        if args.match and not name.startswith(("remat", "none")):
+            # remat planned for exactly this baseline's measured peak: the head-to-head row
+            todo[f"remat@{name}"] = rows[name]["peak_bytes"]
     for _ in range(args.warmup):
         for w in workloads.values():
             step_seconds(w)
@@ -211,17 +250,18 @@ def run_model(label: str, make, args: argparse.Namespace) -> dict:
     for name, ts in times.items():
         rows[name]["ratio"] = statistics.median(ts) / base_time
         rows[name]["step_s"] = ts
-    return {"model": label, "step_peak_bytes": profile.step_peak_bytes, "rows": rows}
+    return {"model": label, "step_peak_bytes": profile.step_peak_bytes, "rows": rows,
+            "sac_milp": sac_note}  # fmt: skip
 
 
 def compare(result: dict) -> list[str]:
     """For each baseline, the cheapest remat plan whose measured peak is not higher."""
     rows = result["rows"]
     ours = [(r["peak_bytes"], r["ratio"], n) for n, r in rows.items()
-            if n.startswith("remat:") and r["status"] == "ok"]  # fmt: skip
+            if n.startswith("remat") and r["status"] == "ok"]  # fmt: skip
     lines = []
     for name, row in rows.items():
-        if name.startswith("remat:") or name in ("none", "compile:1.0") or row["status"] != "ok":
+        if name.startswith("remat") or name in ("none", "compile:1.0") or row["status"] != "ok":
             continue
         fits = [o for o in ours if o[0] <= row["peak_bytes"]]
         if not fits:
@@ -247,14 +287,17 @@ def plot(results: list[dict], path: Path) -> None:
         ax = fig.add_subplot(1, len(results), k + 1)
         rows = {n: r for n, r in result["rows"].items() if r["status"] == "ok"}
         ours = sorted((r["peak_bytes"] / 1e6, r["ratio"]) for n, r in rows.items()
-                      if n.startswith("remat:"))  # fmt: skip
+                      if n.startswith("remat"))  # fmt: skip
         if ours:
             ax.plot(*zip(*ours), "o-", color="C3", label="remat planner")
-        baselines = [(n, r) for n, r in rows.items()
-                     if not n.startswith("remat:") and n != "compile:1.0"]  # fmt: skip
-        for i, (name, r) in enumerate(baselines):
-            ax.plot(r["peak_bytes"] / 1e6, r["ratio"], "sD^v<>p"[i % 7], color=f"C{(i + 4) % 10}",
-                    label=name, markersize=7)  # fmt: skip
+        families: dict[str, list[tuple[float, float]]] = {}  # sac_milp:0.4 -> sac_milp
+        for n, r in rows.items():
+            if not n.startswith("remat") and n != "compile:1.0":
+                families.setdefault(n.split(":")[0], []).append((r["peak_bytes"] / 1e6, r["ratio"]))
+        for i, (family, points) in enumerate(families.items()):
+            style = "sD^v<>p"[i % 7] + ("--" if len(points) > 1 else "")
+            ax.plot(*zip(*sorted(points)), style, color=f"C{(i + 4) % 10}", label=family,
+                    markersize=7)  # fmt: skip
         ax.set_xlabel("measured step peak, MB (new bytes)")
         ax.set_ylabel("step time / none")
         ax.set_title(result["model"])
@@ -271,6 +314,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-hetero", action="store_true")
+    parser.add_argument(
+        "--no-match",
+        dest="match",
+        action="store_false",
+        help="skip the remat@<baseline> rows (autoplan at each baseline's measured peak)",
+    )
+    parser.add_argument(
+        "--sac-budgets",
+        default="0.75,0.6,0.5,0.4,0.3,0.25",
+        help="budget fractions for PyTorch's sac_milp rows ('' to skip them)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "planner.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "planner.png")
     parser.add_argument("--replot", action="store_true", help="only redraw --plot from --json")
@@ -315,8 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/planner.py " + " ".join(argv or []),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "platform": platform.platform(), "threads": torch.get_num_threads()},
-        "not_run": {"torch.compile activation_memory_budget": "run with --compile",
-                    "sac_milp": "PyTorch's SAC estimator needs CUDA"},
+        "not_run": {"torch.compile activation_memory_budget": "run with --compile"},
         "results": results,
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
