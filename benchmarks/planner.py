@@ -270,7 +270,7 @@ def compare(result: dict) -> list[str]:
         best = min(fits, key=lambda o: o[1])
         verdict = "better" if best[1] < row["ratio"] else "not better"
         lines.append(
-            f"  {name:<16} {row['peak_bytes'] / 1e6:7.1f} MB x{row['ratio']:.2f}  vs  {best[2]} "
+            f"  {name:<24} {row['peak_bytes'] / 1e6:7.1f} MB x{row['ratio']:.2f}  vs  {best[2]} "
             f"{best[0] / 1e6:7.1f} MB x{best[1]:.2f}: {verdict}"
         )
     return lines
@@ -356,12 +356,12 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_model(label, make, args)
         results.append(result)
         print(f"\n{label}: un-checkpointed step peak {result['step_peak_bytes'] / 1e6:.1f} MB")
-        print(f"  {'method':<16}{'peak MB':>10}{'x none':>8}")
+        print(f"  {'method':<24}{'peak MB':>10}{'x none':>8}")
         for name, row in result["rows"].items():
             if row["status"] != "ok":
-                print(f"  {name:<16}{'infeasible':>10}")
+                print(f"  {name:<24}{'infeasible':>10}")
                 continue
-            print(f"  {name:<16}{row['peak_bytes'] / 1e6:>10.1f}{row['ratio']:>8.2f}")
+            print(f"  {name:<24}{row['peak_bytes'] / 1e6:>10.1f}{row['ratio']:>8.2f}")
         print("At equal or lower measured peak:")
         print("\n".join(compare(result)))
     document = {
