@@ -254,26 +254,55 @@ def run_model(label: str, make, args: argparse.Namespace) -> dict:
             "sac_milp": sac_note}  # fmt: skip
 
 
-def compare(result: dict) -> list[str]:
-    """For each baseline, the cheapest remat plan whose measured peak is not higher."""
+def matches(result: dict) -> list[tuple[str, dict, tuple | None]]:
+    """For each baseline: its row and the cheapest remat row whose measured peak is not
+    higher, as (peak bytes, ratio, name), or None."""
     rows = result["rows"]
     ours = [(r["peak_bytes"], r["ratio"], n) for n, r in rows.items()
             if n.startswith("remat") and r["status"] == "ok"]  # fmt: skip
-    lines = []
+    out = []
     for name, row in rows.items():
         if name.startswith("remat") or name in ("none", "compile:1.0") or row["status"] != "ok":
             continue
         fits = [o for o in ours if o[0] <= row["peak_bytes"]]
-        if not fits:
+        out.append((name, row, min(fits, key=lambda o: o[1]) if fits else None))
+    return out
+
+
+def compare(result: dict) -> list[str]:
+    """For each baseline, the cheapest remat plan whose measured peak is not higher."""
+    lines = []
+    for name, row, best in matches(result):
+        if best is None:
             lines.append(f"  {name}: no remat plan at or below its peak")
             continue
-        best = min(fits, key=lambda o: o[1])
         verdict = "better" if best[1] < row["ratio"] else "not better"
         lines.append(
             f"  {name:<24} {row['peak_bytes'] / 1e6:7.1f} MB x{row['ratio']:.2f}  vs  {best[2]} "
             f"{best[0] / 1e6:7.1f} MB x{best[1]:.2f}: {verdict}"
         )
     return lines
+
+
+def markdown(results: list[dict]) -> str:
+    """The README's table: each baseline against remat's plan for its peak (remat@...) and
+    the cheapest remat plan at or below that peak."""
+    lines = ["| model | method | peak MB | × none | remat@method | cheapest remat at or below |",
+             "| --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
+    for result in results:
+        rows = result["rows"]
+        for name, row, best in matches(result):
+            own = rows.get(f"remat@{name}", {})
+            at = (f"{own['peak_bytes'] / 1e6:.1f} MB ×{own['ratio']:.2f}"
+                  if own.get("status") == "ok" else own.get("status", "–"))  # fmt: skip
+            if best is None:
+                cheapest = "none"
+            else:
+                verdict = "better" if best[1] < row["ratio"] else "**not better**"
+                cheapest = f"{best[2]} {best[0] / 1e6:.1f} MB ×{best[1]:.2f} ({verdict})"
+            lines.append(f"| {result['model']} | {name} | {row['peak_bytes'] / 1e6:.1f} | "
+                         f"{row['ratio']:.2f} | {at} | {cheapest} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -329,12 +358,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", type=Path, default=RESULTS / "planner.png")
     parser.add_argument("--replot", action="store_true", help="only redraw --plot from --json")
     parser.add_argument(
+        "--markdown", action="store_true", help="only print the README table from --json"
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="add torch.compile activation_memory_budget rows to the existing --json (Linux)",
     )
     parser.add_argument("--compile-models", nargs="+", default=["gpt-12", "hetero-12"])
     args = parser.parse_args(argv)
+    if args.markdown:
+        document = json.loads(args.json.read_text())
+        print(markdown(document["results"]))
+        return document
     if args.replot or args.compile:
         document = json.loads(args.json.read_text())
         if args.compile:

@@ -271,8 +271,9 @@ def _plan(args: argparse.Namespace) -> int:
     print(chosen)
     print(
         f"un-checkpointed step peak {prof.step_peak_bytes / 1e6:.1f} MB; planned peak "
-        f"{chosen.predicted_peak_bytes / 1e6:.1f} MB (of which {prof.outside_bytes / 1e6:.1f} "
-        f"MB outside the blocks); extra cost {chosen.extra_cost / (chosen.forward_cost or 1):.1%}"
+        f"{chosen.predicted_peak_bytes / 1e6:.1f} MB (the head and loss add "
+        f"{prof.tail_bytes / 1e6:.1f} MB after the blocks; {prof.outside_bytes / 1e6:.1f} MB "
+        f"unexplained); extra cost {chosen.extra_cost / (chosen.forward_cost or 1):.1%}"
         " of the blocks' forward"
     )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "step_peak_bytes": prof.step_peak_bytes}
