@@ -23,6 +23,16 @@ def loss_of(workload):
     return lambda out: workload.loss_fn(out, workload.targets)
 
 
+def assert_same_gradients(workload, reference):
+    """One seeded training step of each; the gradients must be bitwise equal."""
+    for w in (reference, workload):
+        torch.manual_seed(0)
+        w.model.zero_grad(set_to_none=True)
+        w.loss().backward()
+    for a, b in zip(workload.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 def test_profile_bytes_per_block():
     workload = small_gpt()
     prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
@@ -61,12 +71,7 @@ def test_plan_predicts_within_budget_and_apply_plan_is_exact():
     assert plan.predicted_peak_bytes <= plan.budget_bytes
     assert plan.apply(workload.model) is workload.model  # remat.apply_plan
     assert set(remat.applied(workload.model)) <= {r.name for r in plan.regions}
-    grads = []
-    for w in (reference, workload):
-        torch.manual_seed(0)
-        w.loss().backward()
-        grads.append([p.grad for p in w.model.parameters()])
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert_same_gradients(workload, reference)
 
 
 def test_infeasible_budget_names_the_smallest_feasible():
@@ -108,13 +113,7 @@ def test_autoplan_measured_peak_within_budget(budget):
         return
     measured = measure_step_peak(workload.model, workload.inputs, loss_of(workload))
     assert measured == result.measured_peak_bytes <= result.budget_bytes
-    grads = []
-    for w in (reference, workload):
-        torch.manual_seed(0)
-        w.model.zero_grad(set_to_none=True)
-        w.loss().backward()
-        grads.append([p.grad for p in w.model.parameters()])
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert_same_gradients(workload, reference)
 
 
 def test_profile_bad_input():
@@ -141,11 +140,7 @@ def test_nested_segments_across_containers_are_exact():
     plan = plan_from_choices(chain, choices, [(0, 6), (0, 3), (3, 5), (7, 9)])
     plan.apply(workload.model)
     assert remat.applied(workload.model)["block1.3"] == "segment+segment+recompute"
-    for w in (workload, reference):
-        torch.manual_seed(0)
-        w.loss().backward()
-    for a, b in zip(workload.model.parameters(), reference.model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert_same_gradients(workload, reference)
 
 
 def test_named_presets_join_a_thinned_menu():
@@ -232,11 +227,7 @@ def test_autoplan_mlp_measured_peak_within_budget(budget):
         return
     measured = measure_step_peak(workload.model, workload.inputs, loss)
     assert measured == result.measured_peak_bytes <= result.budget_bytes
-    for w in (reference, workload):
-        torch.manual_seed(0)
-        w.loss().backward()
-    for a, b in zip(workload.model.parameters(), reference.model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert_same_gradients(workload, reference)
 
 
 def test_gpt_plans_are_predicted_to_the_byte():
