@@ -96,21 +96,11 @@ def test_pareto_frontier_is_monotone():
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", ["75%", "50%", "25%"])
 def test_autoplan_measured_peak_within_budget(budget):
-    """GPT with activations dominating: the measured step peak never exceeds the budget,
-    or the planner says why it cannot fit."""
+    """GPT with activations dominating: every budget fits, measured, gradients unchanged."""
     reference = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
     workload = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
-    try:
-        result = remat.autoplan(
-            workload.model, *workload.inputs, budget=budget, loss_fn=loss_of(workload)
-        )
-    except remat.BudgetError as err:
-        assert budget == "25%", f"{budget} should be feasible: {err}"
-        total = remat.parse_budget(budget, baseline_bytes=remat.profile(
-            reference.model, *reference.inputs, loss_fn=loss_of(reference)
-        ).step_peak_bytes)  # fmt: skip
-        assert err.min_feasible_bytes > total
-        return
+    result = remat.autoplan(workload.model, *workload.inputs, budget=budget,
+                            loss_fn=loss_of(workload))  # fmt: skip
     measured = measure_step_peak(workload.model, workload.inputs, loss_of(workload))
     assert measured == result.measured_peak_bytes <= result.budget_bytes
     assert_same_gradients(workload, reference)
