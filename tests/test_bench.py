@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import remat
 from remat._bench_worker import classify, downsample, flop_counter
 from remat.bench import (
     CONFIGS,
@@ -164,6 +165,7 @@ def test_classify_allocator_failures_as_oom():
         torch.empty(1 << 62, dtype=torch.uint8)
     assert classify(e.value) == "oom"
     assert classify(ValueError("shape mismatch")) == "crashed"
+    assert classify(remat.BudgetError("no plan fits", min_feasible_bytes=10)) == "infeasible"
 
 
 # ---- real runs: one worker process per configuration ----------------------------------------

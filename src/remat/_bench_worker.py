@@ -9,7 +9,8 @@ JSON line each on its original stdout (anything the model prints goes to stderr 
 - ``step``: one timed training step; answers its wall time in seconds.
 - ``quit``: exit.
 
-Failures answer ``{"ok": false, "status": "oom"|"crashed", "error": ...}`` and exit.
+Failures answer ``{"ok": false, "status": "oom"|"infeasible"|"crashed", "error": ...}`` and
+exit.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ TIMELINE_POINTS = 1500
 
 
 def classify(exc: BaseException) -> str:
-    """``"oom"`` for an allocator failure (CPU or CUDA), else ``"crashed"``."""
+    """``"oom"`` for an allocator failure (CPU or CUDA), ``"infeasible"`` for a planner
+    budget that no plan meets (``auto:<budget>``), else ``"crashed"``."""
+    from remat.errors import BudgetError
+
+    if isinstance(exc, BudgetError):
+        return "infeasible"
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return "oom"
     text = str(exc).lower()

@@ -95,6 +95,7 @@ class ConfigResult:
         name: the configuration (with its ``:arg``).
         status: ``"ok"``; ``"FAIL"`` when loss, gradients or buffers differ from ``none``'s
             beyond ``torch.testing.assert_close`` tolerances; ``"oom"`` when it ran out of memory;
+            ``"infeasible"`` when the planner found no plan within an ``auto:<budget>``;
             ``"crashed"`` when its worker raised or died.
         error: what went wrong, one line (``None`` when ok).
         forward_peak_bytes: remat's tracker: peak live bytes during the forward pass,

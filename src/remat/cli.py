@@ -38,8 +38,8 @@ examples:
   remat bench --configs tutorial-reentrant      shows the reentrant bug: exits 1
 
 exit status: 0 when every configuration matches none's loss and gradients (a configuration
-that runs out of memory is a result, not a failure); 1 when one differs (FAIL) or its worker
-crashed, naming it; 2 for bad arguments.
+that runs out of memory, or an auto:<budget> no plan meets, is a result, not a failure); 1
+when one differs (FAIL) or its worker crashed, naming it; 2 for bad arguments.
 """
 
 PLAN_EPILOG = """\
