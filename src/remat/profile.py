@@ -165,27 +165,24 @@ def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
     """
     import dataclasses
 
-    from remat.planner import RegionOption
+    from remat.planner.ops import saving_option
     from remat.policies import OP_PRESETS
 
     options = list(region.options)
-    total = sum(o.recompute_cost for o in ops)
+    total = float(sum(float(o.recompute_cost) for o in ops))
     for preset, names in OP_PRESETS.items():
         saved = [o for o in ops if o.name.split("#")[0].split(".")[1] in names]
         if not saved:
             continue
-        kept = region.input_bytes + sum(o.output_bytes for o in saved)
-        extra = sum(o.output_bytes for o in saved if not o.output_saved)
-        cost = total - sum(o.recompute_cost for o in saved)
+        new = saving_option(preset, saved, input_bytes=region.input_bytes, total_cost=total)
+        kept, cost = new.kept_bytes, new.recompute_cost
         inside = (
             region.input_bytes <= kept < region.saved_with_input_bytes
             and 0 < cost < region.fwd_cost
         )
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
         if inside and not dominated:
-            options.append(RegionOption(name=preset, kept_bytes=kept, recompute_cost=cost,
-                                        save_ops=tuple(o.name for o in saved),
-                                        backward_extra_bytes=extra))  # fmt: skip
+            options.append(new)
     return dataclasses.replace(region, options=tuple(options))
 
 
@@ -325,8 +322,8 @@ def profile(
         recorder = _OpRecorder(lambda: stack[-1] if stack else None, not on_meta, sync)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
             loss = loss_of(model(*inputs, **kwargs))
-        first_call = records[chosen[0][0]].get("call")
-        handles += _watch_gradient_order(model, first_call, grad_order := {})
+        grad_order = _GradientOrder()
+        handles += grad_order.watch(model, records[chosen[0][0]].get("call"))
         loss.backward()
         model.zero_grad(set_to_none=True)
         for rec in records.values():
@@ -343,12 +340,15 @@ def profile(
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
-    saved_keys = {name: set(records[name]["saved"]) for name, _ in chosen}  # before handing on
-    handed_on = _attribute_to_consumers([records[name] for name, _ in chosen])
+    handed = _handed_on([records[name] for name, _ in chosen])
     profiles = []
-    for (name, module), moved in zip(chosen, handed_on):
+    for i, (name, module) in enumerate(chosen):
         rec = records[name]
-        saved_bytes, input_saved = _union(rec)
+        received = set().union(*handed[:i]) & rec["input"][0]
+        saved_bytes, input_saved = _union(rec, handed[i], received)
+        # the producer still needs what it hands on in its own backward, after the
+        # consumer's backward has released it
+        moved = sum(rec["saved"][k] for k in handed[i])
         forward_transient, transient = _transient_bytes(module, *rec["call"])
         ops = recorder.ops.get(name, [])
         if on_meta:
@@ -375,13 +375,13 @@ def profile(
                         name=o[0],
                         output_bytes=o[1],
                         cost=c,
-                        output_saved=not o[1] or bool(o[3] & saved_keys[name]),
+                        output_saved=not o[1] or bool(o[3] & rec["saved"].keys()),
                     )
                     for o, c in zip(ops, op_costs)
                 ),
             )
         )
-    profiles = _with_gradient_bytes(model, chosen, profiles, _after_the_chain(grad_order))
+    profiles = _with_gradient_bytes(model, chosen, profiles, grad_order.after_the_chain())
     # The tail sits on top of everything the chain keeps (store-all: every saved byte).
     tail = max(0, tail_peak - sum(p.saved_bytes for p in profiles))
     chain_peak = _store_all_peak(profiles, tail)
@@ -453,37 +453,37 @@ def _measure_step(
     return tracker.peak_bytes - existing, max(0, window.get("peak", existing) - existing)
 
 
-def _watch_gradient_order(
-    model: nn.Module, first_call: Any, order: dict[str, Any]
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks recording, in ``order``, when each parameter's gradient is accumulated and
-    when the first region's input gradient is ready (the chain's backward is done)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    seen: dict[int, int] = {}
-    order.update(seen=seen, chain_done=None)
+class _GradientOrder:
+    """In the profiling backward: when each parameter's gradient is accumulated, and how many
+    were before the first region's input gradient was ready (the chain's backward done)."""
 
-    def accumulated(p: Tensor) -> None:
-        seen.setdefault(id(p), len(seen))
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+        self.chain_done: int | None = None
 
-    handles = [p.register_post_accumulate_grad_hook(accumulated) for p in params]
-    firsts = [t for t in tree_leaves(first_call) if isinstance(t, Tensor) and t.requires_grad]
-    if firsts:
+    def watch(self, model: nn.Module, first_call: Any) -> list[Any]:
+        """Hooks to remove after the backward."""
+
+        def accumulated(p: Tensor) -> None:
+            self.seen.setdefault(id(p), len(self.seen))
 
         def chain_done(grad: Tensor) -> None:
-            if order["chain_done"] is None:
-                order["chain_done"] = len(seen)
+            if self.chain_done is None:
+                self.chain_done = len(self.seen)
 
-        handles.append(firsts[0].register_hook(chain_done))
-    return handles
+        params = [p for p in model.parameters() if p.requires_grad]
+        handles = [p.register_post_accumulate_grad_hook(accumulated) for p in params]
+        firsts = [t for t in tree_leaves(first_call) if isinstance(t, Tensor) and t.requires_grad]
+        if firsts:
+            handles.append(firsts[0].register_hook(chain_done))
+        return handles
 
-
-def _after_the_chain(order: dict[str, Any]) -> set[int]:
-    """Ids of the parameters whose gradients appear only after the chain's backward (an
-    embedding before the chain): not live while any region runs backward."""
-    done = order.get("chain_done")
-    if done is None:
-        return set()
-    return {pid for pid, k in order["seen"].items() if k >= done}
+    def after_the_chain(self) -> set[int]:
+        """Ids of the parameters whose gradients appear only after the chain's backward (an
+        embedding before the chain): not live while any region runs backward."""
+        if self.chain_done is None:
+            return set()
+        return {pid for pid, k in self.seen.items() if k >= self.chain_done}
 
 
 def _with_gradient_bytes(
@@ -517,35 +517,29 @@ def _with_gradient_bytes(
     return out[::-1]
 
 
-def _attribute_to_consumers(recs: Sequence[dict[str, Any]]) -> list[int]:
-    """Count each saved tensor once: in the region that takes it as input.
+def _handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
+    """Per region, the storages it saves that a later region takes as input.
 
     A region that saves its own output (ReLU, sigmoid, exp save their result) saves the very
-    tensor the next region takes as input; the chain model counts a saved input in the
-    consumer's saved bytes, so that tensor leaves the producer's (and is marked saved for the
-    consumer). The producer still needs it for its own backward, after the consumer's
-    backward has run and released it: those bytes join the producer's transient. Returns,
-    per region, the bytes moved that way.
+    tensor the next region takes as input. The chain model counts a saved input in the
+    consumer's saved bytes, so each such tensor is counted once, there, and not in the
+    producer's.
     """
-    moved = []
-    for i, rec in enumerate(recs):
-        rec.setdefault("saved_elsewhere", set())
-        consumers = [r for r in recs[i + 1 :] if r["input"][0] & rec["saved"].keys()]
-        shared = {k for r in consumers for k in r["input"][0]} & rec["saved"].keys()
-        shared -= rec["input"][0]
-        for r in consumers:
-            r.setdefault("saved_elsewhere", set()).update(r["input"][0] & shared)
-        moved.append(sum(rec["saved"].pop(k) for k in shared))
-    return moved
+    return [
+        (rec["saved"].keys() & set().union(*(r["input"][0] for r in recs[i + 1 :])))
+        - rec["input"][0]
+        for i, rec in enumerate(recs)
+    ]
 
 
-def _union(rec: dict[str, Any]) -> tuple[int, bool]:
+def _union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tuple[int, bool]:
     """A region's saved bytes, its input counted when it is saved (by the region, or by the
-    region before as its output), and whether it is: a ReLU's input, the Linear's output
-    before it, is freed once the ReLU has run, so the ReLU's saved bytes leave it out."""
+    region before as its output: ``received``), and whether it is: a ReLU's input, the
+    Linear's output before it, is freed once the ReLU has run, so the ReLU's saved bytes
+    leave it out. What it ``handed`` on to a later region is counted there."""
     keys, _ = rec["input"]  # keys exclude pre-existing inputs
-    saved_inputs = {k for k in keys if k in rec["saved"] or k in rec["saved_elsewhere"]}
-    own = sum(v for k, v in rec["saved"].items() if k not in keys)
+    saved_inputs = {k for k in keys if k in rec["saved"] or k in received}
+    own = sum(v for k, v in rec["saved"].items() if k not in keys and k not in handed)
     # Part of a several-tensor input saved: counted, and the whole input held on top when a
     # checkpoint holds it (an overcount, on the safe side).
     return own + sum(rec["input_sizes"][k] for k in saved_inputs), saved_inputs == keys

@@ -168,27 +168,32 @@ def solve_ops(
                 break
             c = sum(w[i] for i in chosen) - 1
         sets.reverse()
-    menu = []
+    menu: list[RegionOption] = []
     for s in sets:
-        kept = input_bytes + sum(ops[i].output_bytes for i in s)
-        cost = total_cost - sum(v[i] for i in s)
-        if menu and cost >= menu[-1].recompute_cost:
-            continue  # the exact bytes/cost may tie where the rounded ones did not
-        names = tuple(ops[i].name for i in s)
-        extra = sum(ops[i].output_bytes for i in s if not ops[i].output_saved)
-        menu.append(
-            RegionOption(
-                name=f"ops{len(menu)}",
-                kept_bytes=kept,
-                recompute_cost=cost,
-                save_ops=names,
-                backward_extra_bytes=extra,
-            )
+        option = saving_option(
+            f"ops{len(menu)}", [ops[i] for i in s], input_bytes=input_bytes, total_cost=total_cost
         )
+        if menu and option.recompute_cost >= menu[-1].recompute_cost:
+            continue  # the exact bytes/cost may tie where the rounded ones did not
+        menu.append(option)
     if max_options is not None and len(menu) > max_options:
         keep = np.unique(np.linspace(0, len(menu) - 1, max_options).round().astype(int))
         menu = [menu[i] for i in keep]
     return menu
+
+
+def saving_option(
+    name: str, saved: Sequence[Op], *, input_bytes: int, total_cost: float
+) -> RegionOption:
+    """The op-level option that saves the outputs of ``saved`` and recomputes the region's
+    other ops (``total_cost``: all of its ops' recompute cost)."""
+    return RegionOption(
+        name=name,
+        kept_bytes=input_bytes + sum(o.output_bytes for o in saved),
+        recompute_cost=total_cost - sum(float(o.recompute_cost) for o in saved),
+        save_ops=tuple(o.name for o in saved),
+        backward_extra_bytes=sum(o.output_bytes for o in saved if not o.output_saved),
+    )
 
 
 def with_ops(region: Region, ops: Sequence[Op], **kwargs) -> Region:
