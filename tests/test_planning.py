@@ -60,6 +60,28 @@ def test_profile_bytes_per_block():
     assert Profile.from_json(prof.to_json()) == prof
 
 
+def test_profile_marks_the_op_outputs_autograd_saves():
+    """A projection's output feeds a residual add, which saves nothing: saving it keeps it
+    in the selective-checkpoint cache only. Which outputs are saved must not depend on which
+    freed storage addresses the allocator happens to reuse (run it twice)."""
+    expected = {
+        "aten.native_layer_norm.default#0": True,
+        "aten.addmm.default#0": True,  # qkv, saved by sdpa
+        "aten.addmm.default#1": False,  # attention projection -> residual add
+        "aten.add.Tensor#0": True,  # first residual, saved by ln2
+        "aten.addmm.default#2": True,  # fc, saved by gelu
+        "aten.gelu.default#0": True,
+        "aten.addmm.default#3": False,  # mlp projection -> residual add
+        "aten.add.Tensor#1": False,  # the block's output: saved by the next block, not this one
+    }
+    for _ in range(2):
+        workload = small_gpt()
+        prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+        for region in prof.regions:
+            saved = {o.name: o.output_saved for o in region.ops if o.name in expected}
+            assert saved == expected, region.name
+
+
 ACTIVATION_BOUND = dict(batch=8, n_layers=6, seq_len=64, d_model=64, n_heads=4, vocab_size=128)
 
 

@@ -223,13 +223,24 @@ def _storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Lists the ops each region runs, with their new output bytes and duration."""
+    """Lists the ops each region runs, with their new output bytes, duration and whether the
+    region's own autograd nodes save their output (``mark_saved``)."""
 
     def __init__(self, current: Callable[[], str | None], timed: bool, sync: Callable[[], None]):
         super().__init__()
         self.current, self.timed, self.sync = current, timed, sync
         self.ops: dict[str, list[list[Any]]] = {}
         self.counts: dict[str, dict[str, int]] = {}
+        # storage key -> (region, op entry) of the op whose output lives there now. A key is
+        # a storage's address, reused once the storage is freed: only the live storage's
+        # producer may be looked up, which is what a save sees.
+        self.producer: dict[int, tuple[str, list[Any]]] = {}
+
+    def mark_saved(self, key: int, region: str) -> None:
+        """``region`` saves the live storage ``key`` for backward."""
+        found = self.producer.get(key)
+        if found is not None and found[0] == region:
+            found[1][3] = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         region = self.current()
@@ -246,7 +257,9 @@ class _OpRecorder(TorchDispatchMode):
         counts = self.counts.setdefault(region, {})
         k = counts.get(str(func), 0)
         counts[str(func)] = k + 1
-        self.ops.setdefault(region, []).append([f"{func}#{k}", nbytes, elapsed, keys])
+        entry = [f"{func}#{k}", nbytes, elapsed, False]
+        self.ops.setdefault(region, []).append(entry)
+        self.producer.update(dict.fromkeys(keys, (region, entry)))
         return out
 
 
@@ -316,6 +329,7 @@ def profile(
         st = t.untyped_storage()
         if stack and st._cdata not in exclude:
             records[stack[-1]]["saved"][st._cdata] = st.nbytes()
+            recorder.mark_saved(st._cdata, stack[-1])
         return t
 
     try:
@@ -375,7 +389,7 @@ def profile(
                         name=o[0],
                         output_bytes=o[1],
                         cost=c,
-                        output_saved=not o[1] or bool(o[3] & rec["saved"].keys()),
+                        output_saved=not o[1] or o[3],
                     )
                     for o, c in zip(ops, op_costs)
                 ),
