@@ -84,6 +84,8 @@ def test_region_and_chain_validation_name_the_field():
         Region(**ok, options=(RegionOption(name="o", kept_bytes=9, recompute_cost=1),))
     with pytest.raises(ValueError, match="duplicate option"):
         Region(**ok, options=(RegionOption(name="store", kept_bytes=5, recompute_cost=1),))
+    with pytest.raises(ValueError, match="recompute_cost .* more than the forward"):
+        Region(**ok, recompute_cost=1.5)
     with pytest.raises(ValueError, match="duplicate region name 'x'"):
         Chain([Region(**ok), Region(**ok)])
     with pytest.raises(ValueError, match="empty"):
@@ -188,3 +190,15 @@ def test_plan_chain_dispatches_and_checks():
     with pytest.raises(BudgetError) as info:
         plan_chain(chain, 10)
     assert info.value.min_feasible_bytes == 14  # region a's backward alone
+
+
+def test_recompute_option_costs_the_early_stopped_rerun():
+    """A region whose backward needs nothing from its last ops reruns only the ops before
+    them: its recompute option costs ``recompute_cost``, and the chain's plans count that."""
+    ok = {"fwd_cost": 4.0, "input_bytes": 2, "saved_bytes": 8, "output_bytes": 2}
+    early = Region(name="a", **ok, recompute_cost=3.0)
+    assert early.rerun_cost == 3.0 and Region(name="b", **ok).rerun_cost == 4.0
+    assert {o.name: o.recompute_cost for o in early.menu()}["recompute"] == 3.0
+    plan = plan_from_choices(Chain([early, Region(name="b", **ok)]), ["recompute", "recompute"])
+    assert plan.extra_cost == 7.0
+    assert Chain.from_json(Chain([early]).to_json()).regions[0].recompute_cost == 3.0

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
+from remat.checkpoint import run_checkpoint
 from remat.models import build_workload
 from remat.planning import measure_step_peak
 from remat.profile import Profile
@@ -267,3 +273,116 @@ def test_gpt_plans_are_predicted_to_the_byte():
             last_stored = p.regions[-1].action == "store"
             if not op_level and last_stored:
                 assert measured == p.predicted_peak_bytes, p
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the region's ops (not the detaches the checkpoint adds to what it saves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is not torch.ops.aten.detach.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_recomputation_runs_the_ops_the_profile_counts():
+    """A pre-norm block's backward needs nothing from its last Linear and the residual add:
+    remat's checkpoint stops recomputing before them (early stop), and the profile's
+    recompute_ops, the cost of the recompute option and the op menus say the same."""
+    workload = small_gpt()
+    prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+    for region in prof.regions:
+        skipped = [o.name for o in region.ops[region.recompute_ops :]]
+        assert skipped == ["aten.addmm.default#3", "aten.view.default#11", "aten.add.Tensor#1"]
+        assert region.to_region().rerun_cost < region.cost
+    for region in prof.to_chain().regions:
+        for option in region.options:
+            assert not set(option.save_ops) & {"aten.addmm.default#3", "aten.add.Tensor#1"}
+
+    block = workload.model.get_submodule("blocks.1")
+    x = torch.randn(B, T, C, requires_grad=True)
+    counter = _CountOps()
+    out = run_checkpoint(block, (x,), {}, context_fn=lambda: (contextlib.nullcontext(), counter))
+    out.sum().backward()
+    assert counter.count == prof.regions[1].recompute_ops
+
+
+def test_op_level_options_pay_the_measured_overhead():
+    workload = small_gpt()
+    prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
+    for profiled, region in zip(prof.regions, prof.to_chain().regions):
+        assert profiled.op_overhead > 0  # dispatch modes and the replay cost Python time
+        assert all(o.recompute_cost >= profiled.op_overhead for o in region.options)
+
+
+class _NoisyBlock(nn.Module):
+    """A block with an in-place op and two random ops among ops worth saving."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(C)
+        self.fc = nn.Linear(C, 4 * C)
+        self.proj = nn.Linear(4 * C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu_(self.fc(self.ln(x)))  # changes the fc output in place
+        h, _ = torch.native_dropout(h, 0.5, True)
+        h = torch.nn.functional.gelu(h)
+        h, _ = torch.native_dropout(h, 0.5, True)
+        return x + self.proj(h)
+
+
+class _NoisyChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_NoisyBlock() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_random_and_mutated_outputs_are_never_cached():
+    """Caching a random op would skip its draws in the recomputation and shift the random
+    numbers of the ops after it; caching an output an in-place op changes would hand back
+    the changed tensor. The profile marks both unsaveable, the menus leave them out, and an
+    op-level treatment asked to save a random op recomputes it anyway."""
+    torch.manual_seed(0)
+    model = _NoisyChain()
+    x = torch.randn(B * T, C, requires_grad=True)
+    prof = remat.profile(model, x)
+    # on blocks this small, the dispatch overhead would price every op-level option out
+    prof = dataclasses.replace(
+        prof, regions=tuple(dataclasses.replace(r, op_overhead=0.0) for r in prof.regions)
+    )
+    unsaveable = {o.name for o in prof.regions[0].ops if not o.saveable}
+    assert {
+        "aten.addmm.default#0",  # the fc output relu_ changes
+        "aten.relu_.default#0",
+        "aten.native_dropout.default#0",
+        "aten.native_dropout.default#1",
+    } <= unsaveable
+    assert "aten.gelu.default#0" not in unsaveable
+    menus = [o for r in prof.to_chain(max_options=None).regions for o in r.options]
+    assert menus and not any(set(o.save_ops) & unsaveable for o in menus)
+
+    def grads(treatment: remat.Ops | None) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        h = x
+        for block in model.blocks:
+            h = block(h) if treatment is None else treatment.run(block, (h,), {})
+        h.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference = grads(None)
+    asked = remat.Ops(save_calls=frozenset({"aten.native_dropout.default#0", "aten.mm.default#0"}))
+    for option in menus[:3]:
+        treatment = remat.Ops(save_calls=frozenset(option.save_ops))
+        for a, b in zip(grads(treatment), reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(grads(asked), reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -333,6 +333,18 @@ def _resolve_ops(names: Iterable[Any], what: str) -> frozenset[Any]:
     return frozenset(packets)
 
 
+def draws_random_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether this call of an aten op draws from the RNG: a ``nondeterministic_seeded`` op,
+    except attention called with ``dropout_p=0`` (tagged for its optional dropout)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
+        return False
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.name == "dropout_p":
+            value = args[position] if position < len(args) else kwargs.get("dropout_p", 0.0)
+            return value != 0
+    return True
+
+
 @dataclass(frozen=True, kw_only=True)
 class Ops(Treatment):
     """Op-level (selective) checkpointing: keep the outputs of ``save`` ops, recompute the rest.
@@ -362,12 +374,17 @@ class Ops(Treatment):
         calls: dict[tuple[bool, str], int] = {}  # per checkpointed call: k-th call of an op
 
         def policy_fn(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+            k = -1
             if self.save_calls:
                 key = (ctx.is_recompute, str(func))
                 k = calls.get(key, 0)
                 calls[key] = k + 1
-                if f"{func}#{k}" in self.save_calls:
-                    return CheckpointPolicy.MUST_SAVE
+            if draws_random_numbers(func, args, kwargs):
+                # Recomputed under the replayed RNG state: a cached random op would not draw
+                # its numbers again and shift those of every random op after it.
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            if f"{func}#{k}" in self.save_calls:
+                return CheckpointPolicy.MUST_SAVE
             packet = getattr(func, "overloadpacket", func)
             if packet in self.save and packet not in self.recompute:
                 return CheckpointPolicy.MUST_SAVE

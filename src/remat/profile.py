@@ -18,10 +18,12 @@ its direct children.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from remat._storage import iter_tensors, unique_storage_bytes
 from remat.errors import PlanError
 from remat.memory import MemoryTracker
-from remat.policies import block_lists
+from remat.policies import block_lists, draws_random_numbers
 
 __all__ = ["OpProfile", "Profile", "RegionProfile", "default_regions", "profile"]
 
@@ -41,12 +43,15 @@ __all__ = ["OpProfile", "Profile", "RegionProfile", "default_regions", "profile"
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OpProfile:
     """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region;
-    ``output_saved``: autograd saves its output for backward (see ``planner.Op``)."""
+    ``output_saved``: autograd saves its output for backward (see ``planner.Op``);
+    ``saveable``: a selective checkpoint may keep its output (not a random op, an in-place
+    op or an output that an in-place op changes later)."""
 
     name: str
     output_bytes: int
     cost: float
     output_saved: bool = True
+    saveable: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,6 +73,14 @@ class RegionProfile:
         ops: its ops, in call order.
         input_saved: whether its input is saved for backward (see ``planner.Region``).
         forward_transient_bytes: the part of ``transient_bytes`` reached in its forward.
+        recompute_ops: how many of ``ops`` a recomputation runs: those before the last
+            tensor autograd saves in the region (``None``: all). A Linear's input is saved
+            before it runs, so a block ending in a Linear and a residual add stops before
+            both (the early stop of remat's checkpoint).
+        op_overhead: what op-level checkpointing costs the region beyond the ops it
+            recomputes: its dispatch modes see every op, in the forward and again in the
+            recomputation, which also reruns the Python forward (measured with every op
+            saved; 0 on meta).
     """
 
     name: str
@@ -81,10 +94,21 @@ class RegionProfile:
     ops: tuple[OpProfile, ...] = ()
     input_saved: bool = True
     forward_transient_bytes: int | None = None
+    recompute_ops: int | None = None
+    op_overhead: float = 0.0
+
+    @property
+    def rerun_ops(self) -> tuple[OpProfile, ...]:
+        """The ops a recomputation of the region runs."""
+        return self.ops if self.recompute_ops is None else self.ops[: self.recompute_ops]
 
     def to_region(self) -> Any:
         """The planner's ``Region`` (no op-level options)."""
         from remat.planner import Region
+
+        rerun = None
+        if self.recompute_ops is not None and self.ops:
+            rerun = min(self.cost, sum(o.cost for o in self.rerun_ops))
 
         return Region(
             name=self.name,
@@ -95,6 +119,7 @@ class RegionProfile:
             transient_bytes=self.transient_bytes,
             input_saved=self.input_saved,
             forward_transient_bytes=self.forward_transient_bytes,
+            recompute_cost=rerun,
         )
 
 
@@ -135,11 +160,12 @@ class Profile:
             ops = [
                 Op(name=o.name, output_bytes=o.output_bytes, recompute_cost=o.cost,
                    output_saved=o.output_saved)
-                for o in r.ops if o.output_bytes > 0
+                for o in r.rerun_ops if o.output_bytes > 0 and o.saveable
             ]  # fmt: skip
             if op_options and ops:
-                region = with_ops(region, ops, max_options=max_options)
-                region = _with_preset_options(region, ops)
+                overhead = r.op_overhead
+                region = with_ops(region, ops, max_options=max_options, overhead=overhead)
+                region = _with_preset_options(region, ops, overhead)
             regions.append(region)
         return Chain(regions, tail_bytes=self.tail_bytes)
 
@@ -156,7 +182,7 @@ class Profile:
         return cls(regions=regions, **data)
 
 
-def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
+def _with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) -> Any:
     """Add the named op presets (``"save-matmuls"``...) to a region's menu.
 
     The knapsack menu is thinned to a few options spread over memory, which can drop the
@@ -174,11 +200,13 @@ def _with_preset_options(region: Any, ops: Sequence[Any]) -> Any:
         saved = [o for o in ops if o.name.split("#")[0].split(".")[1] in names]
         if not saved:
             continue
-        new = saving_option(preset, saved, input_bytes=region.input_bytes, total_cost=total)
+        new = saving_option(
+            preset, saved, input_bytes=region.input_bytes, total_cost=total, overhead=overhead
+        )
         kept, cost = new.kept_bytes, new.recompute_cost
         inside = (
             region.input_bytes <= kept < region.saved_with_input_bytes
-            and 0 < cost < region.fwd_cost
+            and 0 < cost < region.rerun_cost
         )
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
         if inside and not dominated:
@@ -222,25 +250,39 @@ def _storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
     return set(keys), sum(keys.values())
 
 
+@dataclass(slots=True)
+class _OpRecord:
+    """One op call as the recorder sees it (mutable: later ops and saves update it)."""
+
+    name: str
+    output_bytes: int
+    seconds: float
+    output_saved: bool = False  # the region's own autograd nodes save its output
+    saveable: bool = True  # a selective checkpoint may cache its output (see _OpRecorder)
+
+
 class _OpRecorder(TorchDispatchMode):
-    """Lists the ops each region runs, with their new output bytes, duration and whether the
-    region's own autograd nodes save their output (``mark_saved``)."""
+    """Lists the ops each region runs, with their new output bytes, duration, whether the
+    region's own autograd nodes save their output (``mark_saved``), and whether a selective
+    checkpoint may cache it: not for random ops (skipping one in the recomputation would
+    shift the random numbers of the ops after it) nor for in-place ops and the outputs they
+    modify (the cache would hand back a changed tensor)."""
 
     def __init__(self, current: Callable[[], str | None], timed: bool, sync: Callable[[], None]):
         super().__init__()
         self.current, self.timed, self.sync = current, timed, sync
-        self.ops: dict[str, list[list[Any]]] = {}
+        self.ops: dict[str, list[_OpRecord]] = {}
         self.counts: dict[str, dict[str, int]] = {}
-        # storage key -> (region, op entry) of the op whose output lives there now. A key is
-        # a storage's address, reused once the storage is freed: only the live storage's
+        # storage key -> (region, op record) of the op whose output lives there now. A key
+        # is a storage's address, reused once the storage is freed: only the live storage's
         # producer may be looked up, which is what a save sees.
-        self.producer: dict[int, tuple[str, list[Any]]] = {}
+        self.producer: dict[int, tuple[str, _OpRecord]] = {}
 
     def mark_saved(self, key: int, region: str) -> None:
         """``region`` saves the live storage ``key`` for backward."""
         found = self.producer.get(key)
         if found is not None and found[0] == region:
-            found[1][3] = True
+            found[1].output_saved = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         region = self.current()
@@ -257,9 +299,15 @@ class _OpRecorder(TorchDispatchMode):
         counts = self.counts.setdefault(region, {})
         k = counts.get(str(func), 0)
         counts[str(func)] = k + 1
-        entry = [f"{func}#{k}", nbytes, elapsed, False]
-        self.ops.setdefault(region, []).append(entry)
-        self.producer.update(dict.fromkeys(keys, (region, entry)))
+        mutates = func._schema.is_mutable
+        if mutates:  # whatever it may write to must not come from the cache either
+            for key in inputs:
+                if key in self.producer:
+                    self.producer[key][1].saveable = False
+        random = draws_random_numbers(func, args, kwargs or {})
+        record = _OpRecord(f"{func}#{k}", nbytes, elapsed, saveable=not (mutates or random))
+        self.ops.setdefault(region, []).append(record)
+        self.producer.update(dict.fromkeys(keys, (region, record)))
         return out
 
 
@@ -327,6 +375,8 @@ def profile(
 
     def pack(t: Tensor) -> Tensor:
         st = t.untyped_storage()
+        if stack:  # a recomputation stops at the region's last save, parameters included
+            records[stack[-1]]["rerun_ops"] = len(recorder.ops.get(stack[-1], ()))
         if stack and st._cdata not in exclude:
             records[stack[-1]]["saved"][st._cdata] = st.nbytes()
             recorder.mark_saved(st._cdata, stack[-1])
@@ -346,6 +396,7 @@ def profile(
             with torch.no_grad():
                 model(*inputs, **kwargs)
         flops = _region_flops(model, chosen, inputs, kwargs)
+        overheads = {} if on_meta else _op_overheads(chosen, records, recorder.ops, sync, repeats)
     finally:
         for h in handles:
             h.remove()
@@ -366,12 +417,12 @@ def profile(
         forward_transient, transient = _transient_bytes(module, *rec["call"])
         ops = recorder.ops.get(name, [])
         if on_meta:
-            cost = float(flops.get(name, 0) + sum(o[1] for o in ops))
-            op_costs = [float(o[1]) for o in ops]  # FLOPs per op are not broken out: bytes
+            cost = float(flops.get(name, 0) + sum(o.output_bytes for o in ops))
+            op_costs = [float(o.output_bytes) for o in ops]  # FLOPs per op are not broken out
         else:
             cost = statistics.median(rec["times"]) if rec["times"] else 0.0
-            total = sum(o[2] for o in ops) or 1.0
-            op_costs = [cost * o[2] / total for o in ops]  # scaled to the timed forward
+            total = sum(o.seconds for o in ops) or 1.0
+            op_costs = [cost * o.seconds / total for o in ops]  # scaled to the timed forward
         profiles.append(
             RegionProfile(
                 name=name,
@@ -384,12 +435,15 @@ def profile(
                 output_bytes=rec["output"][1],
                 transient_bytes=transient + moved,
                 forward_transient_bytes=forward_transient,
+                recompute_ops=rec.get("rerun_ops", 0),
+                op_overhead=overheads.get(name, 0.0),
                 ops=tuple(
                     OpProfile(
-                        name=o[0],
-                        output_bytes=o[1],
+                        name=o.name,
+                        output_bytes=o.output_bytes,
                         cost=c,
-                        output_saved=not o[1] or o[3],
+                        output_saved=not o.output_bytes or o.output_saved,
+                        saveable=o.saveable,
                     )
                     for o, c in zip(ops, op_costs)
                 ),
@@ -409,6 +463,60 @@ def profile(
         forward_cost=sum(p.cost for p in profiles),
         meta={"model": type(model).__name__},
     )
+
+
+def _op_overheads(
+    chosen: Sequence[tuple[str, nn.Module]],
+    records: dict[str, dict[str, Any]],
+    ops: dict[str, list[_OpRecord]],
+    sync: Callable[[], None],
+    repeats: int,
+) -> dict[str, float]:
+    """Per region, what op-level checkpointing adds to a training step beyond recomputing
+    ops: the region run with every cacheable op's output saved (so little is recomputed;
+    the ops are dispatched twice and the Python forward replayed) against the region run
+    plainly, forward and backward. Regions of one type running the same ops are measured
+    once."""
+    from remat.policies import Ops
+
+    measured: dict[tuple[Any, ...], float] = {}
+    out = {}
+    for name, module in chosen:
+        region_ops = ops.get(name, ())
+        key = (type(module), tuple(o.name for o in region_ops))
+        if region_ops and key not in measured:
+            treatment = Ops(save_calls=frozenset(o.name for o in region_ops if o.saveable))
+            plain = _step_seconds(module, *records[name]["call"], None, sync, repeats)
+            op_level = _step_seconds(module, *records[name]["call"], treatment, sync, repeats)
+            measured[key] = max(0.0, op_level - plain)
+        out[name] = measured.get(key, 0.0)
+    return out
+
+
+def _step_seconds(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    treatment: Any,
+    sync: Callable[[], None],
+    repeats: int,
+) -> float:
+    """The least time of ``repeats`` forward and backward passes of ``module`` alone."""
+    best = math.inf
+    with _own_gradients(module) as trainable:
+        for _ in range(max(2, repeats)):
+            a, k = _fresh_inputs(args, kwargs)
+            sync()
+            start = time.perf_counter()
+            out = module(*a, **k) if treatment is None else treatment.run(module, a, k)
+            outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            sync()
+            best = min(best, time.perf_counter() - start)
+            for p in trainable:
+                p.grad = None
+    return best
 
 
 def _default_loss(out: Any) -> Tensor:
@@ -571,27 +679,39 @@ def _transient_bytes(
     """Run the region alone, forward and backward, and return what it allocates on top of
     its saved activations and output: (the forward's excess over what it keeps, the larger
     of that and the backward's excess over what is live when it starts)."""
+    args, kwargs = _fresh_inputs(args, kwargs)
+    # The region's own parameter gradients appear during its backward as in the real step
+    # (the later regions' ones are added by _with_gradient_bytes). The parameters must keep
+    # requiring grad: without, a Linear saves no input and runs a smaller graph.
+    with _own_gradients(module):
+        return _excess_bytes(module, args, kwargs)
+
+
+@contextlib.contextmanager
+def _own_gradients(module: nn.Module) -> Iterator[list[Tensor]]:
+    """Run the module's backward alone: its parameters' gradients start at ``None`` and
+    are put back afterwards. Yields the trainable parameters."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    stashed = [p.grad for p in trainable]
+    for p in trainable:
+        p.grad = None
+    try:
+        yield trainable
+    finally:
+        for p, g in zip(trainable, stashed):
+            p.grad = g
+
+
+def _fresh_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A region's recorded inputs cut from the model's graph, to run the region alone."""
+    from torch.utils._pytree import tree_map
 
     def fresh(t: Any) -> Any:
         if isinstance(t, Tensor) and t.is_floating_point():
             return t.detach().requires_grad_(t.requires_grad)
         return t.detach() if isinstance(t, Tensor) else t
 
-    from torch.utils._pytree import tree_map
-
-    args, kwargs = tree_map(fresh, (args, kwargs))
-    # The region's own parameter gradients appear during its backward as in the real step
-    # (the later regions' ones are added by _with_gradient_bytes). The parameters must keep
-    # requiring grad: without, a Linear saves no input and runs a smaller graph.
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    stashed = [p.grad for p in trainable]
-    for p in trainable:
-        p.grad = None
-    try:
-        return _excess_bytes(module, args, kwargs)
-    finally:
-        for p, g in zip(trainable, stashed):
-            p.grad = g
+    return tree_map(fresh, (args, kwargs))
 
 
 def _excess_bytes(

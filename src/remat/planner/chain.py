@@ -292,6 +292,7 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 options=opts,
                 input_saved=r.input_saved,
                 forward_transient_bytes=up(r.forward_extra_bytes),
+                recompute_cost=r.recompute_cost,
             )
         )
     return Chain(regions, tail_bytes=up(chain.tail_bytes))

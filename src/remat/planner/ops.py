@@ -1,7 +1,9 @@
 """Op-level options inside one region: which ops' outputs to save (0-1 knapsack).
 
-Model (that of PyTorch's selective checkpointing): when a region is recomputed, its whole
-forward reruns except the ops whose outputs were saved, which are read back instead. So
+Model (that of PyTorch's selective checkpointing): when a region is recomputed, its forward
+reruns except the ops whose outputs were saved, which are read back instead. It stops once
+the last tensor its backward needs is back (early stop), so the ops after that point never
+rerun: saving them gains nothing, and the caller passes only the ops before it. So
 saving op ``i`` keeps ``output_bytes[i]`` from forward to backward and saves its
 ``recompute_cost[i]``, whatever the ops' dependencies. An option keeps the region's input
 plus the saved outputs, and costs the recompute of the unsaved ops. The best options for
@@ -122,6 +124,7 @@ def solve_ops(
     method: str = "dp",
     resolution_bytes: int | None = None,
     slots: int = 4000,
+    overhead: float = 0.0,
 ) -> list[RegionOption]:
     """The Pareto menu of (kept bytes, recompute cost) save lists for one region.
 
@@ -133,13 +136,14 @@ def solve_ops(
         method: ``"dp"`` (exact DP at the resolution) or ``"milp"`` (scipy).
         resolution_bytes: op sizes are rounded up to multiples of this; default: their
             common divisor if it gives at most ``slots`` slots, else ``total / slots``.
+        overhead: added to every option's cost: what op-level checkpointing itself costs
+            the region (``Profile.op_overhead`` per op), whatever it saves.
 
     Returns:
         Options from least kept to most, each saving a strictly better set than the one
         before (more bytes, less cost), as ``RegionOption(kind="ops")``. Saving nothing is
         included (it is the region's ``recompute``).
     """
-    import numpy as np  # lazily: `import remat` must work without numpy
 
     if method not in ("dp", "milp"):
         raise ValueError(f"method must be 'dp' or 'milp', got {method!r}")
@@ -171,36 +175,51 @@ def solve_ops(
     menu: list[RegionOption] = []
     for s in sets:
         option = saving_option(
-            f"ops{len(menu)}", [ops[i] for i in s], input_bytes=input_bytes, total_cost=total_cost
+            f"ops{len(menu)}",
+            [ops[i] for i in s],
+            input_bytes=input_bytes,
+            total_cost=total_cost,
+            overhead=overhead,
         )
         if menu and option.recompute_cost >= menu[-1].recompute_cost:
             continue  # the exact bytes/cost may tie where the rounded ones did not
         menu.append(option)
-    if max_options is not None and len(menu) > max_options:
-        keep = np.unique(np.linspace(0, len(menu) - 1, max_options).round().astype(int))
-        menu = [menu[i] for i in keep]
-    return menu
+    return _thinned(menu, max_options)
+
+
+def _thinned(menu: list[RegionOption], max_options: int | None) -> list[RegionOption]:
+    """At most ``max_options`` of ``menu``, spread evenly over it, both ends kept."""
+    import numpy as np
+
+    if max_options is None or len(menu) <= max_options:
+        return menu
+    keep = np.unique(np.linspace(0, len(menu) - 1, max_options).round().astype(int))
+    return [menu[i] for i in keep]
 
 
 def saving_option(
-    name: str, saved: Sequence[Op], *, input_bytes: int, total_cost: float
+    name: str, saved: Sequence[Op], *, input_bytes: int, total_cost: float, overhead: float = 0.0
 ) -> RegionOption:
     """The op-level option that saves the outputs of ``saved`` and recomputes the region's
-    other ops (``total_cost``: all of its ops' recompute cost)."""
+    other ops (``total_cost``: all of its ops' recompute cost; ``overhead``: what op-level
+    checkpointing itself costs the region, see ``Profile.op_overhead``)."""
     return RegionOption(
         name=name,
         kept_bytes=input_bytes + sum(o.output_bytes for o in saved),
-        recompute_cost=total_cost - sum(float(o.recompute_cost) for o in saved),
+        recompute_cost=overhead + total_cost - sum(float(o.recompute_cost) for o in saved),
         save_ops=tuple(o.name for o in saved),
         backward_extra_bytes=sum(o.output_bytes for o in saved if not o.output_saved),
     )
 
 
-def with_ops(region: Region, ops: Sequence[Op], **kwargs) -> Region:
-    """``region`` with the op-level options of ``solve_ops`` that store/recompute do not beat."""
+def with_ops(
+    region: Region, ops: Sequence[Op], *, max_options: int | None = None, **kwargs
+) -> Region:
+    """``region`` with the op-level options of ``solve_ops`` that store/recompute do not beat
+    (at most ``max_options`` of them)."""
     opts = []
     for o in solve_ops(ops, input_bytes=region.input_bytes, **kwargs):
         inside = region.input_bytes <= o.kept_bytes < region.saved_with_input_bytes
-        if inside and 0 < o.recompute_cost < region.fwd_cost:
+        if inside and 0 < o.recompute_cost < region.rerun_cost:
             opts.append(o)
-    return replace(region, options=tuple(opts))
+    return replace(region, options=tuple(_thinned(opts, max_options)))

@@ -39,7 +39,8 @@ class RegionOption:
         name: unique within the region; ``"store"`` and ``"recompute"`` are the built-ins.
         kept_bytes: bytes held from the region's forward until its backward, the region's
             input included (store: ``saved_bytes``; recompute: ``input_bytes``).
-        recompute_cost: forward work redone in backward (store: 0; recompute: ``fwd_cost``).
+        recompute_cost: forward work redone in backward (store: 0; recompute: the region's
+            ``rerun_cost``).
         save_ops: names of the ops whose outputs are saved (op-level options only).
         kind: ``"store"``, ``"recompute"`` or ``"ops"`` (an op-level mix of the two).
         backward_extra_bytes: what the option holds during the region's backward beyond the
@@ -88,6 +89,10 @@ class Region:
         forward_transient_bytes: the part of ``transient_bytes`` reached in the forward
             (``None``: all of it). Gradients in flight and parameter gradients piling up
             exist only in the backward.
+        recompute_cost: what recomputing the region alone redoes (``None``: ``fwd_cost``).
+            Less than ``fwd_cost`` when its backward needs nothing from its last ops: the
+            recomputation stops once the last needed tensor is back (early stop), so a
+            block ending in a Linear and a residual add never reruns them.
     """
 
     name: str
@@ -99,12 +104,20 @@ class Region:
     options: tuple[RegionOption, ...] = ()
     input_saved: bool = True
     forward_transient_bytes: int | None = None
+    recompute_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Region: name must be a non-empty str, got {self.name!r}")
         owner = f"region {self.name!r}"
         _check_cost(owner, "fwd_cost", self.fwd_cost)
+        if self.recompute_cost is not None:
+            _check_cost(owner, "recompute_cost", self.recompute_cost)
+            if self.recompute_cost > self.fwd_cost:
+                raise ValueError(
+                    f"{owner}: recompute_cost ({self.recompute_cost}) is more than the forward "
+                    f"it reruns (fwd_cost={self.fwd_cost})"
+                )
         for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
             _check_bytes(owner, attr, getattr(self, attr))
         if self.forward_transient_bytes is not None:
@@ -145,6 +158,11 @@ class Region:
         return self.saved_bytes + (0 if self.input_saved else self.input_bytes)
 
     @property
+    def rerun_cost(self) -> float:
+        """The cost of its ``recompute`` option: ``recompute_cost``, else ``fwd_cost``."""
+        return self.fwd_cost if self.recompute_cost is None else self.recompute_cost
+
+    @property
     def backward_bytes(self) -> int:
         """Bytes live for this region while it runs backward, its input aside when nothing
         saves it (``input_saved=False``): then a checkpoint holding it adds it."""
@@ -156,7 +174,7 @@ class Region:
         recompute = RegionOption(
             name=RECOMPUTE,
             kept_bytes=self.input_bytes,
-            recompute_cost=self.fwd_cost,
+            recompute_cost=self.rerun_cost,
             kind=RECOMPUTE,
         )
         return (store, recompute, *self.options)
