@@ -357,3 +357,21 @@ def test_default_resolution_still_beats_heuristics_on_a_long_rounded_chain(fract
     assert plan.predicted_peak_bytes <= budget
     for h in (greedy_plan(chain, budget), every_n_plan(chain, budget)):
         assert plan.extra_cost <= h.extra_cost + 1e-9, h.solver
+
+
+def test_table_size_limit_counts_the_second_table():
+    """A chain with a region whose input nothing saves keeps a second DP table (for segment
+    reruns): the size limit must count it, or the DP would use twice the memory it allows."""
+
+    def chain(input_saved: bool) -> Chain:
+        sizes = dict(fwd_cost=1, input_bytes=1, saved_bytes=300, output_bytes=1)
+        saved = [input_saved or i % 2 == 0 for i in range(49)]
+        return Chain([Region(name=f"r{i}", **sizes, input_saved=s) for i, s in enumerate(saved)])
+
+    # storing all needs ~15 KB; 50 x 50 x 7001 cells: one table fits the limit (25 M), two not
+    with pytest.raises(ValueError, match="too many for 49 regions"):
+        solve_chain(chain(False), 7000, resolution_bytes=1)
+    from remat.planner.chain import _slots, _tables
+
+    assert _tables(chain(True), nested=True) == 1 and _tables(chain(False), nested=True) == 2
+    assert _slots(49, True, 10**6, tables=2) < _slots(49, True, 10**6, tables=1)

@@ -451,17 +451,26 @@ def _check_budget(budget_bytes: int) -> int:
     return budget_bytes
 
 
-def _slots(n: int, nested: bool, slots: int | None) -> int:
+def _tables(chain: Chain, nested: bool) -> int:
+    """How many DP tables ``_table`` keeps: ``H`` besides ``C`` when a nested chain has a
+    region whose input nothing saves."""
+    return 2 if nested and not all(r.input_saved for r in chain.regions) else 1
+
+
+def _slots(n: int, nested: bool, slots: int | None, tables: int = 1) -> int:
     if not nested:
         return slots or _FLAT_SLOTS
-    # The nested DP does about n^3/6 * slots work and keeps (n+1)^2 * slots floats.
-    cap = min(_MAX_TABLE // (n + 1) ** 2 - 1, int(_NESTED_WORK * 6 / max(1, n**3)))
+    # The nested DP does about n^3/6 * slots work and keeps (n+1)^2 * slots floats, per table.
+    cap = min(
+        _MAX_TABLE // (tables * (n + 1) ** 2) - 1,
+        int(_NESTED_WORK * 6 / max(1, tables * n**3)),
+    )
     return max(8, min(slots or _NESTED_SLOTS, cap))
 
 
-def _table_slots(n: int, budget: int, r: int, nested: bool) -> int:
+def _table_slots(n: int, budget: int, r: int, nested: bool, tables: int = 1) -> int:
     m_max = budget // r
-    cells = (n + 1) * ((n + 1) if nested else 1) * (m_max + 1)
+    cells = tables * (n + 1) * ((n + 1) if nested else 1) * (m_max + 1)
     if cells > _MAX_TABLE:
         raise ValueError(
             f"resolution_bytes={r} gives {m_max} memory slots, too many for {n} regions; "
@@ -473,9 +482,10 @@ def _table_slots(n: int, budget: int, r: int, nested: bool) -> int:
 def _dp(chain: Chain, budget: int, nested: bool, resolution_bytes: int | None, slots: int | None):
     """(rounded chain, table, resolution, whether the resolution is exact) up to ``budget``."""
     n = len(chain)
-    r = _resolution(chain, budget, resolution_bytes, _slots(n, nested, slots))
+    tables = _tables(chain, nested)
+    r = _resolution(chain, budget, resolution_bytes, _slots(n, nested, slots, tables))
     exact = all(x % r == 0 for x in _sizes(chain))
-    m_max = _table_slots(n, budget, r, nested)
+    m_max = _table_slots(n, budget, r, nested, tables)
     q = discretize(chain, r)
     return q, *_table(q, m_max, nested), r, exact
 
