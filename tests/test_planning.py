@@ -386,3 +386,25 @@ def test_random_and_mutated_outputs_are_never_cached():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(grads(asked), reference):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_profile_leaves_the_model_as_it_was():
+    """Profiling runs the model several times: BatchNorm statistics, gradients and the RNG
+    state come back as they were, and gradients already there do not change the profile."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(16, 4))  # fmt: skip
+    x = torch.randn(32, 8)
+    fresh = remat.profile(model, x)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    again = remat.profile(model, x)
+    assert again.step_peak_bytes == fresh.step_peak_bytes
+    assert [r.saved_bytes for r in again.regions] == [r.saved_bytes for r in fresh.regions]
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    for b, kept in zip(model.buffers(), buffers):
+        assert torch.equal(b, kept)
+    assert torch.equal(torch.get_rng_state(), rng)

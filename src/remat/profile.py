@@ -333,12 +333,48 @@ def profile(
     Returns:
         A :class:`Profile`.
 
+    Profiling runs the model several times; its buffers (BatchNorm statistics), its
+    parameters' gradients and the RNG state are put back as they were.
+
     Raises:
         TypeError: ``model`` is not a module.
         PlanError: a region name does not exist or a region never ran.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat.profile: model must be an nn.Module, got {type(model).__name__}")
+    with _state_kept(model):
+        return _profile(model, inputs, kwargs, loss_fn, regions, repeats)
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Put the model's buffers, its parameters' gradients and the RNG state back on exit.
+    Gradients start at ``None`` meanwhile: a step's new bytes include its gradients."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.grad = None
+    tensors = (*model.parameters(), *model.buffers())
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, g in grads:
+                p.grad = g
+
+
+def _profile(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    loss_fn: Callable[[Any], Tensor] | None,
+    regions: Sequence[str] | None,
+    repeats: int,
+) -> Profile:
     named = dict(model.named_modules())
     if regions is None:
         chosen = default_regions(model)
