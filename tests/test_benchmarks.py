@@ -13,14 +13,18 @@ from pathlib import Path
 
 import pytest
 
-PLANNER = Path(__file__).parents[1] / "benchmarks" / "planner.py"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_script(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def run_planner(*args: str) -> str:
-    done = subprocess.run([sys.executable, str(PLANNER), *args], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return run_script("planner.py", *args)
 
 
 @pytest.mark.slow
@@ -54,3 +58,16 @@ def test_planner_benchmark_runs_every_method(tmp_path):
     assert plot.stat().st_size > 0
     table = run_planner("--markdown", "--json", str(out))
     assert "| gpt-2 | torch-selective |" in table
+
+
+@pytest.mark.slow
+def test_reference_points_benchmark_plans_each_reading_within_budget(tmp_path):
+    out = tmp_path / "reference_points.json"
+    table = run_script("reference_points.py", "--layers", "2", "--budgets-mib", "60",
+                       "--rounds", "1", "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"full@60MiB", "no-overhead@60MiB", "neither@60MiB"}
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row)
+        assert row["peak_bytes"] <= 60 * 2**20 and row["ratio"] > 0
+        assert name in table

@@ -351,7 +351,9 @@ class Ops(Treatment):
 
     Outputs of saved ops are kept from the forward and handed back during recomputation
     instead of being computed again, so recompute costs only the other ops. Runs on the
-    hooks engine.
+    hooks engine. Random ops (dropout) are always recomputed, under the replayed RNG state,
+    even if listed: a cached one would not draw its numbers again and would shift those of
+    every random op after it.
 
     Attributes:
         save: ops whose outputs are kept (aten names such as ``"mm"`` or ``aten.mm``).

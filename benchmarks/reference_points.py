@@ -1,0 +1,139 @@
+"""The planner issue's reference points on the 12-block GPT, and what the cost model adds.
+
+The issue gives its reference figures for ``--model gpt`` (12 blocks, d=256, 8 heads, seq 256,
+batch 8, float32) in MiB: none 413 MiB is this model's 433.2 MB step peak. It asks for
+``≤ 1.10`` at ``≤ 215 MiB`` and ``≤ 1.18`` at ``≤ 130 MiB``. This plans at those budgets with
+``remat.autoplan`` from one profile read three ways (an ablation of the cost model):
+
+- ``full``: the profile as measured: a recomputation stops at the region's last saved tensor
+  (early stop) and op-level options pay the measured dispatch overhead;
+- ``no-overhead``: op-level options cost only the ops they recompute;
+- ``neither``: as ``no-overhead``, and every recomputation reruns the whole region (the
+  model before early stop was counted).
+
+It measures each plan's step peak with the tracker and its step time against no
+checkpointing, interleaved in one process (median of ``--rounds``), prints a table and writes
+``results/reference_points.json``.
+
+Run: ``python benchmarks/reference_points.py [--rounds 12] [--budgets-mib 215 130]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import remat
+from remat.models import Workload, build_workload
+from remat.planning import measure_step_peak
+from remat.profile import Profile
+
+RESULTS = Path(__file__).parent / "results"
+MiB = 2**20
+TARGETS = {215: 1.10, 130: 1.18}  # the issue's reference points (MiB: time ratio)
+
+
+def ablations(profile: Profile) -> dict[str, Profile]:
+    """The profile as measured, and read without the op-level overhead / early stop."""
+
+    def without(**fields) -> Profile:
+        regions = tuple(dataclasses.replace(r, **fields) for r in profile.regions)
+        return dataclasses.replace(profile, regions=regions)
+
+    return {
+        "full": profile,
+        "no-overhead": without(op_overhead=0.0),
+        "neither": without(op_overhead=0.0, recompute_ops=None),
+    }
+
+
+def step_seconds(workload: Workload) -> float:
+    workload.model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    workload.loss().backward()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--budgets-mib", type=int, nargs="+", default=list(TARGETS))
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--json", type=Path, default=RESULTS / "reference_points.json")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    base = build_workload("gpt", n_layers=args.layers)
+    loss_of = lambda out: base.loss_fn(out, base.targets)  # noqa: E731
+    profile = remat.profile(base.model, *base.inputs, loss_fn=loss_of)
+    workloads = {"none": base}
+    rows: dict[str, dict] = {}
+    for mib in args.budgets_mib:
+        for reading, prof in ablations(profile).items():
+            w = copy.deepcopy(base)
+            loss = lambda out, w=w: w.loss_fn(out, w.targets)  # noqa: E731
+            name = f"{reading}@{mib}MiB"
+            try:
+                result = remat.autoplan(
+                    w.model, *w.inputs, budget=mib * MiB, loss_fn=loss, profile=prof
+                )
+            except remat.BudgetError as err:
+                rows[name] = {"status": "infeasible", "error": str(err)}
+                continue
+            rows[name] = {
+                "status": "ok",
+                "budget_mib": mib,
+                "reading": reading,
+                "choices": list(result.plan.choices),
+                "predicted_extra": result.plan.extra_cost / profile.forward_cost,
+                "peak_bytes": measure_step_peak(w.model, w.inputs, loss),
+            }
+            workloads[name] = w
+    for w in workloads.values():  # warm-up
+        step_seconds(w)
+    times: dict[str, list[float]] = {name: [] for name in workloads}
+    names = list(workloads)
+    for r in range(args.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(step_seconds(workloads[name]))
+    base_time = statistics.median(times["none"])
+    none_mib = profile.step_peak_bytes / MiB
+    print(f"gpt-{args.layers}: none {none_mib:.1f} MiB, {base_time * 1e3:.0f} ms per step; "
+          f"median of {args.rounds} interleaved rounds")  # fmt: skip
+    print(f"{'plan':<24}{'peak MiB':>10}{'x none':>8}{'target':>8}  predicted extra (of fwd)")
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            print(f"{name:<24}{'infeasible':>10}")
+            continue
+        row["ratio"] = statistics.median(times[name]) / base_time
+        row["step_s"] = times[name]
+        target = TARGETS.get(row["budget_mib"])
+        mark = "" if target is None else f"≤{target:.2f}"
+        print(f"{name:<24}{row['peak_bytes'] / MiB:>10.1f}{row['ratio']:>8.3f}{mark:>8}"
+              f"  {row['predicted_extra']:.3f}")  # fmt: skip
+    document = {
+        "command": "python benchmarks/reference_points.py " + " ".join(argv or []),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "none": {"peak_bytes": profile.step_peak_bytes, "step_s": times["none"]},
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2))
+    return document
+
+
+if __name__ == "__main__":
+    main()
