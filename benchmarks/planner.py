@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_seconds
 from torch import nn
 
 import remat
@@ -240,15 +241,7 @@ def run_model(label: str, make, args: argparse.Namespace) -> dict:
         if args.match and not name.startswith(("remat", "none")):
             # remat planned for exactly this baseline's measured peak: the head-to-head row
             todo[f"remat@{name}"] = rows[name]["peak_bytes"]
-    for _ in range(args.warmup):
-        for w in workloads.values():
-            step_seconds(w)
-    times = {name: [] for name in workloads}
-    names = list(workloads)
-    for r in range(args.steps):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(step_seconds(workloads[name]))
+    times = interleaved_seconds(workloads, args.steps, args.warmup, step_seconds)
     base_time = statistics.median(times["none"])
     for name, ts in times.items():
         rows[name]["ratio"] = statistics.median(ts) / base_time

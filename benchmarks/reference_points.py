@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import interleaved_seconds
 
 import remat
 from remat.models import Workload, build_workload
@@ -97,14 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_bytes": measure_step_peak(w.model, w.inputs, loss),
             }
             workloads[name] = w
-    for w in workloads.values():  # warm-up
-        step_seconds(w)
-    times: dict[str, list[float]] = {name: [] for name in workloads}
-    names = list(workloads)
-    for r in range(args.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(step_seconds(workloads[name]))
+    times = interleaved_seconds(workloads, args.rounds, 1, step_seconds)
     base_time = statistics.median(times["none"])
     none_mib = profile.step_peak_bytes / MiB
     print(f"gpt-{args.layers}: none {none_mib:.1f} MiB, {base_time * 1e3:.0f} ms per step; "
