@@ -408,3 +408,15 @@ def test_profile_leaves_the_model_as_it_was():
     for b, kept in zip(model.buffers(), buffers):
         assert torch.equal(b, kept)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_autoplan_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())
+                            for _ in range(4)), nn.Linear(64, 1))  # fmt: skip
+    x = torch.randn(256, 64)
+    buffers = [b.clone() for b in model.buffers()]
+    result = remat.autoplan(model, x, budget="60%")
+    assert result.measured_peak_bytes <= result.budget_bytes
+    for b, kept in zip(model.buffers(), buffers):
+        assert torch.equal(b, kept)

@@ -188,7 +188,9 @@ def autoplan(
 ) -> AutoPlan:
     """Profile, plan, apply and measure: a plan whose *measured* peak fits ``budget``.
 
-    The chain model predicts the peak; the tracker measures it. When the measurement exceeds
+    The model's buffers, gradients and the RNG state are left as they were (profiling and
+    measuring run training steps). The chain model predicts the peak; the tracker measures
+    it. When the measurement exceeds
     the budget, the solver is asked again with the budget lowered by the excess; when it
     leaves room (the model is conservative), with the budget raised by the room left, keeping
     the cheapest plan whose measured peak fits. At most ``max_rounds`` plans are measured.
@@ -196,7 +198,7 @@ def autoplan(
     Raises:
         BudgetError: no plan within ``max_rounds`` measured under the budget.
     """
-    from remat.profile import _default_loss
+    from remat.profile import _default_loss, _state_kept
     from remat.profile import profile as make_profile
 
     loss_of = loss_fn or _default_loss
@@ -220,7 +222,8 @@ def autoplan(
             target = floor
             continue
         apply_plan(model, chosen)
-        measured = measure_step_peak(model, inputs, loss_of)
+        with _state_kept(model):  # measuring must not train the BatchNorm statistics
+            measured = measure_step_peak(model, inputs, loss_of)
         least = measured if least is None else min(least, measured)
         if measured <= total:
             if best is None or chosen.extra_cost < best[0].extra_cost:
