@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -501,6 +500,9 @@ def _profile(
     )
 
 
+_WARM_UP_PAIRS = 3
+
+
 def _op_overheads(
     chosen: Sequence[tuple[str, nn.Module]],
     records: dict[str, dict[str, Any]],
@@ -511,8 +513,10 @@ def _op_overheads(
     """Per region, what op-level checkpointing adds to a training step beyond recomputing
     ops: the region run with every cacheable op's output saved (so little is recomputed;
     the ops are dispatched twice and the Python forward replayed) against the region run
-    plainly, forward and backward. Regions of one type running the same ops are measured
-    once."""
+    plainly, forward and backward, as the median difference of alternating runs after a few
+    warm-up pairs (it is a few percent of the region's step: a difference of minima was too
+    noisy, and a fresh process pays more in its first runs). Regions of one type running the
+    same ops are measured once."""
     from remat.policies import Ops
 
     measured: dict[tuple[Any, ...], float] = {}
@@ -522,9 +526,15 @@ def _op_overheads(
         key = (type(module), tuple(o.name for o in region_ops))
         if region_ops and key not in measured:
             treatment = Ops(save_calls=frozenset(o.name for o in region_ops if o.saveable))
-            plain = _step_seconds(module, *records[name]["call"], None, sync, repeats)
-            op_level = _step_seconds(module, *records[name]["call"], treatment, sync, repeats)
-            measured[key] = max(0.0, op_level - plain)
+            call = records[name]["call"]
+            differences = []
+            with _own_gradients(module):
+                for i in range(_WARM_UP_PAIRS + max(5, 2 * repeats)):
+                    plain = _step_seconds(module, *call, None, sync)
+                    op_level = _step_seconds(module, *call, treatment, sync)
+                    if i >= _WARM_UP_PAIRS:
+                        differences.append(op_level - plain)
+            measured[key] = max(0.0, statistics.median(differences))
         out[name] = measured.get(key, 0.0)
     return out
 
@@ -535,24 +545,21 @@ def _step_seconds(
     kwargs: dict[str, Any],
     treatment: Any,
     sync: Callable[[], None],
-    repeats: int,
 ) -> float:
-    """The least time of ``repeats`` forward and backward passes of ``module`` alone."""
-    best = math.inf
-    with _own_gradients(module) as trainable:
-        for _ in range(max(2, repeats)):
-            a, k = _fresh_inputs(args, kwargs)
-            sync()
-            start = time.perf_counter()
-            out = module(*a, **k) if treatment is None else treatment.run(module, a, k)
-            outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
-            if outs:
-                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
-            sync()
-            best = min(best, time.perf_counter() - start)
-            for p in trainable:
-                p.grad = None
-    return best
+    """One forward and backward pass of ``module`` alone (under ``treatment`` if given);
+    the parameters' gradients are dropped afterwards."""
+    a, k = _fresh_inputs(args, kwargs)
+    sync()
+    start = time.perf_counter()
+    out = module(*a, **k) if treatment is None else treatment.run(module, a, k)
+    outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+    if outs:
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    sync()
+    seconds = time.perf_counter() - start
+    for p in module.parameters():
+        p.grad = None
+    return seconds
 
 
 def _default_loss(out: Any) -> Tensor:
