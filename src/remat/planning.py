@@ -190,10 +190,10 @@ def autoplan(
 
     The model's buffers, gradients and the RNG state are left as they were (profiling and
     measuring run training steps). The chain model predicts the peak; the tracker measures
-    it. When the measurement exceeds
-    the budget, the solver is asked again with the budget lowered by the excess; when it
-    leaves room (the model is conservative), with the budget raised by the room left, keeping
-    the cheapest plan whose measured peak fits. At most ``max_rounds`` plans are measured.
+    it. When the measurement exceeds the budget, the solver is asked again with the budget
+    lowered by the excess; when it leaves room (the model is conservative), with the budget
+    raised by the room left, keeping the cheapest plan whose measured peak fits. At most
+    ``max_rounds`` plans are measured.
 
     Raises:
         BudgetError: no plan within ``max_rounds`` measured under the budget.

@@ -376,16 +376,17 @@ class Ops(Treatment):
         calls: dict[tuple[bool, str], int] = {}  # per checkpointed call: k-th call of an op
 
         def policy_fn(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-            k = -1
+            saved_call = False
             if self.save_calls:
                 key = (ctx.is_recompute, str(func))
                 k = calls.get(key, 0)
                 calls[key] = k + 1
+                saved_call = f"{func}#{k}" in self.save_calls
             if draws_random_numbers(func, args, kwargs):
                 # Recomputed under the replayed RNG state: a cached random op would not draw
                 # its numbers again and shift those of every random op after it.
                 return CheckpointPolicy.PREFER_RECOMPUTE
-            if f"{func}#{k}" in self.save_calls:
+            if saved_call:
                 return CheckpointPolicy.MUST_SAVE
             packet = getattr(func, "overloadpacket", func)
             if packet in self.save and packet not in self.recompute:

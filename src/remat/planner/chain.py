@@ -322,7 +322,7 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
     else:
         C[n, 0, :] = 0.0
     C[n, n if nested else 0, : q.tail_bytes] = np.inf  # the tail runs after the whole chain
-    H = C.copy() if nested and not all(r.input_saved for r in q.regions) else C
+    H = C.copy() if _tables(q, nested) == 2 else C
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
     for s in range(n - 1, -1, -1):
         r = q.regions[s]
