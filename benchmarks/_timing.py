@@ -3,8 +3,30 @@ order that rotates each round, so that slow phases of a noisy machine hit all of
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
+
+
+def step_seconds(workload: Any, *, free_gradients: bool = False) -> float:
+    """One timed training step (forward and backward) of a ``remat.models.Workload``,
+    synchronised on CUDA.
+
+    ``free_gradients`` drops the gradients after the step, for scripts that keep many large
+    models in one process (their gradients would otherwise stay between turns).
+    """
+    import torch
+
+    sync = torch.cuda.synchronize if workload.inputs[0].is_cuda else (lambda: None)
+    workload.model.zero_grad(set_to_none=True)
+    sync()
+    start = time.perf_counter()
+    workload.loss().backward()
+    sync()
+    seconds = time.perf_counter() - start
+    if free_gradients:
+        workload.model.zero_grad(set_to_none=True)
+    return seconds
 
 
 def interleaved_seconds(

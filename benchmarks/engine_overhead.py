@@ -17,12 +17,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
+from _timing import interleaved_seconds, step_seconds
 
 import remat
 from remat.models import build_workload
@@ -79,16 +79,6 @@ def kept_bytes(workload) -> int:
     return sum(storages.values())
 
 
-def step_seconds(workload) -> float:
-    sync = torch.cuda.synchronize if workload.inputs[0].is_cuda else (lambda: None)
-    workload.model.zero_grad(set_to_none=True)
-    sync()
-    start = time.perf_counter()
-    workload.loss().backward()
-    sync()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -106,14 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     workloads = {config: build(config, args) for config in CONFIGS}
     kept = {config: kept_bytes(w) for config, w in workloads.items()}
-    for _ in range(args.warmup):
-        for w in workloads.values():
-            step_seconds(w)
-    times: dict[str, list[float]] = {config: [] for config in CONFIGS}
-    for round_index in range(args.repeats):
-        shift = round_index % len(CONFIGS)  # rotate the order: no config always runs first
-        for config in CONFIGS[shift:] + CONFIGS[:shift]:
-            times[config].append(step_seconds(workloads[config]))
+    times = interleaved_seconds(workloads, args.repeats, args.warmup, step_seconds)
 
     median = {config: statistics.median(ts) for config, ts in times.items()}
     rows = []

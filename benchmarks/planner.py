@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_seconds
+from _timing import interleaved_seconds, step_seconds
 from torch import nn
 
 import remat
@@ -190,16 +190,6 @@ def sac_milp_methods(base: Workload, fractions: list[float]) -> tuple[dict[str, 
     return plans, f"estimators {stats.seconds:.1f} s"
 
 
-def step_seconds(workload: Workload) -> float:
-    workload.model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    workload.loss().backward()
-    seconds = time.perf_counter() - start
-    # ~35 models of 48 blocks are timed in turn: their gradients would hold 5 GB between turns
-    workload.model.zero_grad(set_to_none=True)
-    return seconds
-
-
 def run_model(label: str, make, args: argparse.Namespace) -> dict:
     base = make()
     loss_of = lambda out, w=base: w.loss_fn(out, w.targets)  # noqa: E731
@@ -241,7 +231,9 @@ def run_model(label: str, make, args: argparse.Namespace) -> dict:
         if args.match and not name.startswith(("remat", "none")):
             # remat planned for exactly this baseline's measured peak: the head-to-head row
             todo[f"remat@{name}"] = rows[name]["peak_bytes"]
-    times = interleaved_seconds(workloads, args.steps, args.warmup, step_seconds)
+    # ~35 models of 48 blocks are timed in turn: their gradients would hold 5 GB between turns
+    step = functools.partial(step_seconds, free_gradients=True)
+    times = interleaved_seconds(workloads, args.steps, args.warmup, step)
     base_time = statistics.median(times["none"])
     for name, ts in times.items():
         rows[name]["ratio"] = statistics.median(ts) / base_time

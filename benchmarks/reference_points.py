@@ -26,14 +26,13 @@ import dataclasses
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from _timing import interleaved_seconds
+from _timing import interleaved_seconds, step_seconds
 
 import remat
-from remat.models import Workload, build_workload
+from remat.models import build_workload
 from remat.planning import measure_step_peak
 from remat.profile import Profile
 
@@ -54,13 +53,6 @@ def ablations(profile: Profile) -> dict[str, Profile]:
         "no-overhead": without(op_overhead=0.0),
         "neither": without(op_overhead=0.0, recompute_ops=None),
     }
-
-
-def step_seconds(workload: Workload) -> float:
-    workload.model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    workload.loss().backward()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
