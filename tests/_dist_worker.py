@@ -29,8 +29,15 @@ CASES = (
     "ddp-static-graph",
     "fsdp2",
     "fsdp2-apply-after",
+    "ddp-tape",
+    "fsdp2-tape",
     "ddp-torch-reentrant-find-unused",  # control: the classic failure; last, it may break DDP
 )
+
+
+# Op-level checkpointing on the tape engine: its recipes hold the gathered parameters that
+# FSDP frees after the forward and gathers again before the backward.
+TAPE = remat.ops("save-attention", engine="tape")
 
 
 def workload(world: int):
@@ -72,6 +79,8 @@ def _prepare(case: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
         if "torch-reentrant" in case:
             _torch_reentrant(model)
+        elif case == "ddp-tape":
+            remat.apply(model, remat.every(1) & TAPE)
         else:
             remat.apply(model, remat.every(1))  # before wrapping
         options = {
@@ -85,6 +94,8 @@ def _prepare(case: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if case == "fsdp2":
         remat.apply(model, remat.by_type(Block))  # the documented order: AC, then shard
+    if case == "fsdp2-tape":
+        remat.apply(model, remat.by_type(Block) & TAPE)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

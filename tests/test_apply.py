@@ -55,6 +55,7 @@ POLICIES = {
     "predicate": lambda: lambda m, fqn: isinstance(m, Block) and fqn.endswith("1"),
     "function-engine": lambda: remat.recompute(engine="function"),
     "save-matmuls": lambda: remat.ops("save-matmuls"),
+    "save-matmuls-tape": lambda: remat.ops("save-matmuls", engine="tape"),
     "every2-ops": lambda: remat.every(2) & remat.ops("save-matmuls"),
 }
 

@@ -66,7 +66,7 @@ def test_reference_points_benchmark_plans_each_reading_within_budget(tmp_path):
     table = run_script("reference_points.py", "--layers", "2", "--budgets-mib", "60",
                        "--rounds", "1", "--json", str(out))  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"full@60MiB", "no-overhead@60MiB", "neither@60MiB"}
+    assert set(rows) == {"full@60MiB", "no-overhead@60MiB", "replay@60MiB"}
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row)
         assert row["peak_bytes"] <= 60 * 2**20 and row["ratio"] > 0

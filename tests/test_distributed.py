@@ -104,12 +104,12 @@ def _check(results: list[dict], reference: dict, case: str) -> None:
             torch.testing.assert_close(got["grads"][step], reference["grads"][step], **EXACT)
 
 
-@pytest.mark.parametrize("case", ["ddp", "ddp-find-unused", "ddp-static-graph"])
+@pytest.mark.parametrize("case", ["ddp", "ddp-find-unused", "ddp-static-graph", "ddp-tape"])
 def test_ddp_with_remat_applied_before_wrapping(results, reference, case):
     _check(results, reference, case)
 
 
-@pytest.mark.parametrize("case", ["fsdp2", "fsdp2-apply-after"])
+@pytest.mark.parametrize("case", ["fsdp2", "fsdp2-apply-after", "fsdp2-tape"])
 def test_fsdp2_per_block_and_root(results, reference, case):
     # fsdp2: remat.apply, then fully_shard per block and on the root (the documented order);
     # fsdp2-apply-after: remat.apply on the already sharded model. Gradients are the

@@ -81,6 +81,7 @@ POLICIES = {
     "default": lambda: None,
     "function-engine": lambda: remat.recompute(engine="function"),
     "save-matmuls": lambda: remat.ops("save-matmuls"),
+    "save-matmuls-tape": lambda: remat.ops("save-matmuls", engine="tape"),
     "every2": lambda: remat.every(2),
     "by_type-ops": lambda: remat.by_name("*.1") & remat.ops("save-matmuls"),
 }

@@ -420,3 +420,63 @@ def test_autoplan_leaves_batchnorm_statistics_alone():
     assert result.measured_peak_bytes <= result.budget_bytes
     for b, kept in zip(model.buffers(), buffers):
         assert torch.equal(b, kept)
+
+
+def test_op_level_plans_run_on_the_tape_where_every_op_is_recomputable():
+    """The tape engine keeps the outputs of random ops and of ops that write to a tensor
+    (batch norm's statistics), which the op menus count as recomputed: regions with such
+    ops plan on the replay engine, the others on the tape."""
+    from remat.planning import plan_assignments
+
+    def engines(workload, **options):
+        prof = remat.profile(workload.model, *workload.inputs, **options)
+        # Without the overhead, op-level options reach the frontier of these tiny models.
+        regions = tuple(dataclasses.replace(r, op_overhead=0.0) for r in prof.regions)
+        prof = Profile.from_json(dataclasses.replace(prof, regions=regions).to_json())
+        found = {o.engine for r in prof.to_chain().regions for o in r.options}
+        plans = remat.pareto(prof)
+        assert any(r.action == "ops" for p in plans for r in p.regions)
+        for plan in plans:
+            assert remat.Plan.from_json(plan.to_json()) == plan
+            planned = {r.name: r.engine for r in plan.regions if r.action == "ops"}
+            assert set(planned.values()) <= found
+            applied = {
+                name: t.engine
+                for name, _, t in plan_assignments(workload.model, plan)
+                if isinstance(t, remat.Ops)
+            }
+            assert applied == planned
+        return found
+
+    assert engines(small_gpt(), loss_fn=loss_of(small_gpt())) == {"tape"}
+    assert engines(small_gpt(dropout=0.1)) == {"replay"}
+    assert engines(small_gpt(), op_engines="replay") == {"replay"}
+    convnet = build_workload("convnet", batch=2, channels=8, n_blocks=3)
+    assert engines(convnet) == {"replay"}  # batch norm writes its running statistics
+    # The functional form has no counter update: only batch norm itself writes, unannounced.
+    chain = _FunctionalNormChain()
+    x = torch.randn(64, 4 * C)
+    assert engines(type("W", (), {"model": chain, "inputs": (x,)})) == {"replay"}
+
+
+class _FunctionalNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4 * C, 4 * C)
+        self.register_buffer("mean", torch.zeros(4 * C))
+        self.register_buffer("var", torch.ones(4 * C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.batch_norm(self.fc(x), self.mean, self.var, training=True)
+        return x + torch.tanh(h)
+
+
+class _FunctionalNormChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_FunctionalNormBlock() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x

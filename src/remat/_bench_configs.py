@@ -175,10 +175,10 @@ def _blocks(names: tuple[str, ...]):
     return remat.by_name(*names)
 
 
-def _ops(preset: str):
+def _ops(preset: str, engine: str = "replay"):
     import remat
 
-    return remat.ops(preset)
+    return remat.ops(preset, engine=engine)
 
 
 def _sqrt():
@@ -268,6 +268,12 @@ for _config in (
         "save-matmuls",
         "every block, op-level: matmul/attention outputs kept, the rest recomputed",
         lambda w, a: _blocks(w.blocks) & _ops("save-matmuls"),
+        default=False,
+    ),
+    policy_config(
+        "save-matmuls-tape",
+        "save-matmuls on the tape engine: single saved tensors recomputed, no replay",
+        lambda w, a: _blocks(w.blocks) & _ops("save-matmuls", "tape"),
         default=False,
     ),
     policy_config(

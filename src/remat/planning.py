@@ -132,7 +132,9 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
         if region.action == "recompute":
             roles[region.name].append(Recompute())
         elif region.action == "ops":
-            roles[region.name].append(Ops(save_calls=frozenset(region.save_ops)))
+            roles[region.name].append(
+                Ops(save_calls=frozenset(region.save_ops), engine=region.engine)
+            )
         elif region.action != "store":
             raise PlanError(f"remat.apply_plan: action {region.action!r} is not supported yet")
     return [(name, modules[name], t) for name, ts in roles.items() for t in ts]

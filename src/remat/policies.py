@@ -25,9 +25,12 @@ import torch
 from torch import nn
 
 from remat._determinism import DETERMINISM_CHECKS
+from remat._replay import describe_fn
+from remat._tape_engine import checkpoint_tape
 from remat.checkpoint import ENGINES, run_checkpoint
 
 __all__ = [
+    "OP_ENGINES",
     "OP_PRESETS",
     "Ops",
     "Policy",
@@ -298,6 +301,9 @@ def recompute(**options: Any) -> Recompute:
     return Recompute(**options)
 
 
+# How op-level checkpointing recomputes (see Ops).
+OP_ENGINES = ("replay", "tape")
+
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution")
 _ATTENTION = (
     "_scaled_dot_product_flash_attention",
@@ -349,11 +355,22 @@ def draws_random_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
 class Ops(Treatment):
     """Op-level (selective) checkpointing: keep the outputs of ``save`` ops, recompute the rest.
 
-    Outputs of saved ops are kept from the forward and handed back during recomputation
-    instead of being computed again, so recompute costs only the other ops. Runs on the
-    hooks engine. Random ops (dropout) are always recomputed, under the replayed RNG state,
-    even if listed: a cached one would not draw its numbers again and would shift those of
-    every random op after it.
+    Two engines run it:
+
+    - ``"replay"`` (default): PyTorch's selective checkpointing on remat's hooks engine. In
+      backward the region's forward is re-run; outputs of saved ops are handed back instead
+      of being computed again. Random ops (dropout) are always recomputed, under the
+      replayed RNG state, even if listed: a cached one would not draw its numbers again and
+      would shift those of every random op after it.
+    - ``"tape"``: no re-run. The forward records how to compute each unsaved op's outputs
+      again, and each saved tensor backward needs is recomputed alone, from the kept
+      outputs, when it is unpacked (``remat._tape_engine``). It skips the replay's fixed
+      cost (about 2 ms per transformer block on a CPU) and recomputes only what backward
+      reads. Outputs of random ops and of ops that write to a tensor are always kept
+      there, since they cannot be recomputed from their arguments, so a region with
+      dropout keeps its masks; a tensor a recipe needs that is modified in place later
+      raises :class:`~remat.CheckpointError` in backward. Eager only (``torch.compile``
+      uses the replay's traceable form).
 
     Attributes:
         save: ops whose outputs are kept (aten names such as ``"mm"`` or ``aten.mm``).
@@ -361,6 +378,7 @@ class Ops(Treatment):
         preset: name in :data:`OP_PRESETS` providing ``save`` (``"save-matmuls"``).
         save_calls: single calls to keep, named ``"<overload>#<k>"`` (the k-th call of that
             overload in the region, e.g. ``"aten.addmm.default#2"``): what plans use.
+        engine: ``"replay"`` or ``"tape"`` (above).
     """
 
     save: frozenset[Any] = field(default_factory=frozenset)
@@ -368,7 +386,36 @@ class Ops(Treatment):
     preset: str | None = None
     save_calls: frozenset[str] = field(default_factory=frozenset)
     determinism_check: str = "metadata"
+    engine: str = "replay"
     name: str = "ops"
+
+    def __post_init__(self) -> None:
+        if self.engine not in OP_ENGINES:
+            raise ValueError(
+                f"remat.ops: engine={self.engine!r} is not one of {', '.join(OP_ENGINES)}"
+            )
+
+    def _saves(self) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], bool]:
+        """Whether the tape engine keeps one call's outputs: a listed op or call, or a
+        random op (its numbers cannot be drawn again)."""
+        calls: dict[Any, int] = {}  # k-th call of each overload in this forward
+        names: dict[Any, str] = {}
+
+        def saves(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+            listed = False
+            if self.save_calls:
+                k = calls.get(func, 0)
+                calls[func] = k + 1
+                name = names.get(func)
+                if name is None:
+                    name = names[func] = str(func)
+                listed = f"{name}#{k}" in self.save_calls
+            if not listed:
+                packet = getattr(func, "overloadpacket", func)
+                listed = packet in self.save and packet not in self.recompute
+            return listed or draws_random_numbers(func, args, kwargs)
+
+        return saves
 
     def _contexts(self) -> tuple[Any, Any]:
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -400,6 +447,17 @@ class Ops(Treatment):
             # A partial, not a bound method or closure: the context_fn forms dynamo accepts.
             contexts = functools.partial(type(self)._contexts, self)
             return _traceable_checkpoint(forward, args, kwargs, context_fn=contexts)
+        if self.engine == "tape":
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint_tape(
+                forward,
+                args,
+                kwargs,
+                region=describe_fn(forward),
+                saves=self._saves(),
+                determinism_check=self.determinism_check,
+            )
         return run_checkpoint(
             forward,
             args,
@@ -415,11 +473,16 @@ def ops(
     save: Iterable[Any] = (),
     recompute: Iterable[Any] = (),
     determinism_check: str = "metadata",
+    engine: str = "replay",
 ) -> Ops:
     """Op-level policy: ``remat.ops("save-matmuls")`` or ``remat.ops(save=["mm", "addmm"])``.
 
+    ``engine="tape"`` recomputes single saved tensors instead of re-running the region (see
+    :class:`Ops`).
+
     Raises:
-        ValueError: unknown preset or op name, or an op both saved and recomputed explicitly.
+        ValueError: unknown preset, op name or engine, or an op both saved and recomputed
+            explicitly.
     """
     if preset is not None and preset not in OP_PRESETS:
         raise ValueError(f"remat.ops: unknown preset {preset!r}; presets: {', '.join(OP_PRESETS)}")
@@ -433,7 +496,11 @@ def ops(
     if determinism_check not in DETERMINISM_CHECKS:
         raise ValueError(f"remat.ops: determinism_check={determinism_check!r} is not valid")
     return Ops(
-        save=save_set, recompute=recompute_set, preset=preset, determinism_check=determinism_check
+        save=save_set,
+        recompute=recompute_set,
+        preset=preset,
+        determinism_check=determinism_check,
+        engine=engine,
     )
 
 

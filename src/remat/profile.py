@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from remat._storage import iter_tensors, unique_storage_bytes
+from remat._tape_engine import writes_to_arguments
 from remat.errors import PlanError
 from remat.memory import MemoryTracker
 from remat.policies import block_lists, draws_random_numbers
@@ -44,13 +45,16 @@ class OpProfile:
     """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region;
     ``output_saved``: autograd saves its output for backward (see ``planner.Op``);
     ``saveable``: a selective checkpoint may keep its output (not a random op, an in-place
-    op or an output that an in-place op changes later)."""
+    op or an output that an in-place op changes later); ``recomputable``: its outputs
+    follow from its arguments alone (not a random op nor one that writes to an argument,
+    such as batch norm's running statistics), which the tape engine needs."""
 
     name: str
     output_bytes: int
     cost: float
     output_saved: bool = True
     saveable: bool = True
+    recomputable: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,9 +81,10 @@ class RegionProfile:
             before it runs, so a block ending in a Linear and a residual add stops before
             both (the early stop of remat's checkpoint).
         op_overhead: what op-level checkpointing costs the region beyond the ops it
-            recomputes: its dispatch modes see every op, in the forward and again in the
-            recomputation, which also reruns the Python forward (measured with every op
-            saved; 0 on meta).
+            recomputes, measured with every op saved on the engine its plans use (see
+            ``Profile.op_engines``; 0 on meta): the replay engine's dispatch modes see
+            every op in the forward and again in the recomputation, which also reruns the
+            Python forward; the tape engine records every op in the forward.
     """
 
     name: str
@@ -138,6 +143,8 @@ class Profile:
         tail_bytes: what the model adds after the chain (head, loss and their backward) on
             top of what the chain holds then, measured between the last region's forward
             and its backward (``planner.Chain.tail_bytes``).
+        op_engines: the engines its op-level options run on (``remat.profile``'s
+            ``op_engines``: ``"auto"`` or ``"replay"``).
     """
 
     regions: tuple[RegionProfile, ...]
@@ -147,6 +154,7 @@ class Profile:
     outside_bytes: int
     forward_cost: float
     tail_bytes: int = 0
+    op_engines: str = "auto"
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
@@ -165,6 +173,7 @@ class Profile:
                 overhead = r.op_overhead
                 region = with_ops(region, ops, max_options=max_options, overhead=overhead)
                 region = _with_preset_options(region, ops, overhead)
+                region = _on_engine(region, op_engine(r.ops, self.op_engines))
             regions.append(region)
         return Chain(regions, tail_bytes=self.tail_bytes)
 
@@ -179,6 +188,26 @@ class Profile:
             for r in data.pop("regions")
         )
         return cls(regions=regions, **data)
+
+
+OP_ENGINE_CHOICES = ("auto", "replay")
+
+
+def op_engine(ops: Sequence[Any], choice: str = "auto") -> str:
+    """The op-level engine a region's plans use. ``"auto"``: ``"tape"`` (no replay, less
+    fixed cost) when every op of the region may be recomputed from its arguments,
+    ``"replay"`` when it has a random or in-place op, whose outputs the tape would keep
+    beyond the menu's bytes. ``"replay"``: always the replay."""
+    if choice == "auto" and ops and all(o.saveable and o.recomputable for o in ops):
+        return "tape"
+    return "replay"
+
+
+def _on_engine(region: Any, engine: str) -> Any:
+    import dataclasses
+
+    options = tuple(dataclasses.replace(o, engine=engine) for o in region.options)
+    return dataclasses.replace(region, options=options)
 
 
 def _with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) -> Any:
@@ -258,6 +287,7 @@ class _OpRecord:
     seconds: float
     output_saved: bool = False  # the region's own autograd nodes save its output
     saveable: bool = True  # a selective checkpoint may cache its output (see _OpRecorder)
+    recomputable: bool = True  # its outputs follow from its arguments (see OpProfile)
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -304,7 +334,13 @@ class _OpRecorder(TorchDispatchMode):
                 if key in self.producer:
                     self.producer[key][1].saveable = False
         random = draws_random_numbers(func, args, kwargs or {})
-        record = _OpRecord(f"{func}#{k}", nbytes, elapsed, saveable=not (mutates or random))
+        record = _OpRecord(
+            f"{func}#{k}",
+            nbytes,
+            elapsed,
+            saveable=not (mutates or random),
+            recomputable=not (random or writes_to_arguments(func)),
+        )
         self.ops.setdefault(region, []).append(record)
         self.producer.update(dict.fromkeys(keys, (region, record)))
         return out
@@ -316,6 +352,7 @@ def profile(
     loss_fn: Callable[[Any], Tensor] | None = None,
     regions: Sequence[str] | None = None,
     repeats: int = 3,
+    op_engines: str = "auto",
     **kwargs: Any,
 ) -> Profile:
     """Profile ``model`` on ``inputs`` for :func:`remat.plan`.
@@ -327,6 +364,11 @@ def profile(
         regions: qualified names of the candidate regions, in forward order; default
             :func:`default_regions`.
         repeats: timed forward passes (median).
+        op_engines: which engines op-level plans use (``remat.Ops.engine``): ``"auto"``
+            (the tape where every op of a region can be recomputed from its arguments, the
+            replay where a random or in-place op cannot) or ``"replay"`` (everywhere: the
+            choice for regions whose parameters are freed between forward and backward
+            outside autograd's view). Op-level overheads are measured on these engines.
         **kwargs: keyword inputs of the model.
 
     Returns:
@@ -337,12 +379,17 @@ def profile(
 
     Raises:
         TypeError: ``model`` is not a module.
+        ValueError: ``op_engines`` is not ``"auto"`` or ``"replay"``.
         PlanError: a region name does not exist or a region never ran.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat.profile: model must be an nn.Module, got {type(model).__name__}")
+    if op_engines not in OP_ENGINE_CHOICES:
+        raise ValueError(
+            f"remat.profile: op_engines={op_engines!r} is not one of {', '.join(OP_ENGINE_CHOICES)}"
+        )
     with _state_kept(model):
-        return _profile(model, inputs, kwargs, loss_fn, regions, repeats)
+        return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines)
 
 
 @contextlib.contextmanager
@@ -373,6 +420,7 @@ def _profile(
     loss_fn: Callable[[Any], Tensor] | None,
     regions: Sequence[str] | None,
     repeats: int,
+    op_engines: str = "auto",
 ) -> Profile:
     named = dict(model.named_modules())
     if regions is None:
@@ -431,7 +479,11 @@ def _profile(
             with torch.no_grad():
                 model(*inputs, **kwargs)
         flops = _region_flops(model, chosen, inputs, kwargs)
-        overheads = {} if on_meta else _op_overheads(chosen, records, recorder.ops, sync, repeats)
+        overheads = (
+            {}
+            if on_meta
+            else _op_overheads(chosen, records, recorder.ops, sync, repeats, op_engines)
+        )
     finally:
         for h in handles:
             h.remove()
@@ -479,6 +531,7 @@ def _profile(
                         cost=c,
                         output_saved=not o.output_bytes or o.output_saved,
                         saveable=o.saveable,
+                        recomputable=o.recomputable,
                     )
                     for o, c in zip(ops, op_costs)
                 ),
@@ -496,11 +549,15 @@ def _profile(
         step_peak_bytes=step_peak,
         outside_bytes=max(0, step_peak - chain_peak),
         forward_cost=sum(p.cost for p in profiles),
+        op_engines=op_engines,
         meta={"model": type(model).__name__},
     )
 
 
 _WARM_UP_PAIRS = 3
+# The tape's overhead is about 1 ms in a GPT block step of 65 ms that varies by 2-3 ms;
+# with 6 pairs, two profiles read it as 0.7 and 1.3 ms.
+_MEASURED_PAIRS = 15
 
 
 def _op_overheads(
@@ -509,10 +566,12 @@ def _op_overheads(
     ops: dict[str, list[_OpRecord]],
     sync: Callable[[], None],
     repeats: int,
+    op_engines: str = "auto",
 ) -> dict[str, float]:
     """Per region, what op-level checkpointing adds to a training step beyond recomputing
-    ops: the region run with every cacheable op's output saved (so little is recomputed;
-    the ops are dispatched twice and the Python forward replayed) against the region run
+    ops: the region run with every cacheable op's output saved on the engine its plans use
+    (so little is recomputed; the replay engine dispatches the ops twice and replays the
+    Python forward, the tape records every op) against the region run
     plainly, forward and backward, as the median difference of alternating runs after a few
     warm-up pairs (it is a few percent of the region's step: a difference of minima was too
     noisy, and a fresh process pays more in its first runs). Regions of one type running the
@@ -525,11 +584,14 @@ def _op_overheads(
         region_ops = ops.get(name, ())
         key = (type(module), tuple(o.name for o in region_ops))
         if region_ops and key not in measured:
-            treatment = Ops(save_calls=frozenset(o.name for o in region_ops if o.saveable))
+            treatment = Ops(
+                save_calls=frozenset(o.name for o in region_ops if o.saveable),
+                engine=op_engine(region_ops, op_engines),
+            )
             call = records[name]["call"]
             differences = []
             with _own_gradients(module):
-                for i in range(_WARM_UP_PAIRS + max(5, 2 * repeats)):
+                for i in range(_WARM_UP_PAIRS + max(_MEASURED_PAIRS, 2 * repeats)):
                     plain = _step_seconds(module, *call, None, sync)
                     op_level = _step_seconds(module, *call, treatment, sync)
                     if i >= _WARM_UP_PAIRS:

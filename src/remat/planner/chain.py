@@ -215,6 +215,7 @@ def plan_from_choices(
                 recompute_cost=o.recompute_cost,
                 save_ops=o.save_ops,
                 depth=depth,
+                engine=o.engine,
             )
         )
     return Plan(

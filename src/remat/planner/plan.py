@@ -46,6 +46,9 @@ class RegionOption:
         backward_extra_bytes: what the option holds during the region's backward beyond the
             region's saved activations: saved op outputs that autograd itself would not
             keep stay in the selective-checkpoint cache until the region's backward ends.
+        engine: how an op-level option runs (``remat.Ops.engine``): ``"replay"`` re-runs the
+            region in backward, ``"tape"`` recomputes single saved tensors, with less fixed
+            cost, but only keeps to the menu's bytes where no op is random or in-place.
     """
 
     name: str
@@ -54,6 +57,7 @@ class RegionOption:
     save_ops: tuple[str, ...] = ()
     kind: str = OPS
     backward_extra_bytes: int = 0
+    engine: str = "replay"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -63,6 +67,8 @@ class RegionOption:
         _check_bytes(f"option {self.name!r}", "backward_extra_bytes", self.backward_extra_bytes)
         if self.kind not in (STORE, RECOMPUTE, OPS):
             raise ValueError(f"option {self.name!r}: kind must be store/recompute/ops")
+        if self.engine not in ("replay", "tape"):
+            raise ValueError(f"option {self.name!r}: engine must be 'replay' or 'tape'")
         object.__setattr__(self, "save_ops", tuple(self.save_ops))
 
 
@@ -251,6 +257,7 @@ class RegionPlan:
         save_ops: ops whose outputs are saved, for ``"ops"``.
         depth: how many checkpointed multi-region segments enclose it; each one runs the
             region's forward once more.
+        engine: the op-level engine for ``"ops"`` (``RegionOption.engine``).
     """
 
     name: str
@@ -260,6 +267,7 @@ class RegionPlan:
     recompute_cost: float
     save_ops: tuple[str, ...] = ()
     depth: int = 0
+    engine: str = "replay"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,212 @@
+"""The op-tape engine of op-level checkpointing (``remat.ops(..., engine="tape")``).
+
+Oracles: gradients equal the un-checkpointed module's bit for bit; bytes kept are counted
+exactly by the tracker; the ops backward runs are counted by a dispatch mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import remat
+from remat.models import Block, build_workload
+
+EXACT = {"rtol": 0.0, "atol": 0.0}
+SAVE_SETS = {
+    "nothing": {},
+    "save-matmuls": {"preset": "save-matmuls"},
+    "save-attention": {"preset": "save-attention"},
+    "norms-and-gelu": {"save": ["native_layer_norm", "gelu"]},
+}
+
+CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), (4, 6)),
+    "layernorm-gelu": (
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)),
+        (4, 6),
+    ),
+    "conv-batchnorm": (  # BatchNorm writes its running statistics: kept
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+        (2, 3, 6, 6),
+    ),
+    "relu-inplace": (  # relu_ writes to the Linear's output: kept
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)),
+        (4, 6),
+    ),
+    "dropout": (  # random: kept, so the replayed stream is not needed
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.GELU(), nn.Linear(8, 3)),
+        (4, 6),
+    ),
+    "lstm": (lambda: nn.LSTM(6, 5, batch_first=True), (2, 4, 6)),
+}
+
+
+def _step(module, x, treatment=None, seed=1):
+    torch.manual_seed(seed)
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x) if treatment is None else treatment.run(module, (x,), {})
+    out = out[0] if isinstance(out, tuple) else out
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * weights).sum().backward()
+    return {
+        "out": out.detach(),
+        "x_grad": x.grad,
+        "grads": [p.grad for p in module.parameters()],
+        "buffers": [b.clone() for b in module.buffers()],
+    }
+
+
+@pytest.mark.parametrize("save", sorted(SAVE_SETS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_equal_uncheckpointed(case, save):
+    build, shape = CASES[case]
+    torch.manual_seed(0)
+    module = build().train()
+    x = torch.randn(shape)
+    want = _step(copy.deepcopy(module), x)
+    got = _step(copy.deepcopy(module), x, remat.ops(**SAVE_SETS[save], engine="tape"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **EXACT)
+
+
+def _gpt(dropout=0.0, layers=2):
+    return build_workload(
+        "gpt", batch=2, n_layers=layers, seq_len=16, d_model=32, n_heads=4, vocab_size=64,
+        dropout=dropout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("save", sorted(SAVE_SETS))
+def test_gpt_gradients_equal_uncheckpointed(save, dropout):
+    reference, tape = _gpt(dropout), _gpt(dropout)
+    remat.apply(tape.model, remat.by_type(Block) & remat.ops(**SAVE_SETS[save], engine="tape"))
+    results = []
+    for w in (reference, tape):
+        torch.manual_seed(3)
+        w.model.zero_grad(set_to_none=True)
+        w.loss().backward()
+        results.append([p.grad for p in w.model.parameters()])
+    torch.testing.assert_close(results[1], results[0], **EXACT)
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _block_calls(treatment):
+    torch.manual_seed(0)
+    block = _gpt().model.blocks[0]
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    forward, backward = _Calls(), _Calls()
+    with forward:
+        y = treatment.run(block, (x,), {})
+    with backward:
+        y.sum().backward()
+    return forward.calls, backward.calls
+
+
+def test_backward_recomputes_only_unsaved_ops_and_each_once():
+    forward, backward = _block_calls(remat.ops(engine="tape"))
+    # Saving nothing: the norms, gelu and attention are each recomputed once (the qkv
+    # matmul that q, k and v are views of, too); backward's own ops are other overloads
+    # (mm, *_backward). The MLP's output projection is never recomputed: nothing saves it.
+    assert backward["native_layer_norm"] == forward["native_layer_norm"] == 2
+    assert backward["gelu"] == forward["gelu"] == 1
+    assert backward["_scaled_dot_product_flash_attention_for_cpu"] == 1
+    assert backward["addmm"] == 3 < forward["addmm"] == 4
+
+    _, saved = _block_calls(remat.ops("save-matmuls", engine="tape"))
+    assert "addmm" not in saved and "_scaled_dot_product_flash_attention_for_cpu" not in saved
+    assert saved["native_layer_norm"] == 2 and saved["gelu"] == 1
+
+
+def test_keeps_less_than_the_replay_for_save_matmuls():
+    """The tape keeps a saved op's output only while something needs it: the MLP's output
+    projection, which only the residual add reads, is not kept; the replay keeps it."""
+    B, T, C, layers = 2, 16, 32, 2
+
+    def live_after_forward(engine):
+        w = _gpt(layers=layers)
+        remat.apply(w.model, remat.by_type(Block) & remat.ops("save-matmuls", engine=engine))
+        with remat.MemoryTracker(count_existing=[w.model, *w.inputs]) as tracker:
+            loss = w.loss()
+        loss.backward()
+        return tracker.current_bytes
+
+    assert live_after_forward("replay") - live_after_forward("tape") == layers * B * T * C * 4
+
+
+def test_double_backward_autograd_grad_and_retain_graph():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 5)
+    x = torch.randn(3, 5, requires_grad=True)
+
+    def f(x):
+        return torch.tanh(lin(x)).sin()
+
+    treatment = remat.ops(engine="tape")
+    results = []
+    for run in (f, lambda x: treatment.run(f, (x,), {})):
+        y = run(x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+        z = run(x)
+        first = torch.autograd.grad(z.sum(), lin.weight, retain_graph=True)[0]
+        second = torch.autograd.grad(z.sum(), lin.weight)[0]
+        results.append((g.detach(), gg, first, second))
+    torch.testing.assert_close(results[1], results[0], **EXACT)
+
+
+def test_nested_checkpoint_and_autocast():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    outer = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def f(x):
+        return outer(remat.checkpoint(inner, x)).relu()
+
+    treatment = remat.ops(engine="tape")
+    results = []
+    for run in (f, lambda x: treatment.run(f, (x,), {})):
+        for p in (*inner.parameters(), *outer.parameters()):
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run(x)
+        (g,) = torch.autograd.grad(y.float().sum(), x, retain_graph=True)
+        y.float().sum().backward()
+        results.append((y, g, [p.grad for p in (*inner.parameters(), *outer.parameters())]))
+    assert results[1][0].dtype == torch.bfloat16
+    torch.testing.assert_close(results[1], results[0], **EXACT)
+
+
+def test_tensor_changed_in_place_after_forward_is_an_error():
+    x = torch.randn(4, 3, requires_grad=True)
+    h = x * 1.0  # a non-leaf we may modify in place
+    y = remat.ops(engine="tape").run(lambda t: (t * 2).sin(), (h,), {})
+    with torch.no_grad():
+        h.add_(1.0)  # sin's input is recomputed from h: no longer the forward's h
+    with pytest.raises(remat.CheckpointError, match="modified in place"):
+        y.sum().backward()
+
+
+def test_bad_engine_names_the_argument():
+    with pytest.raises(ValueError, match="engine='bogus'"):
+        remat.ops("save-matmuls", engine="bogus")
+    with pytest.raises(ValueError, match="op_engines='tape'"):
+        w = _gpt(layers=1)
+        remat.profile(w.model, *w.inputs, op_engines="tape")
