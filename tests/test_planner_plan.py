@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -129,7 +130,10 @@ def test_plan_prints_a_table():
     lines = text.splitlines()
     assert lines[0].startswith("Plan by x: predicted peak 14 B (budget 30 B)")
     assert lines[1].split() == ["#", "region", "action", "option", "kept", "recompute", "segments"]
-    assert lines[3].split()[:4] == ["1", "b", "ops", "keep-mm"]
+    assert lines[3].split()[:5] == ["1", "b", "ops", "(replay)", "keep-mm"]
+    tape = dataclasses.replace(plan.regions[1], engine="tape")
+    tape_plan = dataclasses.replace(plan, regions=(plan.regions[0], tape, plan.regions[2]))
+    assert str(tape_plan).splitlines()[3].split()[2:4] == ["ops", "(tape)"]
     assert "S0: regions 0..1" in str(plan_from_choices(three(), [0, 0, 0], [(0, 2)]))
 
 

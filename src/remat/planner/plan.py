@@ -343,7 +343,7 @@ class Plan:
                 (
                     str(i),
                     r.name,
-                    r.action,
+                    f"ops ({r.engine})" if r.action == OPS else r.action,
                     r.option,
                     _fmt_bytes(r.kept_bytes),
                     f"{r.recompute_cost:g}",
