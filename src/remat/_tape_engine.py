@@ -37,8 +37,10 @@ _DETACH = torch.ops.aten.detach.default
 def _key(t: Tensor) -> tuple[Any, ...] | None:
     """Memory and geometry: one key is one tensor's values (or a view's with equal values)
     as long as nothing writes to it in between, which is why writing ops mark their targets
-    kept. ``None`` for tensor subclasses without storage of their own: never dropped."""
+    kept. ``None`` for tensor subclasses and sparse tensors: never dropped."""
     if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
+        return None
+    if t.layout != torch.strided:  # sparse: no single address
         return None
     # Meta tensors all have address 0: tell them apart by storage.
     where = (t.untyped_storage()._cdata, t.storage_offset()) if t.is_meta else t.data_ptr()
