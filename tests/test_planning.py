@@ -334,10 +334,12 @@ class _NoisyBlock(nn.Module):
         return x + self.proj(h)
 
 
-class _NoisyChain(nn.Module):
-    def __init__(self) -> None:
+class _ChainOf(nn.Module):
+    """Three blocks of one type in a ModuleList (the planner's default regions)."""
+
+    def __init__(self, block: type[nn.Module]) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(_NoisyBlock() for _ in range(3))
+        self.blocks = nn.ModuleList(block() for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -351,7 +353,7 @@ def test_random_and_mutated_outputs_are_never_cached():
     the changed tensor. The profile marks both unsaveable, the menus leave them out, and an
     op-level treatment asked to save a random op recomputes it anyway."""
     torch.manual_seed(0)
-    model = _NoisyChain()
+    model = _ChainOf(_NoisyBlock)
     x = torch.randn(B * T, C, requires_grad=True)
     prof = remat.profile(model, x)
     # on blocks this small, the dispatch overhead would price every op-level option out
@@ -454,7 +456,7 @@ def test_op_level_plans_run_on_the_tape_where_every_op_is_recomputable():
     convnet = build_workload("convnet", batch=2, channels=8, n_blocks=3)
     assert engines(convnet) == {"replay"}  # batch norm writes its running statistics
     # The functional form has no counter update: only batch norm itself writes, unannounced.
-    chain = _FunctionalNormChain()
+    chain = _ChainOf(_FunctionalNormBlock)
     x = torch.randn(64, 4 * C)
     assert engines(type("W", (), {"model": chain, "inputs": (x,)})) == {"replay"}
 
@@ -469,14 +471,3 @@ class _FunctionalNormBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = nn.functional.batch_norm(self.fc(x), self.mean, self.var, training=True)
         return x + torch.tanh(h)
-
-
-class _FunctionalNormChain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(_FunctionalNormBlock() for _ in range(3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
