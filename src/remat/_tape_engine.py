@@ -3,7 +3,8 @@
 The replay engine (selective checkpointing in torch.utils.checkpoint) re-runs the region's
 Python forward in backward under a dispatch mode that hands back the kept outputs. That
 re-run rebuilds the region's autograd graph and dispatches every op again, even when
-almost every op's output is kept: about 2 ms per GPT block on a CPU, whatever is dropped.
+almost every op's output is kept: 3.1-3.2 ms per block of the benchmark GPT on this
+machine's CPU, whatever is dropped, against 0.4-0.7 ms for this engine.
 
 This engine records instead. In forward a dispatch mode writes down, for every op in the
 region, how to compute its outputs again: the aten op and its arguments, where a tensor
