@@ -204,6 +204,21 @@ def test_tensor_changed_in_place_after_forward_is_an_error():
         y.sum().backward()
 
 
+def test_in_place_write_through_a_list_argument():
+    """_foreach_mul_ writes to the tensors of its list argument: the written tensor is
+    kept, not recomputed from the recipe of its value before the write."""
+    x = torch.randn(5, requires_grad=True)
+
+    def f(x):
+        a = x.sin()
+        torch._foreach_mul_([a], 2.0)
+        return a.cos()
+
+    want = torch.autograd.grad(f(x).sum(), x)[0]
+    got = torch.autograd.grad(remat.ops(engine="tape").run(f, (x,), {}).sum(), x)[0]
+    torch.testing.assert_close(got, want, **EXACT)
+
+
 def test_bad_engine_names_the_argument():
     with pytest.raises(ValueError, match="engine='bogus'"):
         remat.ops("save-matmuls", engine="bogus")

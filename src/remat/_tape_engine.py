@@ -161,12 +161,12 @@ class _RecordingMode(TorchDispatchMode):
         if func is _DETACH:  # same memory and geometry: its input's entry describes it
             return out
         if writes_to_arguments(func):
-            # Written tensors now hold values no earlier recipe describes.
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, Tensor):
-                    key = _key(a)
-                    if key is not None:
-                        self.produced[key] = _KEPT
+            # Written tensors now hold values no earlier recipe describes (a list argument
+            # counts too: _foreach_mul_ writes to every tensor in it).
+            for a in _tensors((*args, *kwargs.values())):
+                key = _key(a)
+                if key is not None:
+                    self.produced[key] = _KEPT
             self._register(out, None)
         elif self.saves(func, args, kwargs):
             self._register(out, None)
@@ -281,6 +281,15 @@ def checkpoint_tape(
         # Recipes no saved tensor needs, and the tensors only they hold, are freed now.
         mode.produced.clear()
         mode.packed.clear()
+
+
+def _tensors(values: Any) -> list[Tensor]:
+    """The tensors among ``values``, looking into lists and tuples."""
+    if isinstance(values, Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _tensors(v)]
+    return []
 
 
 def _dependencies(value: Any) -> list[_Ref]:
