@@ -197,18 +197,19 @@ class _RecordingMode(TorchDispatchMode):
 
 
 class _Packed:
-    """What autograd saves instead of a dropped op's output."""
+    """What autograd saves instead of a dropped op's output (the ``position``-th)."""
 
-    __slots__ = ("record", "ref")
+    __slots__ = ("position", "record", "ref")
 
-    def __init__(self, ref: _Ref, record: _determinism.TensorRecord | None) -> None:
+    def __init__(self, ref: _Ref, position: int, record: _determinism.TensorRecord | None) -> None:
         self.ref = ref
+        self.position = position
         self.record = record
 
 
 class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
-    def __init__(self, mode: _RecordingMode, check: str, region: str) -> None:
-        produced = mode.produced
+    def __init__(self, mode: _RecordingMode, check: str) -> None:
+        produced, region = mode.produced, mode.region
 
         def pack(x: Tensor) -> Any:
             entry = produced.get(_key(x))
@@ -220,14 +221,16 @@ class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
                 # Outside the mode: a "values" fingerprint runs ops of its own.
                 with _disable_current_modes():
                     record = _determinism.record(x, check)
-            return _Packed(entry, record)
+            return _Packed(entry, len(mode.packed) - 1, record)
 
         def unpack(packed: Any) -> Tensor:
             if isinstance(packed, Tensor):
                 return packed
             # Grad mode on as in the forward (mkldnn's LSTM returns its workspace only
-            # then); every argument is detached, so no graph is recorded.
-            with torch.enable_grad(), _no_autocast():
+            # then); every argument is detached, so no graph is recorded. Autocast off on
+            # every device: recipes hold arguments it already cast (AOTAutograd runs its
+            # traced backward under the same guard).
+            with torch.enable_grad(), torch._C._DisableAutocast():
                 x = packed.ref.recipe.output(packed.ref.index)
             if not isinstance(x, Tensor):
                 raise CheckpointError(
@@ -239,25 +242,11 @@ class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
                 again = _determinism.record(x, check)
                 if not packed.record.same_as(again):
                     raise _determinism.mismatch_error(
-                        region, "saved tensor", 0, packed.record, again
+                        region, "saved tensor", packed.position, packed.record, again
                     )
             return x
 
         super().__init__(pack, unpack)
-
-
-class _no_autocast:
-    """Recipes hold arguments already cast by autocast: recompute them without it."""
-
-    def __enter__(self) -> None:
-        self.states = []
-        for device in ("cpu", "cuda"):
-            self.states.append(torch.is_autocast_enabled(device))
-            torch.set_autocast_enabled(device, False)
-
-    def __exit__(self, *exc: Any) -> None:
-        for device, state in zip(("cpu", "cuda"), self.states):
-            torch.set_autocast_enabled(device, state)
 
 
 def checkpoint_tape(
@@ -271,9 +260,11 @@ def checkpoint_tape(
 ) -> Any:
     """Run ``fn(*args, **kwargs)``, saving the outputs of the ops ``saves`` accepts and
     recomputing each other saved tensor from its recipe when backward needs it."""
+    if not torch.is_grad_enabled():  # no_grad / inference_mode: nothing to save
+        return fn(*args, **kwargs)
     mode = _RecordingMode(saves, region)
     try:
-        with _TapeHooks(mode, determinism_check, region), mode:
+        with _TapeHooks(mode, determinism_check), mode:
             out = fn(*args, **kwargs)
         _count_consumers(mode.packed)
         return out

@@ -395,50 +395,46 @@ class Ops(Treatment):
                 f"remat.ops: engine={self.engine!r} is not one of {', '.join(OP_ENGINES)}"
             )
 
-    def _saves(self) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], bool]:
-        """Whether the tape engine keeps one call's outputs: a listed op or call, or a
-        random op (its numbers cannot be drawn again)."""
-        calls: dict[Any, int] = {}  # k-th call of each overload in this forward
+    def _listed(self) -> Callable[..., bool]:
+        """``listed(func, recomputing=False)``: whether this call of ``func`` is listed for
+        saving, by its ``save_calls`` name (the k-th call of its overload, counted per
+        pass) or by its op in ``save`` and not in ``recompute``."""
+        calls: dict[tuple[bool, Any], int] = {}
         names: dict[Any, str] = {}
 
-        def saves(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-            listed = False
+        def listed(func: Any, recomputing: bool = False) -> bool:
             if self.save_calls:
-                k = calls.get(func, 0)
-                calls[func] = k + 1
+                key = (recomputing, func)
+                k = calls.get(key, 0)
+                calls[key] = k + 1
                 name = names.get(func)
                 if name is None:
                     name = names[func] = str(func)
-                listed = f"{name}#{k}" in self.save_calls
-            if not listed:
-                packet = getattr(func, "overloadpacket", func)
-                listed = packet in self.save and packet not in self.recompute
-            return listed or draws_random_numbers(func, args, kwargs)
+                if f"{name}#{k}" in self.save_calls:
+                    return True
+            packet = getattr(func, "overloadpacket", func)
+            return packet in self.save and packet not in self.recompute
 
-        return saves
+        return listed
+
+    def _saves(self) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], bool]:
+        """Whether the tape engine keeps one call's outputs: a listed op or call, or a
+        random op (its numbers cannot be drawn again)."""
+        listed = self._listed()
+        return lambda func, args, kwargs: listed(func) or draws_random_numbers(func, args, kwargs)
 
     def _contexts(self) -> tuple[Any, Any]:
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-        calls: dict[tuple[bool, str], int] = {}  # per checkpointed call: k-th call of an op
+        listed = self._listed()
 
         def policy_fn(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-            saved_call = False
-            if self.save_calls:
-                key = (ctx.is_recompute, str(func))
-                k = calls.get(key, 0)
-                calls[key] = k + 1
-                saved_call = f"{func}#{k}" in self.save_calls
+            saved = listed(func, ctx.is_recompute)  # counts the call even if random
             if draws_random_numbers(func, args, kwargs):
                 # Recomputed under the replayed RNG state: a cached random op would not draw
                 # its numbers again and shift those of every random op after it.
                 return CheckpointPolicy.PREFER_RECOMPUTE
-            if saved_call:
-                return CheckpointPolicy.MUST_SAVE
-            packet = getattr(func, "overloadpacket", func)
-            if packet in self.save and packet not in self.recompute:
-                return CheckpointPolicy.MUST_SAVE
-            return CheckpointPolicy.PREFER_RECOMPUTE
+            return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
         return create_selective_checkpoint_contexts(policy_fn)
 
@@ -448,8 +444,6 @@ class Ops(Treatment):
             contexts = functools.partial(type(self)._contexts, self)
             return _traceable_checkpoint(forward, args, kwargs, context_fn=contexts)
         if self.engine == "tape":
-            if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
             return checkpoint_tape(
                 forward,
                 args,

@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -204,10 +204,7 @@ def op_engine(ops: Sequence[Any], choice: str = "auto") -> str:
 
 
 def _on_engine(region: Any, engine: str) -> Any:
-    import dataclasses
-
-    options = tuple(dataclasses.replace(o, engine=engine) for o in region.options)
-    return dataclasses.replace(region, options=options)
+    return replace(region, options=tuple(replace(o, engine=engine) for o in region.options))
 
 
 def _with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) -> Any:
@@ -217,8 +214,6 @@ def _with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0)
     well-known good ones (keep every matmul, recompute the pointwise ops); they are added
     back by name, unless an option of the menu keeps no more bytes for no more cost.
     """
-    import dataclasses
-
     from remat.planner.ops import saving_option
     from remat.policies import OP_PRESETS
 
@@ -239,7 +234,7 @@ def _with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0)
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
         if inside and not dominated:
             options.append(new)
-    return dataclasses.replace(region, options=tuple(options))
+    return replace(region, options=tuple(options))
 
 
 def default_regions(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -726,7 +721,6 @@ def _with_gradient_bytes(
     and of the parameters outside the chain are live, except those that appear only after
     the chain's backward (``after_the_chain``).
     """
-    import dataclasses
 
     def grad_bytes(params: Any) -> int:
         return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
@@ -739,7 +733,7 @@ def _with_gradient_bytes(
     out, later = [], outside
     for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
         # its own gradients are in its measured transient already (_transient_bytes)
-        out.append(dataclasses.replace(profile_, transient_bytes=profile_.transient_bytes + later))
+        out.append(replace(profile_, transient_bytes=profile_.transient_bytes + later))
         later += own_bytes
     return out[::-1]
 
