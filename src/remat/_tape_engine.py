@@ -163,7 +163,7 @@ class _RecordingMode(TorchDispatchMode):
         if writes_to_arguments(func):
             # Written tensors now hold values no earlier recipe describes (a list argument
             # counts too: _foreach_mul_ writes to every tensor in it).
-            for a in _tensors((*args, *kwargs.values())):
+            for a in _items((*args, *kwargs.values()), Tensor):
                 key = _key(a)
                 if key is not None:
                     self.produced[key] = _KEPT
@@ -274,20 +274,12 @@ def checkpoint_tape(
         mode.packed.clear()
 
 
-def _tensors(values: Any) -> list[Tensor]:
-    """The tensors among ``values``, looking into lists and tuples."""
-    if isinstance(values, Tensor):
-        return [values]
-    if isinstance(values, (list, tuple)):
-        return [t for v in values for t in _tensors(v)]
-    return []
-
-
-def _dependencies(value: Any) -> list[_Ref]:
-    if isinstance(value, _Ref):
+def _items(value: Any, kind: type) -> list[Any]:
+    """The ``kind`` instances in ``value``, looking into lists and tuples."""
+    if isinstance(value, kind):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [ref for v in value for ref in _dependencies(v)]
+        return [item for v in value for item in _items(v, kind)]
     return []
 
 
@@ -305,6 +297,6 @@ def _count_consumers(packed: list[_Ref]) -> None:
             continue
         visited.add(id(recipe))
         for value in (*recipe.args, *recipe.kwargs.values()):
-            for ref in _dependencies(value):
+            for ref in _items(value, _Ref):
                 ref.recipe.consumers += 1
                 stack.append(ref.recipe)
