@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import remat
-from remat import MemoryTracker, saved_activations
+from remat import MemoryTracker, RematError, saved_activations
 
 F32 = 4
 B, A, H, C = 6, 5, 7, 3  # batch, in, hidden, out
@@ -266,3 +266,21 @@ def test_window_peak_starts_over():
     assert mt.peak_bytes == 4000
     assert mt.window_peak_bytes == 40
     del small
+
+
+def test_entering_a_tracker_inside_itself_raises_and_leaves_nothing_active() -> None:
+    tracker = MemoryTracker()
+    with tracker, pytest.raises(RematError, match="already active"), tracker:
+        pass
+    assert_clean()
+
+
+def test_parameter_stepped_before_backward_is_an_error_under_the_tracker() -> None:
+    """The tracker's saved-tensor hook switches autograd's version check off: it checks."""
+    model, x = chain(nn.Tanh), torch.randn(B, A)
+    with MemoryTracker(module=model):
+        loss = model(x).sum()
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    with pytest.raises(RematError, match="modified by an in-place operation"):
+        loss.backward()

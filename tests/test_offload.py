@@ -323,3 +323,15 @@ def test_cuda_pinned_store(store: str) -> None:
         held.append(torch.cuda.memory_allocated() - base)
         loss.backward()
     assert held[1] < held[0] / 2
+
+
+def test_parameter_stepped_before_backward_is_an_error() -> None:
+    """Parameters stay where they are; a saved-tensor hook switches autograd's version
+    check off, so offload checks them: a step before backward raises, as without remat."""
+    workload = mlp()
+    remat.apply(workload.model, BLOCKS & remat.offload(min_bytes=0, store=CpuStore()))
+    loss = workload.loss()
+    with torch.no_grad():
+        workload.model.block2[0].weight.add_(1.0)
+    with pytest.raises(remat.CheckpointError, match="modified by an in-place operation"):
+        loss.backward()

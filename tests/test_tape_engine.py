@@ -277,3 +277,60 @@ def test_sparse_and_meta_tensors():
         return kept
 
     assert kept_bytes("meta") == kept_bytes("cpu")
+
+
+class _FilledThroughViews(nn.Module):
+    """Tensors made by a factory op and then written through views, as transformers
+    models do: DeepSeek-V3's MLA fills halves of a new tensor, recurrent and linear
+    attention write one time step at a time into a preallocated output."""
+
+    def __init__(self, pattern, d=8):
+        super().__init__()
+        self.pattern = pattern
+        self.a, self.b = nn.Linear(d, d // 2), nn.Linear(d, d // 2)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):  # (B, T, d)
+        if self.pattern == "new_empty-halves":
+            y = x.new_empty(x.shape)
+            y[..., :4].copy_(self.a(x))
+            y[..., 4:].copy_(self.b(x))
+        elif self.pattern == "zeros-time-steps":
+            y = torch.zeros_like(x)
+            h = torch.zeros_like(x[:, 0])
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.out(h) + x[:, t])
+                y[:, t] = h
+        else:  # "empty_like-view-then-write": a view taken before the write is read after
+            y = torch.empty_like(x)
+            flat = y.view(-1, x.shape[-1])
+            y.copy_(torch.cat([self.a(x), self.b(x)], dim=-1))
+            return x + self.out(flat).view(x.shape)
+        return x + self.out(y)
+
+
+@pytest.mark.parametrize("save", sorted(SAVE_SETS))
+@pytest.mark.parametrize(
+    "pattern", ["new_empty-halves", "zeros-time-steps", "empty_like-view-then-write"]
+)
+def test_tensor_filled_through_views_is_kept_not_recomputed(pattern, save):
+    torch.manual_seed(0)
+    net = nn.Sequential(_FilledThroughViews(pattern), _FilledThroughViews(pattern))
+    x = torch.randn(2, 5, 8)
+    want = _step(copy.deepcopy(net), x)
+    got = _step(copy.deepcopy(net), x, remat.ops(**SAVE_SETS[save], engine="tape"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **EXACT)
+
+
+def test_kept_tensor_changed_in_place_after_forward_is_an_error():
+    """A saved-tensor hook switches autograd's version check off: the tape checks what it
+    keeps as it is, as autograd would (an optimizer step before backward)."""
+    torch.manual_seed(0)
+    w = torch.randn(4, requires_grad=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = remat.ops(engine="tape").run(lambda t: t * w, (x,), {})
+    with torch.no_grad():
+        w.mul_(2.0)  # mul saved w, a leaf kept as it is
+    with pytest.raises(remat.CheckpointError, match="modified by an in-place operation"):
+        y.sum().backward()

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from remat import _determinism
+from remat._versions import Versioned
 from remat.errors import CheckpointError
 
 _DETACH = torch.ops.aten.detach.default
@@ -37,8 +38,9 @@ _DETACH = torch.ops.aten.detach.default
 
 def _key(t: Tensor) -> tuple[Any, ...] | None:
     """Memory and geometry: one key is one tensor's values (or a view's with equal values)
-    as long as nothing writes to it in between, which is why writing ops mark their targets
-    kept. ``None`` for tensor subclasses and sparse tensors: never dropped."""
+    as long as nothing writes to its storage in between, which is why a write marks every
+    key of the written storage kept. ``None`` for tensor subclasses and sparse tensors:
+    never dropped."""
     if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
         return None
     if t.layout != torch.strided:  # sparse: no single address
@@ -46,6 +48,11 @@ def _key(t: Tensor) -> tuple[Any, ...] | None:
     # Meta tensors all have address 0: tell them apart by storage.
     where = (t.untyped_storage()._cdata, t.storage_offset()) if t.is_meta else t.data_ptr()
     return (where, t.shape, t.stride(), t.dtype, t.device)
+
+
+def _storage_key(t: Tensor) -> int:
+    """The storage behind a keyed tensor (``_key`` is not ``None``, so it has one)."""
+    return t.untyped_storage()._cdata
 
 
 def _alias(t: Tensor) -> Tensor:
@@ -153,6 +160,10 @@ class _RecordingMode(TorchDispatchMode):
         self.saves = saves
         self.region = region
         self.produced: dict[tuple[Any, ...], Any] = {}
+        # The keys produced in each storage: a write through any view of a storage makes
+        # every tensor in it unrecomputable from the op that made it (``y = x.new_empty(n)``
+        # then ``y[:k].copy_(a)``: the factory's recipe would give the empty tensor).
+        self.keys_in_storage: dict[int, list[tuple[Any, ...]]] = {}
         self.packed: list[_Ref] = []  # every dropped output autograd saved, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -161,12 +172,13 @@ class _RecordingMode(TorchDispatchMode):
         if func is _DETACH:  # same memory and geometry: its input's entry describes it
             return out
         if writes_to_arguments(func):
-            # Written tensors now hold values no earlier recipe describes (a list argument
-            # counts too: _foreach_mul_ writes to every tensor in it).
+            # Written storages now hold values no earlier recipe describes, whichever view
+            # the write went through (a list argument counts too: _foreach_mul_ writes to
+            # every tensor in it). Recipes that already took one of their tensors keep
+            # what it held then; from now on its tensors are kept as they are.
             for a in _items((*args, *kwargs.values()), Tensor):
-                key = _key(a)
-                if key is not None:
-                    self.produced[key] = _KEPT
+                if _key(a) is not None:
+                    self._mark_written(a)
             self._register(out, None)
         elif self.saves(func, args, kwargs):
             self._register(out, None)
@@ -186,6 +198,14 @@ class _RecordingMode(TorchDispatchMode):
             key = _key(o) if isinstance(o, Tensor) else None
             if key is not None:
                 self.produced[key] = _KEPT if recipe is None else _Ref(recipe, index)
+                self.keys_in_storage.setdefault(_storage_key(o), []).append(key)
+
+    def _mark_written(self, tensor: Tensor) -> None:
+        storage = _storage_key(tensor)
+        for key in self.keys_in_storage.get(storage, ()):
+            self.produced[key] = _KEPT
+        self.produced[_key(tensor)] = _KEPT
+        self.keys_in_storage.setdefault(storage, []).append(_key(tensor))
 
     def _translate(self, value: Any) -> Any:
         if isinstance(value, Tensor):
@@ -214,7 +234,7 @@ class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
         def pack(x: Tensor) -> Any:
             entry = produced.get(_key(x))
             if not isinstance(entry, _Ref):
-                return x.detach() if x.requires_grad else x
+                return Versioned(x)
             mode.packed.append(entry)
             record = None
             if check != "none":
@@ -224,8 +244,8 @@ class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
             return _Packed(entry, len(mode.packed) - 1, record)
 
         def unpack(packed: Any) -> Tensor:
-            if isinstance(packed, Tensor):
-                return packed
+            if isinstance(packed, Versioned):
+                return packed.unpack(region)
             # Grad mode on as in the forward (mkldnn's LSTM returns its workspace only
             # then); every argument is detached, so no graph is recorded. Autocast off on
             # every device: recipes hold arguments it already cast (AOTAutograd runs its
@@ -271,6 +291,7 @@ def checkpoint_tape(
     finally:
         # Recipes no saved tensor needs, and the tensors only they hold, are freed now.
         mode.produced.clear()
+        mode.keys_in_storage.clear()
         mode.packed.clear()
 
 

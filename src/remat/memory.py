@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from remat._storage import device_of, iter_tensors, storage_of, tensors_of
+from remat._versions import Versioned, checked_version
+from remat.errors import RematError
 
 __all__ = [
     "MemoryTracker",
@@ -64,12 +66,14 @@ def _phase() -> str:
 
 class _Held:
     """What our pack hook hands autograd: a detached alias, so the graph holds the storage
-    without a reference cycle through ``grad_fn``; its finalizer says when autograd lets go."""
+    without a reference cycle through ``grad_fn``; its finalizer says when autograd lets go.
+    A pack hook turns off autograd's version check, so the version is checked on unpack."""
 
-    __slots__ = ("__weakref__", "t")
+    __slots__ = ("__weakref__", "t", "version")
 
-    def __init__(self, t: Tensor) -> None:
+    def __init__(self, t: Tensor, version: int) -> None:
         self.t = t
+        self.version = version
 
 
 class _Mode(TorchDispatchMode):
@@ -170,6 +174,13 @@ class MemoryTracker:
 
     # ---- context manager -------------------------------------------------------------
     def __enter__(self) -> MemoryTracker:
+        if self._active:
+            # A second enter would replace the first's exit stack, and the first exit would
+            # then leave this tracker's dispatch mode and hooks on for good.
+            raise RematError(
+                "MemoryTracker: this tracker is already active; it cannot be entered again "
+                "inside itself (use a second MemoryTracker)"
+            )
         self._reset()
         self._active = True
         for t in [*self._state, *(t for t in self._existing if isinstance(t, nn.Parameter))]:
@@ -306,11 +317,11 @@ class MemoryTracker:
             or isinstance(t, nn.Parameter)
             or isinstance(t._base, nn.Parameter)  # weight.t() saved by addmm
         ):
-            return t
+            return Versioned(t)
         key = st._cdata
         self._internal = True  # our own detach() is not part of the model's timeline
         try:
-            holder = _Held(t.detach())
+            holder = _Held(t.detach(), t._version)
         finally:
             self._internal = False
         with self._lock:
@@ -322,7 +333,9 @@ class MemoryTracker:
 
     @staticmethod
     def _unpack(packed: Any) -> Tensor:
-        return packed.t if isinstance(packed, _Held) else packed
+        if isinstance(packed, _Held):
+            return checked_version(packed.t, packed.version, "the tracked model")
+        return packed.unpack("the tracked model")
 
     def _release(self, key: int) -> None:
         with self._lock:

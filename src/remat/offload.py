@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from remat._replay import owner_module
+from remat._versions import Versioned
 from remat.errors import RematError
 from remat.policies import Treatment
 
@@ -527,15 +528,17 @@ class Offload(Treatment):
             return forward(*args, **kwargs)
 
     def _pack(self, region: _Region, t: Tensor) -> Any:
+        # A tensor that stays is checked on unpack as autograd would without this hook; an
+        # offloaded one comes back as the forward saw it.
         if not _offloadable(t) or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
-            return t
+            return Versioned(t)
         st = t.untyped_storage()
         nbytes = st.nbytes()
         if nbytes < self.min_bytes or st._cdata in region.state_keys:
-            return t
+            return Versioned(t)
         store = self._store_for(t.device)
         if store is None:
-            return t
+            return Versioned(t)
         fwd = region.forward
         key = (st._cdata, t._version)
         with self._state.lock:
@@ -549,8 +552,8 @@ class Offload(Treatment):
         return _Packed(entry, region, t.dtype, t.storage_offset(), t.size(), t.stride())
 
     def _unpack(self, packed: Any) -> Tensor:
-        if not isinstance(packed, _Packed):
-            return packed
+        if isinstance(packed, Versioned):
+            return packed.unpack("an offloaded region")
         entry, region = packed.entry, packed.region
         with self._state.lock:
             region.forward.backward_started = True
