@@ -364,3 +364,166 @@ def test_no_tensor_survives_the_step(engine):
         del h, x
         counts.append(live_tensors())
     assert counts[0] == counts[1] == counts[2]
+
+
+# ---- what recomputation reads must be what the forward read (issue #12) -----------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_parameter_stepped_before_backward_is_an_error(engine):
+    """A GAN's ``optD.step()`` between ``D(G(z))`` and ``backward``: plain PyTorch raises
+    (a weight saved for backward was modified); a recomputation would silently use the
+    stepped weights."""
+    torch.manual_seed(0)
+    disc = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    z = torch.randn(5, 4, requires_grad=True)
+    plain = disc(z).sum()
+    loss = remat.checkpoint(disc, z, engine=engine).sum()
+    optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
+    for p in disc.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        plain.backward()
+    # The function engine saves the weights as its inputs: autograd's own check fires.
+    error = RuntimeError if engine == "function" else remat.CheckpointError
+    with pytest.raises(error, match=r"modified by an in-?place operation"):
+        loss.backward()
+
+
+def test_bias_stepped_before_backward_is_an_error_though_autograd_saved_it_not():
+    """A bias only added is never saved by autograd, so plain PyTorch accepts the step; but
+    the recomputed activation that a later op saved would be computed with the new bias."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = remat.checkpoint(lambda t: lin(t).tanh(), x).sum()
+    with torch.no_grad():
+        lin.bias.add_(1.0)
+    with pytest.raises(remat.CheckpointError, match="parameter, buffer or input"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_region_writing_its_input_in_place_is_an_error(engine):
+    """Recomputing from an input the forward overwrote would apply the write twice."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    with pytest.raises(remat.CheckpointError, match=r"writes its input tensor #0 .*in place"):
+        remat.checkpoint(lambda t, m: m(t.mul_(2)), x, lin, engine=engine)
+
+
+class _Steps(nn.Module):
+    """Reassigns a buffer in forward (``self.steps = self.steps + 1``) and reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps = self.steps + 1
+        return torch.tanh(self.lin(x) * self.steps)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reassigned_buffer_is_replayed(engine):
+    torch.manual_seed(0)
+    reference = _Steps()
+    model = copy.deepcopy(reference)
+    x = torch.randn(3, 4, requires_grad=True)
+    want = torch.autograd.grad(reference(x).sum(), [x, *reference.parameters()])
+    got = torch.autograd.grad(
+        remat.checkpoint(model, x, engine=engine).sum(), [x, *model.parameters()]
+    )
+    torch.testing.assert_close(got, want, **EXACT)
+    assert model.steps.item() == reference.steps.item() == 1
+
+
+class _Alternating(nn.Module):
+    """A module attribute changed in forward picks the op: the recomputation goes the
+    other way, saving tensors of the same shape from another op."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return (torch.tanh if self.calls % 2 else torch.sigmoid)(self.lin(x))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_default_check_compares_the_producing_op(engine):
+    model = _Alternating()
+    x = torch.randn(3, 4, requires_grad=True)
+    y = remat.checkpoint(model, x, engine=engine)
+    with pytest.raises(remat.CheckpointError, match="produced by another op"):
+        y.sum().backward()
+
+
+def test_views_under_a_dispatch_mode_in_forward_only_are_the_same_op():
+    """``reshape`` is a ``view`` under a dispatch mode and ``_reshape_alias`` without: a
+    forward under a MemoryTracker recomputed outside it is the same computation."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+
+    def f(t, lin):
+        return lin(t).reshape(8, 8).tanh()
+
+    want = torch.autograd.grad(f(x, lin).sum(), x)
+    with remat.MemoryTracker():
+        y = remat.checkpoint(f, x, lin)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x), want, **EXACT)
+
+
+# ---- the function engine (issue #12) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_function_engine_runs_tensor_hooks_once(create_graph):
+    """Gradients are taken with respect to aliases in the recomputation, so a hook on a
+    weight or an input runs once, when the gradient reaches the tensor itself."""
+    results = []
+    for engine in (None, "function"):
+        torch.manual_seed(1)
+        lin = nn.Linear(4, 4)
+        lin.weight.register_hook(lambda g: g * 0.5)
+        x = torch.randn(3, 4, requires_grad=True)
+        x.register_hook(lambda g: g * 3.0)
+
+        def f(t, m):
+            return torch.tanh(m(t))
+
+        y = f(x, lin) if engine is None else remat.checkpoint(f, x, lin, engine=engine)
+        if create_graph:
+            (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+            results.append(torch.autograd.grad(g.pow(2).sum(), [lin.weight, x]))
+        else:
+            y.sum().backward()
+            results.append((lin.weight.grad, lin.bias.grad, x.grad))
+    torch.testing.assert_close(results[1], results[0], **EXACT)
+
+
+def test_function_engine_passes_containers_without_tensors_as_they_are():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    log: list[str] = []
+
+    def f(t, m, log):
+        log.append("ran")
+        return m(t)
+
+    remat.checkpoint(f, torch.randn(3, 4, requires_grad=True), lin, log, engine="function")
+    assert log == ["ran"]
+    held: list[torch.Tensor] = [torch.randn(3, 4, requires_grad=True)]
+
+    def g(ts, m):
+        ts.append(m(ts[0]))
+        return ts[-1]
+
+    with pytest.raises(remat.CheckpointError, match="changed its argument #0"):
+        remat.checkpoint(g, held, lin, engine="function")

@@ -191,10 +191,35 @@ def test_plain_apply_path_with_checkpointing_flag_off():
     torch.testing.assert_close(grads, grads_ref, **EXACT)
     inputs = _layer_inputs(copy.deepcopy(reference))
     assert by_module["model.layers.0"] == inputs[0][1]
-    # With the KV cache on, the recomputation would append to it a second time: the engine
-    # refuses (transformers' own hook turns the cache off; remat.apply leaves the call as is).
-    with pytest.raises(remat.CheckpointError, match="did not reproduce the forward"):
-        train_step(model, use_cache=True)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize(
+    "treatment",
+    [remat.recompute(), remat.recompute(engine="function"), remat.ops("save-matmuls")],
+    ids=["hooks", "function", "ops-replay"],
+)
+def test_kv_cache_is_appended_to_once(attn, treatment):
+    """transformers' default (``use_cache`` on in train mode) under remat.apply: the forward
+    appends to the cache; the recomputation runs on a copy of the cache as it was, so the
+    cache ends as without remat and attention sees the same positions."""
+    reference = build("llama", attn)
+    model = copy.deepcopy(reference)
+    remat.apply(model, remat.by_type(LlamaDecoderLayer) & treatment)
+    outputs = []
+    for m in (reference, model):
+        torch.manual_seed(5)
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids=IDS, labels=IDS, use_cache=True)
+        out.loss.backward()
+        outputs.append((out, {n: p.grad for n, p in m.named_parameters()}))
+    (want, want_grads), (got, got_grads) = outputs
+    torch.testing.assert_close(got.loss, want.loss, **EXACT)
+    torch.testing.assert_close(got_grads, want_grads, **EXACT)
+    cache, want_cache = got.past_key_values, want.past_key_values
+    assert cache.get_seq_length() == want_cache.get_seq_length() == T
+    for layer, want_layer in zip(cache.layers, want_cache.layers):
+        torch.testing.assert_close(layer.keys, want_layer.keys, **EXACT)
 
 
 def test_trainer_entry_points_install_remat_not_torch(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -59,24 +61,95 @@ def test_sqrt_keeps_one_input_per_segment():
     assert total == none_total - blocks + 3 * BLOCK_INPUT
 
 
-class Irregular(nn.Module):
-    """Does something between its blocks: segments cannot be chained."""
+class ConvBN(nn.Module):
+    """Conv-BN blocks whose buffers feed the computation: a step counter scales the output,
+    so a block recomputed with a counter advanced twice gives another gradient."""
 
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("steps", torch.zeros(()))
 
     def forward(self, x):
-        for block in self.blocks:
-            x = block(x) * 2
+        self.steps += 1
+        return torch.tanh(self.bn(self.conv(x))) * self.steps
+
+
+class Stack(nn.Module):
+    """Blocks called the way real models call them: all of them, only the first ``depth``
+    (early exit), some skipped (LayerDrop), or with an op between two of them."""
+
+    def __init__(self, n=9, block=None):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            (block or (lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh())))() for _ in range(n)
+        )
+
+    def forward(self, x, depth=None, skip=(), scale_after=None):
+        for i, block in enumerate(self.blocks[:depth]):
+            if i in skip:
+                continue
+            x = block(x)
+            if i == scale_after:
+                x = x * 1.5
         return x
 
 
-def test_follower_called_out_of_chain_raises():
-    model = Irregular()
+def _step(model, x, **call):
+    torch.manual_seed(0)
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x, **call)
+    out.pow(2).sum().backward()
+    return out.detach(), x.grad, [p.grad for p in model.parameters()], list(model.buffers())
+
+
+@pytest.mark.parametrize("policy", [remat.sqrt(), remat.segments(4), remat.segments(2)])
+def test_buffers_change_once_in_every_block_of_a_segment(policy):
+    torch.manual_seed(0)
+    reference = Stack(4, ConvBN)
+    model = copy.deepcopy(reference)
+    remat.apply(model, policy)
+    x = torch.randn(2, 3, 5, 5)
+    want, got = _step(reference, x), _step(model, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [b.bn.num_batches_tracked.item() for b in model.blocks] == [1, 1, 1, 1]
+
+
+CALLS = {
+    "all": {},
+    "stops-early": {"depth": 2},
+    "stops-inside-a-segment": {"depth": 5},
+    "skips": {"skip": (1, 4)},
+    "skips-segment-heads": {"skip": (0, 3, 6)},
+    "op-between-blocks": {"scale_after": 4},
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_segments_follow_the_models_own_calls(call):
+    torch.manual_seed(0)
+    reference = Stack()
+    model = copy.deepcopy(reference)
+    remat.apply(model, remat.sqrt())  # 9 blocks: 3 segments of 3
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(
+        _step(model, x, **CALLS[call]), _step(reference, x, **CALLS[call]), rtol=0, atol=0
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, **CALLS[call]), reference(x, **CALLS[call]))
+
+
+def test_a_segment_cut_short_keeps_only_its_input():
+    """Blocks 0 and 1 of the segment 0-2 ran: one region, keeping block 0's input."""
+    model = Stack(9, lambda: nn.Sequential(nn.Linear(64, 64), nn.Tanh()))
     remat.apply(model, remat.sqrt())
-    with pytest.raises(remat.CheckpointError, match="was not called in order"):
-        model(torch.randn(2, 4, requires_grad=True))
+    x = torch.randn(32, 64, requires_grad=True)
+    with remat.MemoryTracker(count_existing=[model, x]) as tracker:
+        out = model(x, depth=2)
+    out.sum().backward()
+    assert tracker.saved_bytes == x.numel() * 4  # block 1's input is recomputed
 
 
 def test_segments_bad_input():

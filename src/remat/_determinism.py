@@ -1,8 +1,10 @@
 """Checks that recomputation reproduced the tensors the forward pass saved.
 
-``"metadata"`` compares shape, dtype and device; ``"values"`` also compares a fingerprint
-of the values (exact sums in float64, kept on the tensor's device so the forward never
-synchronises). ``"none"`` records nothing.
+``"metadata"`` compares shape, dtype, device and the op that produced each tensor (a Python
+branch that took the other way, ``tanh`` against ``sigmoid``, saves tensors of one shape from
+different ops); ``"values"`` also compares a fingerprint of the values (exact sums in
+float64, kept on the tensor's device so the forward never synchronises). ``"none"`` records
+nothing.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ class TensorRecord:
     device: torch.device
     op: str
     fingerprint: Tensor | None = None
+    # Produced by an op that autograd recorded (not a leaf or an input taken from outside,
+    # which an engine may hand to the recomputation as a fresh alias of another kind).
+    computed: bool = False
 
     def metadata(self) -> str:
         return f"shape={list(self.shape)}, dtype={self.dtype}, device={self.device}"
 
     def same_as(self, other: TensorRecord) -> bool:
         if (self.shape, self.dtype, self.device) != (other.shape, other.dtype, other.device):
+            return False
+        if self.computed and other.computed and _kind(self.op) != _kind(other.op):
             return False
         if self.fingerprint is None or other.fingerprint is None:
             return True
@@ -50,6 +57,16 @@ def producer_name(x: Tensor) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)].lower()
     return name
+
+
+# Ops that only make a view. Which one a composite op picks depends on whether a dispatch
+# mode is active (``reshape`` is ``view`` under a MemoryTracker, ``_reshape_alias`` without),
+# and a forward may run under a mode its recomputation does not.
+_VIEWS = frozenset({"view", "reshapealias", "unsafeview", "alias", "asstrided"})
+
+
+def _kind(op: str) -> str:
+    return "a view" if op in _VIEWS else op
 
 
 def _fingerprint(x: Tensor) -> Tensor:
@@ -72,18 +89,24 @@ def record(x: Tensor, check: str) -> TensorRecord:
         device=x.device,
         op=producer_name(x),
         fingerprint=_fingerprint(x) if check == "values" and not x.is_meta else None,
+        computed=x.grad_fn is not None,
     )
 
 
 def mismatch_error(
     region: str, what: str, position: int, forward: TensorRecord, recomputed: TensorRecord
 ) -> CheckpointError:
-    values_differ = (
+    same_metadata = (
         forward.shape == recomputed.shape
         and forward.dtype == recomputed.dtype
         and forward.device == recomputed.device
     )
-    detail = " (same metadata, different values)" if values_differ else ""
+    if not same_metadata:
+        detail = ""
+    elif forward.op != recomputed.op:
+        detail = " (same metadata, produced by another op)"
+    else:
+        detail = " (same metadata, different values)"
     return CheckpointError(
         f"remat.checkpoint: recomputing {region} did not reproduce the forward pass: "
         f"{what} #{position} differs{detail}.\n"

@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat import _determinism
-from remat._replay import ForwardState, closure_tensors, describe_fn, reachable_modules
+from remat._replay import (
+    ForwardState,
+    closure_tensors,
+    describe_fn,
+    fresh_caches,
+    reachable_modules,
+    snapshot_caches,
+)
 from remat.errors import CheckpointError
 
 
@@ -47,6 +54,9 @@ class _Call:
     out_positions: list[int] = field(default_factory=list)
     out_records: list[_determinism.TensorRecord] = field(default_factory=list)
     saved_records: list[_determinism.TensorRecord] = field(default_factory=list)
+    args_kwargs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})  # forward only
+    modules: Sequence[nn.Module] = ()
+    parameters: Sequence[Tensor] = ()  # the Function's extra inputs, as the modules hold them
 
     def record_saved(self, x: Tensor) -> None:
         """Probe-pass pack hook: note what autograd would save, keep nothing."""
@@ -80,11 +90,56 @@ class _Call:
             raise _determinism.count_error(self.region, len(self.saved_records), count)
 
     def call(self, tensors: Sequence[Tensor]) -> Any:
-        leaves = list(self.flat_inputs)
+        """Recomputation: ``fn`` on ``tensors``, with copies of the containers it was given
+        (a list it appends to in forward is not appended to twice)."""
+        leaves = fresh_caches(self.flat_inputs, self.region)
         for position, tensor in zip(self.tensor_positions, tensors):
             leaves[position] = tensor
         args, kwargs = tree_unflatten(leaves, self.spec)
         return self.fn(*args, **kwargs)
+
+    def call_forward(self, tensors: Sequence[Tensor]) -> Any:
+        """Forward: ``fn`` on the caller's own arguments, tensors swapped for ``tensors``.
+
+        Containers without tensors are passed as they are, so what ``fn`` puts in them (a
+        log it appends to) reaches the caller. A container holding tensors has to be a copy
+        (its tensors are swapped); ``fn`` changing that copy raises.
+        """
+        swapped = dict(zip(self.tensor_positions, tensors))
+        position = 0
+
+        def swap(value: Any) -> Any:
+            nonlocal position
+            leaves, spec = tree_flatten(value)
+            if not any(isinstance(leaf, Tensor) for leaf in leaves):
+                position += len(leaves)
+                return value
+            new = [swapped.get(position + i, leaf) for i, leaf in enumerate(leaves)]
+            position += len(leaves)
+            return tree_unflatten(new, spec)
+
+        args, kwargs = self.args_kwargs
+        new_args = tuple(swap(a) for a in args)
+        new_kwargs = {k: swap(v) for k, v in kwargs.items()}
+        copies = [
+            (name, copy, tree_flatten(copy)[0])
+            for name, original, copy in (
+                *((f"argument #{i}", a, b) for i, (a, b) in enumerate(zip(args, new_args))),
+                *((f"argument {k!r}", kwargs[k], new_kwargs[k]) for k in kwargs),
+            )
+            if copy is not original and isinstance(copy, (list, dict))
+        ]
+        out = self.fn(*new_args, **new_kwargs)
+        for name, copy, leaves in copies:
+            now = tree_flatten(copy)[0]
+            if len(now) != len(leaves) or any(a is not b for a, b in zip(now, leaves)):
+                raise CheckpointError(
+                    f'remat.checkpoint(engine="function"): {self.region} changed its {name}, a '
+                    "container holding tensors. This engine passes such containers as copies "
+                    "(their tensors become the Function's inputs), so the change would not "
+                    'reach the caller. Use engine="hooks", which passes them as they are.'
+                )
+        return out
 
 
 def _never_unpacked(_: Any) -> Tensor:  # pragma: no cover - the probe graph is never run
@@ -168,7 +223,8 @@ class CheckpointFunction(torch.autograd.Function):
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(call.record_saved, _never_unpacked),
         ):
-            out = call.call(aliases)
+            out = call.call_forward(aliases)
+        call.args_kwargs = ((), {})
         leaves, call.out_spec = tree_flatten(out)
         call.out_positions = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
         outs = [leaves[i] for i in call.out_positions]
@@ -189,15 +245,22 @@ class CheckpointFunction(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         call: _Call = ctx.call
         saved = ctx.saved_tensors
-        inputs, extra = saved[: ctx.n_inputs], saved[ctx.n_inputs :]
         create_graph = torch.is_grad_enabled()
-        if not create_graph:
-            # Fresh leaves: the recomputed graph ends here and is freed after this call.
-            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
+        # The recomputation runs on aliases of the inputs and parameters, and gradients are
+        # taken with respect to the aliases: taken with respect to the tensors themselves,
+        # their hooks (``w.register_hook``) would run here and again when the gradients
+        # reach them through this Function. Fresh leaves end the recomputed graph here;
+        # with create_graph, views keep it connected for double backward.
+        aliases = [_alias(t, create_graph) for t in saved]
+        inputs, extra = aliases[: ctx.n_inputs], aliases[ctx.n_inputs :]
         state: ForwardState = call.state  # type: ignore[assignment]
         # Gradients are taken inside the replay, before buffers get their values back, so
         # that a buffer the region saved is still at the version autograd recorded.
-        with torch.enable_grad(), state.replay():
+        with (
+            torch.enable_grad(),
+            state.replay(),
+            _parameters_swapped(call, extra),
+        ):
             with call.checking_saved():
                 out = call.call(inputs)
             leaves, _ = tree_flatten(out)
@@ -220,6 +283,50 @@ class CheckpointFunction(torch.autograd.Function):
                 )
             )
         return (None, None, *(next(grads) if need else None for need in needs))
+
+
+def _alias(t: Tensor, create_graph: bool) -> Tensor:
+    if not t.requires_grad:
+        return t
+    return t.view_as(t) if create_graph else t.detach().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _parameters_swapped(call: _Call, aliases: Sequence[Tensor]) -> Iterator[None]:
+    """Register ``aliases`` in place of the region's parameters in its modules (and in its
+    function's closure) while the body runs."""
+    alias_of = {id(p): a for p, a in zip(call.parameters, aliases) if a is not p}
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    for root in call.modules:
+        for module in root.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) in alias_of:
+                    swapped.append((module._parameters, name, p))
+    func = getattr(call.fn, "__func__", call.fn)
+    cells = [
+        cell
+        for cell in getattr(func, "__closure__", None) or ()
+        if id(_cell_contents(cell)) in alias_of
+    ]
+    originals = [cell.cell_contents for cell in cells]
+    try:
+        for table, name, p in swapped:
+            table[name] = alias_of[id(p)]
+        for cell in cells:
+            cell.cell_contents = alias_of[id(cell.cell_contents)]
+        yield
+    finally:
+        for table, name, p in swapped:
+            table[name] = p
+        for cell, original in zip(cells, originals):
+            cell.cell_contents = original
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _check_outputs(call: _Call, outs: Sequence[Tensor]) -> None:
@@ -261,16 +368,19 @@ def checkpoint_function(
     call = _Call(
         fn=fn,
         spec=spec,
-        flat_inputs=[None if isinstance(x, Tensor) else x for x in flat],
+        flat_inputs=snapshot_caches([None if isinstance(x, Tensor) else x for x in flat]),
         tensor_positions=positions,
         region=describe_fn(fn),
         determinism_check=determinism_check,
+        args_kwargs=(args, kwargs),
+        modules=modules,
+        parameters=extra,
     )
     call.state = ForwardState.capture(tensors, modules, preserve_rng_state=preserve_rng_state)
     outs = super(CheckpointFunction, CheckpointFunction).apply(  # type: ignore[misc]
         call, len(tensors), *tensors, *extra
     )
-    call.state.buffers.keep_mutated()
+    call.state.after_forward(call.region, closure_tensors(fn))
     leaves = list(call.out_leaves)
     for position, tensor in zip(call.out_positions, outs):
         leaves[position] = tensor

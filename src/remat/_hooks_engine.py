@@ -12,8 +12,15 @@ The design follows PyTorch's non-reentrant checkpoint (torch/utils/checkpoint.py
 Checkpoint" notes): recomputed tensors are keyed by the backward call (graph task) that
 needs them, so ``torch.autograd.grad``, several backward calls, ``retain_graph`` and double
 backward all work, and are freed as soon as they are unpacked. On top of it remat replays
-buffers (BatchNorm statistics change once, not twice) and reports determinism failures
-with the region's name, the tensor's position and the op that produced it.
+buffers (BatchNorm statistics change once, not twice) and KV caches (appended to once),
+checks that what the region reads was not changed in place before it is recomputed, and
+reports determinism failures with the region's name, the tensor's position and the op that
+produced it.
+
+A region may span several calls (a segment of blocks, :mod:`remat.segments`): one
+:class:`Frame` records each call, which of its arguments came out of an earlier call of
+the frame (recomputed, not kept) and which are the region's inputs, and backward reruns
+the calls as the model made them.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat import _determinism
-from remat._replay import ForwardState
+from remat._replay import ForwardState, closure_tensors, fresh_caches, snapshot_caches
 from remat.errors import CheckpointError
 
 
@@ -83,19 +90,53 @@ def _graph_task_id() -> int:
     return gid if gid != -1 else uuid.uuid4().int
 
 
-class _Frame:
-    """Book-keeping of one checkpointed call, alive as long as its autograd graph."""
+class _Call:
+    """One call run inside a frame: what its recomputation needs to run it again."""
+
+    __slots__ = ("flat", "inputs_node", "run", "sources")
 
     def __init__(
-        self, region: str, run: Callable[[list[Any]], Any], early_stop: bool, check: str
+        self,
+        run: Callable[[list[Any]], Any],
+        flat: list[Any],
+        sources: dict[int, tuple[int, int] | None],
+        inputs_node: Any,
     ) -> None:
+        self.run = run  # leaves -> output, under the call's replayed state
+        self.flat = flat  # the call's pytree leaves, None where a tensor goes
+        # Per tensor position: (call, leaf) when the tensor is an earlier call's output in
+        # the same frame (recomputed, not kept), None when it is saved in inputs_node.
+        self.sources = sources
+        self.inputs_node = inputs_node
+
+    def leaves(self, chained: dict[tuple[int, int], Any]) -> list[Any]:
+        leaves = list(self.flat)
+        saved = iter(self.inputs_node.saved_tensors if self.inputs_node is not None else ())
+        for position, source in self.sources.items():
+            leaves[position] = next(saved) if source is None else chained[source]
+        return leaves
+
+
+class Frame:
+    """Book-keeping of one checkpointed region, alive as long as its autograd graph.
+
+    A region is one call (``remat.checkpoint``) or several calls the model makes in turn
+    (a segment of blocks: ``remat.sqrt``): each call's tensor arguments are either outputs
+    of an earlier call of the frame, recomputed, or saved as the region's inputs. Backward
+    recomputes the calls in the order they ran in forward, so a model that stops early or
+    skips blocks is recomputed as it ran.
+    """
+
+    def __init__(self, region: str, early_stop: bool, check: str) -> None:
         self.region = region
-        self.run = run
         self.early_stop = early_stop
         self.check = check
-        self.inputs_node: Any = None
-        self.flat_inputs: list[Any] = []
-        self.tensor_positions: list[int] = []
+        self.calls: list[_Call] = []
+        # id of each call's tensor outputs -> (weak reference, call, leaf), to tell which
+        # arguments of a later call are chained from an earlier one.
+        self.outputs: dict[int, tuple[weakref.ref[Tensor], int, int]] = {}
+        # (call, leaf) of each chained output -> the last call that takes it.
+        self.last_use: dict[tuple[int, int], int] = {}
         self.weak_holders: list[weakref.ref[_Holder]] = []
         self.records: list[_determinism.TensorRecord] = []
         self.recomputed: defaultdict[int, weakref.WeakKeyDictionary[_Handle, Tensor]] = defaultdict(
@@ -106,35 +147,101 @@ class _Frame:
         self.forward_completed = False
         self.ignore_count_mismatch = False
 
-    def save_inputs(self, flat: list[Any]) -> None:
-        self.tensor_positions = [i for i, x in enumerate(flat) if isinstance(x, Tensor)]
-        tensors = [flat[i] for i in self.tensor_positions]
-        # Non-tensor leaves are kept as they are; tensors go into the no-op node.
-        self.flat_inputs = [None if isinstance(x, Tensor) else x for x in flat]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        dummy = torch.empty((0,), device=device, requires_grad=True)
-        self.inputs_node = _SaveInputs.apply(dummy, *tensors).grad_fn
+    def chained(self, value: Any) -> tuple[int, int] | None:
+        """(call, leaf) of the earlier call's output that ``value`` is, else ``None``."""
+        entry = self.outputs.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None
+        return entry[1], entry[2]
 
-    def load_inputs(self) -> list[Any]:
-        leaves = list(self.flat_inputs)
-        for position, tensor in zip(self.tensor_positions, self.inputs_node.saved_tensors):
-            leaves[position] = tensor
-        return leaves
+    def continues(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether a call on these arguments carries on this frame: it takes an output of
+        one of its calls, and backward has not recomputed it yet."""
+        if any(self.is_recomputed.values()):
+            return False
+        return any(
+            isinstance(leaf, Tensor) and self.chained(leaf) is not None
+            for leaf in tree_flatten((args, kwargs))[0]
+        )
+
+    def forward_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        state: ForwardState,
+        region: str,
+        context_fn: Callable[[], tuple[ContextManager[Any], ContextManager[Any]]] | None = None,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` as the frame's next call, keeping only its inputs."""
+        flat, spec = tree_flatten((args, kwargs))
+        sources: dict[int, tuple[int, int] | None] = {}
+        saved: list[Tensor] = []
+        for position, leaf in enumerate(flat):
+            if isinstance(leaf, Tensor):
+                source = sources[position] = self.chained(leaf)
+                if source is None:
+                    saved.append(leaf)
+                else:
+                    self.last_use[source] = len(self.calls)
+        forward_ctx, recompute_ctx = (
+            context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
+        )
+
+        def run(leaves: list[Any]) -> Any:
+            r_args, r_kwargs = tree_unflatten(fresh_caches(leaves, region), spec)
+            with state.replay(), recompute_ctx:
+                return fn(*r_args, **r_kwargs)
+
+        flat_inputs = snapshot_caches([None if isinstance(x, Tensor) else x for x in flat])
+        self.calls.append(_Call(run, flat_inputs, sources, _save_inputs(saved)))
+        self.forward_completed = False
+        with _ForwardHooks(self), forward_ctx:
+            out = fn(*args, **kwargs)
+        self.forward_completed = True
+        state.after_forward(region, closure_tensors(fn))
+        index = len(self.calls) - 1
+        for leaf_index, leaf in enumerate(tree_flatten(out)[0]):
+            if isinstance(leaf, Tensor):
+                self.outputs[id(leaf)] = (weakref.ref(leaf), index, leaf_index)
+        return out
 
     def recompute(self, gid: int) -> None:
-        leaves = self.load_inputs()
         try:
             with _RecomputeHooks(self, gid), torch.enable_grad():
-                self.run(leaves)
+                self._rerun_calls()
         except _StopRecomputation:
             pass
         self.is_recomputed[gid] = True
         if not self.ignore_count_mismatch and self.counter[gid] != len(self.weak_holders):
             raise _determinism.count_error(self.region, len(self.weak_holders), self.counter[gid])
 
+    def _rerun_calls(self) -> None:
+        # Outputs a later call takes, each held only until that call has it: as in the
+        # forward, the block between two others frees its input once it is done with it.
+        chained: dict[tuple[int, int], Any] = {}
+        for index, call in enumerate(self.calls):
+            leaves = call.leaves(chained)
+            for key in [k for k in chained if self.last_use[k] == index]:
+                del chained[key]
+            out = tree_flatten(call.run(leaves))[0]
+            del leaves
+            for leaf_index, leaf in enumerate(out):
+                if (index, leaf_index) in self.last_use:
+                    chained[(index, leaf_index)] = leaf
+
+
+def _save_inputs(tensors: list[Tensor]) -> Any:
+    """The no-op node that saves a call's inputs (``None`` when it has none to save)."""
+    if not tensors:
+        return None
+    dummy = torch.empty((0,), device=tensors[0].device, requires_grad=True)
+    return _SaveInputs.apply(dummy, *tensors).grad_fn
+
 
 class _ForwardHooks(torch.autograd.graph.saved_tensors_hooks):
-    def __init__(self, frame: _Frame) -> None:
+    def __init__(self, frame: Frame) -> None:
         def pack(x: Tensor) -> _Holder:
             holder = _Holder()
             frame.weak_holders.append(weakref.ref(holder))
@@ -161,7 +268,7 @@ class _ForwardHooks(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
-    def __init__(self, target: _Frame, gid: int) -> None:
+    def __init__(self, target: Frame, gid: int) -> None:
         # Only a weak reference: the hook object outlives the recomputation (the
         # _StopRecomputation raised through autograd's C++ code keeps it referenced), and a
         # strong one would keep the frame and all its recomputed tensors alive after backward.
@@ -201,38 +308,3 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
             return x_saved
 
         super().__init__(pack, lambda x: x)
-
-
-def checkpoint_hooks(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    region: str,
-    state: ForwardState,
-    early_stop: bool,
-    determinism_check: str,
-    context_fn: Callable[[], tuple[ContextManager[Any], ContextManager[Any]]] | None = None,
-) -> Any:
-    """Run ``fn(*args, **kwargs)`` keeping only its inputs for backward.
-
-    ``context_fn`` returns a pair of context managers entered around the forward and the
-    recomputation respectively (op-level policies use it for their dispatch modes).
-    """
-    flat, spec = tree_flatten((args, kwargs))
-    forward_ctx, recompute_ctx = (
-        context_fn() if context_fn else (contextlib.nullcontext(), contextlib.nullcontext())
-    )
-
-    def run(leaves: list[Any]) -> None:
-        r_args, r_kwargs = tree_unflatten(leaves, spec)
-        with state.replay(), recompute_ctx:
-            fn(*r_args, **r_kwargs)
-
-    frame = _Frame(region, run, early_stop, determinism_check)
-    frame.save_inputs(flat)
-    with _ForwardHooks(frame), forward_ctx:
-        out = fn(*args, **kwargs)
-    frame.forward_completed = True
-    state.buffers.keep_mutated()
-    return out

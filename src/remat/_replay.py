@@ -15,7 +15,9 @@ changed: the global RNG stream and buffers end up as if no recomputation had hap
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from remat._versions import ReadVersions
+from remat.errors import CheckpointError
 
 # Qualified names of modules, filled in by whoever knows the root model (remat.apply), so
 # that errors can say "blocks.3" rather than "Block".
@@ -124,16 +129,34 @@ _SILENT_MUTATORS = (nn.modules.batchnorm._NormBase,)
 
 
 @dataclass(slots=True)
-class BufferSnapshot:
-    """Values of the buffers a region mutated, as they were before its forward.
+class _Buffer:
+    """One module buffer as it was before a region's forward."""
 
-    Buffers whose version counter did not move during the forward are dropped right after
-    it, so only mutated buffers (BatchNorm statistics) cost memory until backward.
-    Normalisation layers' buffers are always kept, since their kernels update the running
-    statistics without touching the version counter.
+    module: nn.Module
+    name: str
+    tensor: Tensor  # the object registered before the forward
+    # A copy of its values then; None for a training batch norm's statistics, which its
+    # output does not read (it normalises by the batch's own), so recomputation only has to
+    # leave them as it found them, and no copy is held from forward to backward.
+    value: Tensor | None
+    version: int
+
+
+@dataclass(slots=True)
+class BufferSnapshot:
+    """The buffers a region changed, as they were before its forward.
+
+    A buffer changes in two ways: written in place (BatchNorm statistics, a step counter
+    ``self.steps += 1``) or reassigned (``self.steps = self.steps + 1`` registers a new
+    tensor). Recomputation must see both as they were, or the buffer advances twice and
+    whatever it feeds is computed from the wrong value. Buffers neither written nor
+    reassigned during the forward are dropped right after it, so only changed buffers cost
+    memory until backward. Normalisation layers' statistics are always restored after
+    recomputation, since their kernels update them without touching the version counter.
     """
 
-    entries: list[tuple[Tensor, Tensor, int, bool]] = field(default_factory=list)
+    written: list[_Buffer] = field(default_factory=list)
+    reassigned: list[_Buffer] = field(default_factory=list)
 
     @classmethod
     def before_forward(cls, modules: Sequence[nn.Module]) -> BufferSnapshot:
@@ -142,39 +165,62 @@ class BufferSnapshot:
         with torch.no_grad():
             for root in modules:
                 for module in root.modules():
-                    silent = isinstance(module, _SILENT_MUTATORS)
-                    for buf in module.buffers(recurse=False):
-                        if id(buf) in seen or buf.is_meta:
+                    if id(module) in seen:
+                        continue
+                    seen.add(id(module))
+                    write_only = isinstance(module, _SILENT_MUTATORS) and module.training
+                    for name, buf in module._buffers.items():
+                        if buf is None or buf.is_meta:
                             continue
-                        seen.add(id(buf))
-                        entries.append((buf, buf.clone(), buf._version, silent))
-        return cls(entries)
+                        value = None if write_only else buf.clone()
+                        entries.append(_Buffer(module, name, buf, value, buf._version))
+        return cls(written=entries)
 
-    def keep_mutated(self) -> None:
+    def keep_changed(self) -> None:
         """After the forward: forget buffers the forward did not change."""
-        self.entries = [e for e in self.entries if e[3] or e[0]._version != e[2]]
+        entries = self.written
+        self.written = [e for e in entries if e.value is None or e.tensor._version != e.version]
+        self.reassigned = [e for e in entries if e.module._buffers.get(e.name) is not e.tensor]
+
+    def unchanged(self, modules: Sequence[nn.Module]) -> list[Tensor]:
+        """The buffers of ``modules`` this snapshot does not replay."""
+        replayed = {id(e.tensor) for e in self.written}
+        replayed.update(id(e.module._buffers.get(e.name)) for e in self.reassigned)
+        return [
+            buf
+            for root in modules
+            for buf in root.buffers()
+            if id(buf) not in replayed and not buf.is_meta
+        ]
 
     @contextlib.contextmanager
     def as_before_forward(self) -> Iterator[None]:
-        """Give mutated buffers their pre-forward values, and restore them afterwards.
+        """Give changed buffers their pre-forward values, and restore them afterwards.
 
         Both copies keep the buffers' version counters as they were: the net effect on the
         buffers is nil, and a graph outside the region that saved one of them must not see
-        a spurious in-place modification.
+        a spurious in-place modification. Reassigned buffers get their pre-forward tensor
+        back for the recomputation, then the tensor registered now.
         """
-        if not self.entries:
+        if not self.written and not self.reassigned:
             yield
             return
-        buffers = tuple(entry[0] for entry in self.entries)
+        buffers = tuple(entry.tensor for entry in self.written)
         versions = tuple(buf._version for buf in buffers)
+        registered = [e.module._buffers.get(e.name) for e in self.reassigned]
         with torch.no_grad():
             now = [buf.clone() for buf in buffers]
-            for buf, before, *_ in self.entries:
-                buf.copy_(before)
+            for entry in self.written:
+                if entry.value is not None:
+                    entry.tensor.copy_(entry.value)
         _set_versions(buffers, versions)
+        for entry in self.reassigned:
+            entry.module._buffers[entry.name] = entry.tensor
         try:
             yield
         finally:
+            for entry, tensor in zip(self.reassigned, registered):
+                entry.module._buffers[entry.name] = tensor
             with torch.no_grad():
                 for buf, value in zip(buffers, now):
                     buf.copy_(value)
@@ -188,6 +234,117 @@ def _set_versions(tensors: tuple[Tensor, ...], versions: tuple[int, ...]) -> Non
     except TypeError:  # torch < 2.6 takes one tensor at a time
         for tensor, version in zip(tensors, versions):
             setter(tensor, version)
+
+
+# ---------------------------------------------------------------------------------------
+# KV caches: Python objects a region appends to.
+# ---------------------------------------------------------------------------------------
+
+
+def _cache_classes() -> tuple[type, ...]:
+    # Never import transformers for this: a model that passes a cache has imported it.
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    if cache_utils is None:
+        return ()
+    names = ("Cache", "CacheLayerMixin", "LinearAttentionCacheLayerMixin")
+    return tuple(c for c in (getattr(cache_utils, n, None) for n in names) if c is not None)
+
+
+def _is_cache_part(obj: Any, classes: tuple[type, ...]) -> bool:
+    if isinstance(obj, (Tensor, nn.Module, type)):
+        return False
+    # Models define caches of their own too (MimiConv1dPaddingCache, ReformerDynamicCache).
+    name = type(obj).__name__
+    return isinstance(obj, classes) or name.endswith(("Cache", "CacheLayer"))
+
+
+def _structure_copy(obj: Any, classes: tuple[type, ...], memo: dict[int, Any]) -> Any:
+    """``obj`` with its cache objects, lists, tuples and dicts copied and everything else
+    (tensors, configs) shared."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, (list, tuple, dict)) or _is_cache_part(obj, classes):
+        if isinstance(obj, list):
+            new: Any = memo.setdefault(id(obj), [])
+            new.extend(_structure_copy(v, classes, memo) for v in obj)
+        elif isinstance(obj, tuple):
+            new = memo.setdefault(id(obj), tuple(_structure_copy(v, classes, memo) for v in obj))
+        elif isinstance(obj, dict):
+            new = memo.setdefault(id(obj), copy.copy(obj))
+            for k, v in obj.items():
+                new[k] = _structure_copy(v, classes, memo)
+        else:
+            new = memo.setdefault(id(obj), copy.copy(obj))
+            for k, v in getattr(obj, "__dict__", {}).items():
+                new.__dict__[k] = _structure_copy(v, classes, memo)
+        return new
+    return obj
+
+
+class CacheSnapshot:
+    """A KV cache (transformers' ``Cache`` and the like) as it was before a region's forward.
+
+    The forward appends this step's keys and values to the cache, so recomputing from the
+    cache itself would append them a second time, and attention would read twice as many
+    positions. Recomputation instead gets a copy of the cache's structure as it was (the
+    tensors it held then are shared, not copied), which it may append to: the forward's
+    cache ends exactly as without checkpointing, and the recomputation sees what the
+    forward saw.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self.classes = _cache_classes()
+        self.copy = _structure_copy(cache, self.classes, {})
+        self.kind = type(cache).__name__
+        # Tensors shared with the cache: a write into one (a static cache's buffers) would
+        # show in the recomputation.
+        shared: dict[int, Tensor] = {}
+        _find_tensors(self.copy, shared, set())
+        self.versions = [(t, t._version) for t in shared.values()]
+
+    def fresh(self, region: str) -> Any:
+        """A copy of the cache as it was before the forward, for one recomputation."""
+        for tensor, version in self.versions:
+            if tensor._version != version:
+                raise CheckpointError(
+                    f"remat.checkpoint: {region} writes in place into a tensor its {self.kind} "
+                    "held before the forward (a static or recurrent-state cache), so its "
+                    "recomputation cannot see the cache as the forward did. Train with "
+                    "use_cache=False (transformers turns it off under gradient checkpointing)."
+                )
+        return _structure_copy(self.copy, self.classes, {})
+
+
+def _find_tensors(obj: Any, found: dict[int, Tensor], seen: set[int]) -> None:
+    if isinstance(obj, Tensor):
+        found[id(obj)] = obj
+        return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        values: Any = obj
+    elif isinstance(obj, dict):
+        values = obj.values()
+    else:
+        values = getattr(obj, "__dict__", {}).values()
+    for value in values:
+        _find_tensors(value, found, seen)
+
+
+def snapshot_caches(leaves: list[Any]) -> list[Any]:
+    """``leaves`` with every KV cache among them replaced by its :class:`CacheSnapshot`."""
+    classes = _cache_classes()
+    return [CacheSnapshot(x) if _is_top_cache(x, classes) else x for x in leaves]
+
+
+def _is_top_cache(obj: Any, classes: tuple[type, ...]) -> bool:
+    return _is_cache_part(obj, classes) and not type(obj).__name__.endswith("CacheLayer")
+
+
+def fresh_caches(leaves: list[Any], region: str) -> list[Any]:
+    """``leaves`` with every :class:`CacheSnapshot` replaced by a fresh copy of its cache."""
+    return [x.fresh(region) if isinstance(x, CacheSnapshot) else x for x in leaves]
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,7 +383,8 @@ def _device_context() -> Any:
 
 @dataclass(slots=True)
 class ForwardState:
-    """Everything captured before a region's forward that its recomputation replays."""
+    """Everything captured before a region's forward that its recomputation replays, and
+    the versions of what it reads, which recomputation checks."""
 
     preserve_rng_state: bool
     cpu_rng: Tensor | None
@@ -236,6 +394,10 @@ class ForwardState:
     autocast: dict[str, tuple[bool, torch.dtype, bool]]
     device_context: Any
     buffers: BufferSnapshot
+    modules: Sequence[nn.Module]
+    inputs: list[tuple[Tensor, int]]  # (input, version before the forward), until it ends
+    reads: ReadVersions = field(default_factory=ReadVersions)
+    region: str = "the region"
 
     @classmethod
     def capture(
@@ -255,7 +417,33 @@ class ForwardState:
             autocast={d: _autocast_state(d) for d in _AUTOCAST_DEVICES},
             device_context=_device_context(),
             buffers=BufferSnapshot.before_forward(modules),
+            modules=modules,
+            inputs=[(t, t._version) for t in tensors if not t.is_inference()],
         )
+
+    def after_forward(self, region: str, extra_reads: Sequence[Tensor] = ()) -> None:
+        """Check the forward left its inputs alone; keep what recomputation replays and
+        checks (changed buffers; versions of parameters and unchanged buffers).
+
+        Raises:
+            CheckpointError: the region wrote one of its inputs in place, so recomputing it
+                from that input would start from the written values.
+        """
+        self.region = region
+        inputs, self.inputs = self.inputs, []
+        for position, (tensor, version) in enumerate(inputs):
+            if tensor._version != version:
+                raise CheckpointError(
+                    f"remat.checkpoint: {region} writes its input tensor #{position} (shape "
+                    f"{list(tensor.shape)}) in place, so recomputing it in backward would start "
+                    "from the written values. Make that operation out of place (e.g. "
+                    "nn.ReLU(inplace=False)), leave this module out of checkpointing, or use "
+                    "remat.ops(..., engine='tape'), which recomputes single tensors."
+                )
+        self.buffers.keep_changed()
+        parameters = [p for m in self.modules for p in m.parameters()]
+        self.reads.record([*parameters, *self.buffers.unchanged(self.modules), *extra_reads])
+        self.modules = ()
 
     def cuda_initialized_during_forward(self) -> bool:
         """True when the forward initialised CUDA, so its CUDA RNG state was not captured."""
@@ -268,7 +456,13 @@ class ForwardState:
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """Run the body as the forward ran: same RNG, autocast, device context, buffers."""
+        """Run the body as the forward ran: same RNG, autocast, device context, buffers.
+
+        Raises:
+            CheckpointError: a parameter or buffer the region read was modified in place
+                since its forward (an optimizer step before backward).
+        """
+        self.reads.check(self.region)
         with contextlib.ExitStack() as stack:
             if self.preserve_rng_state:
                 stack.enter_context(torch.random.fork_rng(devices=self.cuda_devices))

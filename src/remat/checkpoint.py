@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from remat._determinism import DETERMINISM_CHECKS
 from remat._function_engine import CheckpointFunction, checkpoint_function
-from remat._hooks_engine import checkpoint_hooks
+from remat._hooks_engine import Frame
 from remat._replay import ForwardState, describe_fn, reachable_modules
 from remat.errors import CheckpointError
 
@@ -105,12 +105,15 @@ def run_checkpoint(
     determinism_check: str = "metadata",
     early_stop: bool = True,
     context_fn: Callable[[], tuple[Any, Any]] | None = None,
+    frame: Frame | None = None,
 ) -> Any:
     """:func:`checkpoint` without argument checks, for callers that validated them once
     (``remat.apply``'s wrappers run this on every forward).
 
     ``context_fn`` (hooks engine only) returns the context managers to enter around the
     forward and the recomputation: op-level policies pass their dispatch modes here.
+    ``frame`` (hooks engine only): run the call as the next call of that region (a
+    segment's blocks); by default it is a region of its own.
     """
     if not torch.is_grad_enabled():  # no_grad / inference_mode: nothing to save
         return fn(*args, **kwargs)
@@ -128,16 +131,9 @@ def run_checkpoint(
         preserve_rng_state=preserve_rng_state,
     )
     region = describe_fn(fn)
-    out = checkpoint_hooks(
-        fn,
-        args,
-        kwargs,
-        region=region,
-        state=state,
-        early_stop=early_stop,
-        determinism_check=determinism_check,
-        context_fn=context_fn,
-    )
+    if frame is None:
+        frame = Frame(region, early_stop, determinism_check)
+    out = frame.forward_call(fn, args, kwargs, state=state, region=region, context_fn=context_fn)
     if state.cuda_initialized_during_forward():
         raise CheckpointError(
             f"remat.checkpoint: CUDA was initialised inside {region}, so its CUDA RNG state "

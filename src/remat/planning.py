@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from remat.errors import BudgetError, PlanError
+from remat.planner.plan import Plan
 from remat.policies import Ops, Recompute, Treatment
 from remat.profile import Profile, measure_step_peak
 
@@ -79,6 +80,7 @@ def plan(profile: Profile | Any, budget: Any, *, solver: str = "auto", op_option
             **result.meta,
             "outside_bytes": profile.outside_bytes,
             "cost_unit": profile.cost_unit,
+            "default_regions": profile.meta.get("default_regions", False),
         },
     )
 
@@ -109,8 +111,13 @@ class _PlanPolicy:
 
 def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, Treatment]]:
     """The roles ``plan`` gives each module of ``model``, outermost first."""
-    from remat.segments import _Follower, _Head, _SegmentRun
+    from remat.segments import segment_roles
 
+    if not isinstance(plan, Plan):
+        raise PlanError(
+            f"remat.apply_plan: plan must be a remat.Plan (remat.plan, remat.Plan.from_json), "
+            f"got {type(plan).__name__}"
+        )
     modules = dict(model.named_modules())
     missing = [r.name for r in plan.regions if r.name not in modules]
     if missing:
@@ -118,16 +125,14 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
             f"remat.apply_plan: the plan names regions {missing} that {type(model).__name__} "
             "does not have (was it made for another model?)"
         )
+    if plan.meta.get("default_regions"):
+        _check_covers(model, plan)
     roles: dict[str, list[Treatment]] = {r.name: [] for r in plan.regions}
     for start, stop in sorted(plan.segments, key=lambda s: (s[0], -s[1])):
         names = [plan.regions[i].name for i in range(start, stop)]
-        blocks = [modules[n] for n in names]
-        run = _SegmentRun(
-            name=f"{names[0]}-{names[-1]}", blocks=blocks, members=frozenset(map(id, blocks))
-        )
-        roles[names[0]].append(_Head(run))
-        for index, name in enumerate(names[1:], start=1):
-            roles[name].append(_Follower(run, index))
+        members = [(n, modules[n]) for n in names]
+        for name, _, role in segment_roles(f"{names[0]}-{names[-1]}", members):
+            roles[name].append(role)
     for region in plan.regions:
         if region.action == "recompute":
             roles[region.name].append(Recompute())
@@ -140,12 +145,41 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
     return [(name, modules[name], t) for name, ts in roles.items() for t in ts]
 
 
+def _check_covers(model: nn.Module, plan: Plan) -> None:
+    """A plan made from the default regions of a model covers all of this model's: a plan
+    for 4 blocks applied to 6 would silently leave 2 as they are."""
+    from remat.profile import default_regions
+
+    planned = [r.name for r in plan.regions]
+    here = [name for name, _ in default_regions(model)]
+    if here != planned:
+        extra = [n for n in here if n not in set(planned)]
+        raise PlanError(
+            f"remat.apply_plan: the plan was made for {len(planned)} regions "
+            f"({_names(planned)}) but {type(model).__name__} has {len(here)} "
+            f"({_names(here)}"
+            + (f"; not in the plan: {_names(extra)}" if extra else "")
+            + "). Was it made for another model? Profile and plan this one."
+        )
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
-    """Apply ``plan`` to ``model`` in place (any earlier remat policy is removed first)."""
+    """Apply ``plan`` to ``model`` in place (any earlier remat policy is removed first).
+
+    Raises:
+        PlanError: the plan does not fit the model (regions it lacks, or, for a plan made
+            from a profile's default regions, regions of the model the plan leaves out);
+            the model is left as it was.
+    """
     from remat.apply import apply, remove
 
+    assignments = plan_assignments(model, plan)  # before anything changes: it may raise
     remove(model)
-    assignments = plan_assignments(model, plan)
     if assignments:
         apply(model, _PlanPolicy(assignments))
     return model

@@ -5,30 +5,34 @@ Sublinear Memory Cost", 2016) instead cut a chain of n blocks into segments of a
 blocks and keep only each segment's input; in backward a whole segment is recomputed.
 
 A model's forward calls its blocks one by one (``for block in self.blocks: x = block(x)``),
-so a segment cannot be one call. remat makes the segment's first block (the head) run the
-whole segment under one checkpoint, chaining the blocks' outputs, and the other blocks
-(followers) hand back the segment's output when the model calls them. Followers check that
-they are called in order, on the output of the block before them, with the same other
-arguments as the head: if the model does anything else between its blocks, they raise
-``CheckpointError`` rather than compute something different.
+so a segment cannot be one call. Each block of a segment runs its calls into one shared
+checkpointed region (a frame of the hooks engine): the first block opens a new region, and a
+later block that takes an output of the open region carries it on. What the model does is
+what gets recomputed: backward reruns the calls the model made, in their order, from the
+tensors they took from outside the region. A model that stops early, skips blocks
+(LayerDrop) or computes something between its blocks is recomputed exactly as it ran; a
+block whose input does not come from the open region starts a region of its own.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from remat.errors import CheckpointError
+from remat._hooks_engine import Frame
+from remat.checkpoint import run_checkpoint
 from remat.policies import (
     Policy,
     Recompute,
     Selector,
     Treatment,
+    _is_compiling,
+    _traceable_checkpoint,
     block_lists,
     sqrt_segment_length,
 )
@@ -36,89 +40,69 @@ from remat.policies import (
 __all__ = ["Segments", "segments", "sqrt"]
 
 
-@dataclass(eq=False)
-class _SegmentRun:
-    """State shared by a segment's head and followers during one forward pass."""
+class Segment:
+    """One segment of blocks: its name, its recompute options and its open region."""
 
-    name: str
-    blocks: list[nn.Module]
-    output: Any = None
-    members: frozenset[int] = frozenset()  # ids of its blocks, to tell nested segments
-    extra: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-    next_index: int = 0  # the follower expected to be called next
+    def __init__(self, name: str, options: Recompute) -> None:
+        if options.engine != "hooks":
+            raise ValueError(
+                f"remat segments run on the hooks engine; got engine={options.engine!r} for "
+                f"segment '{name}'"
+            )
+        self.name = name
+        self.options = options
+        self._open: weakref.ref[Frame] | None = None  # the graph owns the frame
 
+    def frame_for(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Frame:
+        """The region block ``index``'s call runs in: the open one when the call continues
+        it, else a new one."""
+        frame = self._open() if self._open is not None else None
+        if index == 0 or frame is None or not frame.continues(args, kwargs):
+            options = self.options
+            frame = Frame(f"segment '{self.name}'", options.early_stop, options.determinism_check)
+            self._open = weakref.ref(frame)
+        return frame
 
-# The segment whose runner is calling one of its blocks right now. A follower of segment S
-# does the real work when that caller is S or a segment nested inside S (a nested segment
-# is also recomputed on its own in backward, outside S's run); called by the model's own
-# forward or by a segment around S, it hands back S's output (S's head already ran it).
-_calling = threading.local()
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "options": self.options}  # a copy has no open region
 
-
-def _chained(out: Any) -> Any:
-    """What the next block receives from a block's output: the output, or its first item."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _run_segment(run: _SegmentRun, head_forward: Callable[..., Any], *args: Any, **kwargs: Any):
-    out = head_forward(*args, **kwargs)
-    for block in run.blocks[1:]:
-        previous = getattr(_calling, "run", None)
-        _calling.run = run
-        try:
-            out = block(_chained(out), *args[1:], **kwargs)
-        finally:
-            _calling.run = previous
-    return out
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["name"], state["options"])
 
 
 @dataclass(frozen=True, eq=False)
-class _Head(Treatment):
-    run_state: _SegmentRun
-    inner: Recompute = field(default_factory=Recompute)
-    name: str = "segment"
+class SegmentMember(Treatment):
+    """Block ``index`` of ``segment``: its calls run in the segment's open region."""
 
-    def run(self, forward, args, kwargs):
-        run = self.run_state
-        partial = functools.partial(_run_segment, run, forward)
-        out = self.inner.run(partial, args, kwargs)
-        run.output, run.extra, run.next_index = out, (args[1:], kwargs), 1
-        return out
-
-
-@dataclass(frozen=True, eq=False)
-class _Follower(Treatment):
-    run_state: _SegmentRun
+    segment: Segment
     index: int
     name: str = "segment"
 
     def run(self, forward, args, kwargs):
-        run = self.run_state
-        caller = getattr(_calling, "run", None)
-        if caller is not None and caller.members <= run.members:  # S or nested in S calls
+        if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        expected_args, expected_kwargs = run.extra or ((), {})
-        in_order = run.next_index == self.index and args and args[0] is _chained(run.output)
-        same_rest = len(args) - 1 == len(expected_args) and all(
-            a is b for a, b in zip(args[1:], expected_args)
-        )
-        same_kwargs = kwargs.keys() == expected_kwargs.keys() and all(
-            kwargs[k] is expected_kwargs[k] for k in kwargs
-        )
-        if not (in_order and same_rest and same_kwargs):
-            raise CheckpointError(
-                f"remat.sqrt: block {self.index} of segment '{run.name}' was not called in "
-                "order on the previous block's output with the same other arguments as the "
-                "segment's first block, so the segment cannot be run as one region. Use "
-                "remat.every(1) for this model instead."
+        options = self.segment.options
+        if _is_compiling():  # dynamo traces one call at a time: each block its own region
+            return _traceable_checkpoint(
+                forward, args, kwargs, preserve_rng_state=options.preserve_rng_state
             )
-        run.next_index += 1
-        out = run.output
-        if run.next_index == len(run.blocks):
-            # Handed on for the last time: holding it longer would keep the segment's output
-            # alive through the whole backward (the model may well free it much earlier).
-            run.output, run.extra = None, None
-        return out
+        return run_checkpoint(
+            forward,
+            args,
+            kwargs,
+            preserve_rng_state=options.preserve_rng_state,
+            determinism_check=options.determinism_check,
+            early_stop=options.early_stop,
+            frame=self.segment.frame_for(self.index, args, kwargs),
+        )
+
+
+def segment_roles(
+    name: str, members: Sequence[tuple[str, nn.Module]], options: Recompute | None = None
+) -> list[tuple[str, nn.Module, Treatment]]:
+    """``(qualified name, module, treatment)`` of each block of one segment."""
+    segment = Segment(name, options or Recompute())
+    return [(fqn, module, SegmentMember(segment, i)) for i, (fqn, module) in enumerate(members)]
 
 
 @dataclass(frozen=True)
@@ -131,22 +115,16 @@ class Segments(Policy):
 
     def assign(self, model: nn.Module) -> list[tuple[str, nn.Module, Treatment]]:
         out: list[tuple[str, nn.Module, Treatment]] = []
+        options = self.treatment if isinstance(self.treatment, Recompute) else Recompute()
         for fqn, blocks in block_lists(model):
             children = list(blocks.named_children())
-            n = len(children)
-            length = self.length or sqrt_segment_length(n)
+            length = self.length or sqrt_segment_length(len(children))
             prefix = f"{fqn}." if fqn else ""
-            for start in range(0, n, length):
+            for start in range(0, len(children), length):
                 part = children[start : start + length]
                 name = f"{prefix}{part[0][0]}-{part[-1][0]}"
-                modules = [m for _, m in part]
-                run = _SegmentRun(name=name, blocks=modules, members=frozenset(map(id, modules)))
-                inner = self.treatment if isinstance(self.treatment, Recompute) else Recompute()
-                out.append((prefix + part[0][0], part[0][1], _Head(run, inner)))
-                out.extend(
-                    (prefix + child_name, child, _Follower(run, i))
-                    for i, (child_name, child) in enumerate(part[1:], start=1)
-                )
+                members = [(prefix + child, m) for child, m in part]
+                out.extend(segment_roles(name, members, options))
         return out
 
 
