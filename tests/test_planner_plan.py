@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from remat.errors import BudgetError
+from remat.errors import BudgetError, PlanError
 from remat.planner import (
     SOLVERS,
     Chain,
@@ -105,6 +105,22 @@ def test_plan_validation():
         plan_from_choices(chain, [0, 0, 0], [(0, 1)])
     with pytest.raises(ValueError, match="overlap"):
         plan_from_choices(chain, [0, 0, 0], [(0, 2), (1, 3)])
+
+
+@pytest.mark.parametrize(
+    ("segments", "match"),
+    [
+        ([[0, 2], [0, 2]], r"\(0, 2\)\] listed more than once"),  # would run blocks twice
+        ([[2, 1]], r"\(2, 1\) must satisfy"),
+        ([[0, 99]], r"\(0, 99\) must satisfy .* <= 3"),
+        ([[0, 2], [1, 3]], "overlap without nesting"),
+    ],
+)
+def test_edited_plan_segments_are_validated_on_load(segments, match):
+    data = json.loads(plan_chain(three(), 20).to_json())
+    data["segments"] = segments
+    with pytest.raises(PlanError, match=match):
+        Plan.from_json(json.dumps(data))
 
 
 def test_json_round_trips():

@@ -471,3 +471,18 @@ class _FunctionalNormBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = nn.functional.batch_norm(self.fc(x), self.mean, self.var, training=True)
         return x + torch.tanh(h)
+
+
+def test_plan_for_fewer_blocks_or_a_bad_plan_leaves_the_model_as_it_was():
+    """A plan made from a 4-block profile does not fit a 6-block model of the same kind,
+    and a plan that does not fit never strips the model's current policy first."""
+    four, six = small_gpt(n_layers=4), small_gpt(n_layers=6)
+    plan = remat.plan(remat.profile(four.model, *four.inputs, repeats=1), "90%")
+    remat.apply(six.model, remat.every(2))
+    before = remat.applied(six.model)
+    with pytest.raises(remat.PlanError, match=r"made for 4 regions .* not in the plan: blocks\.4"):
+        remat.apply_plan(six.model, plan)
+    assert remat.applied(six.model) == before
+    with pytest.raises(remat.PlanError, match="must be a remat.Plan"):
+        remat.apply_plan(six.model, plan.to_dict())
+    assert remat.applied(six.model) == before

@@ -545,7 +545,9 @@ def _profile(
         outside_bytes=max(0, step_peak - chain_peak),
         forward_cost=sum(p.cost for p in profiles),
         op_engines=op_engines,
-        meta={"model": type(model).__name__},
+        # The default discovery can be repeated on a model a plan is applied to, to tell a
+        # plan made for another model (fewer blocks) from one for this model.
+        meta={"model": type(model).__name__, "default_regions": regions is None},
     )
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from remat.errors import PlanError
+
 __all__ = ["ACTIONS", "Chain", "Plan", "Region", "RegionOption", "RegionPlan"]
 
 # What a region does with its activations between its forward and its backward.
@@ -301,6 +303,17 @@ class Plan:
     resolution_bytes: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.regions]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise PlanError(f"Plan: regions {repeated} appear more than once")
+        try:
+            segments = check_segments(len(self.regions), self.segments)
+        except (TypeError, ValueError) as err:
+            raise PlanError(f"Plan: {err} (the plan has {len(self.regions)} regions)") from None
+        object.__setattr__(self, "segments", segments)
+
     def apply(self, model: Any) -> Any:
         """Apply this plan to ``model`` in place (``remat.apply_plan``) and return it."""
         from remat.planning import apply_plan
@@ -382,8 +395,13 @@ def option_index(region: Region, name: str) -> int:
 
 
 def check_segments(n: int, segments: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Validate multi-region segments: in range, two regions or more, properly nested."""
-    segs = sorted({(int(a), int(b)) for a, b in segments}, key=lambda s: (s[0], -s[1]))
+    """Validate multi-region segments: in range, two regions or more, properly nested, each
+    once (a segment listed twice would run its blocks twice)."""
+    pairs = [(int(a), int(b)) for a, b in segments]
+    twice = sorted({p for p in pairs if pairs.count(p) > 1})
+    if twice:
+        raise ValueError(f"segments: {twice} listed more than once")
+    segs = sorted(pairs, key=lambda s: (s[0], -s[1]))
     for a, b in segs:
         if not 0 <= a < b <= n or b - a < 2:
             raise ValueError(
