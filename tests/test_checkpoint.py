@@ -442,24 +442,48 @@ def test_reassigned_buffer_is_replayed(engine):
 
 
 class _Alternating(nn.Module):
-    """A module attribute changed in forward picks the op: the recomputation goes the
-    other way, saving tensors of the same shape from another op."""
+    """A module attribute changed in forward picks the op (state kept on the module, as
+    RecurrentGemma keeps its recurrent state): replayed like a buffer."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 4)
         self.calls = 0
+        self.state = None
 
     def forward(self, x):
         self.calls += 1
-        return (torch.tanh if self.calls % 2 else torch.sigmoid)(self.lin(x))
+        h = self.lin(x) if self.state is None else self.lin(x) + self.state
+        self.state = h.detach()
+        return (torch.tanh if self.calls % 2 else torch.sigmoid)(h)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_module_attributes_changed_in_forward_are_replayed(engine):
+    torch.manual_seed(0)
+    reference = _Alternating()
+    model = copy.deepcopy(reference)
+    for _ in range(3):  # a state and a parity that change every call
+        x = torch.randn(3, 4, requires_grad=True)
+        want = torch.autograd.grad(reference(x).sum(), [x, *reference.parameters()])
+        y = remat.checkpoint(model, x, engine=engine)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), [x, *model.parameters()]), want)
+        assert model.calls == reference.calls
+        torch.testing.assert_close(model.state, reference.state, **EXACT)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_default_check_compares_the_producing_op(engine):
-    model = _Alternating()
-    x = torch.randn(3, 4, requires_grad=True)
-    y = remat.checkpoint(model, x, engine=engine)
+    """A branch on state recomputation cannot replay (a list the function pops from) goes
+    the other way: same shapes, another op (``tanh`` and ``sigmoid`` both save their
+    output)."""
+    lin = nn.Linear(4, 4)
+    branches = [torch.tanh, torch.sigmoid]
+
+    def f(x, lin):
+        return branches.pop(0)(lin(x))
+
+    y = remat.checkpoint(f, torch.randn(3, 4, requires_grad=True), lin, engine=engine)
     with pytest.raises(remat.CheckpointError, match="produced by another op"):
         y.sum().backward()
 

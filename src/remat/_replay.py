@@ -6,10 +6,13 @@ second run to reproduce the first we capture, before the forward:
 - the CPU RNG state and the RNG state of every CUDA device involved (dropout masks);
 - the autocast state of CPU and CUDA;
 - the default-device context (``with torch.device("meta"): ...``);
-- the value of every module buffer the region may mutate (BatchNorm running stats).
+- the value of every module buffer the region may mutate (BatchNorm running stats), and
+  the buffers and plain attributes it may reassign (a counter, a recurrent state);
+- the structure of every KV cache it is given (transformers' ``Cache``), which it appends to.
 
 During recomputation we restore all of it, and afterwards put back whatever recompute
 changed: the global RNG stream and buffers end up as if no recomputation had happened.
+What the region reads and cannot be replayed (its parameters) is version-checked instead.
 """
 
 from __future__ import annotations
@@ -143,44 +146,60 @@ class _Buffer:
 
 
 @dataclass(slots=True)
-class BufferSnapshot:
-    """The buffers a region changed, as they were before its forward.
+class ModuleState:
+    """The module state a region changed (buffers, plain attributes), as it was before its
+    forward.
 
     A buffer changes in two ways: written in place (BatchNorm statistics, a step counter
     ``self.steps += 1``) or reassigned (``self.steps = self.steps + 1`` registers a new
     tensor). Recomputation must see both as they were, or the buffer advances twice and
-    whatever it feeds is computed from the wrong value. Buffers neither written nor
-    reassigned during the forward are dropped right after it, so only changed buffers cost
-    memory until backward. Normalisation layers' statistics are always restored after
-    recomputation, since their kernels update them without touching the version counter.
+    whatever it feeds is computed from the wrong value. Plain module attributes the forward
+    reassigns (a tensor of recurrent state, a call counter) are replayed the same way.
+    Buffers neither written nor reassigned during the forward are dropped right after it,
+    so only changed buffers cost memory until backward. Normalisation layers' statistics
+    are always restored after recomputation, since their kernels update them without
+    touching the version counter.
     """
 
     written: list[_Buffer] = field(default_factory=list)
     reassigned: list[_Buffer] = field(default_factory=list)
+    # Plain attributes (see _ATTRIBUTE_TYPES) of each module before the forward, then those
+    # the forward changed: (module, name, value before or _MISSING).
+    attributes_before: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
 
     @classmethod
-    def before_forward(cls, modules: Sequence[nn.Module]) -> BufferSnapshot:
+    def before_forward(cls, modules: Sequence[nn.Module]) -> ModuleState:
         seen: set[int] = set()
         entries = []
+        attributes = []
         with torch.no_grad():
             for root in modules:
                 for module in root.modules():
                     if id(module) in seen:
                         continue
                     seen.add(id(module))
+                    attributes.append((module, _plain_attributes(module)))
                     write_only = isinstance(module, _SILENT_MUTATORS) and module.training
                     for name, buf in module._buffers.items():
                         if buf is None or buf.is_meta:
                             continue
                         value = None if write_only else buf.clone()
                         entries.append(_Buffer(module, name, buf, value, buf._version))
-        return cls(written=entries)
+        return cls(written=entries, attributes_before=attributes)
 
     def keep_changed(self) -> None:
-        """After the forward: forget buffers the forward did not change."""
+        """After the forward: forget buffers and attributes the forward did not change."""
         entries = self.written
         self.written = [e for e in entries if e.value is None or e.tensor._version != e.version]
         self.reassigned = [e for e in entries if e.module._buffers.get(e.name) is not e.tensor]
+        changed = []
+        for module, before in self.attributes_before:
+            after = _plain_attributes(module)
+            for name in before.keys() | after.keys():
+                if before.get(name, _MISSING) is not after.get(name, _MISSING):
+                    changed.append((module, name, before.get(name, _MISSING)))
+        self.attributes, self.attributes_before = changed, []
 
     def unchanged(self, modules: Sequence[nn.Module]) -> list[Tensor]:
         """The buffers of ``modules`` this snapshot does not replay."""
@@ -202,7 +221,7 @@ class BufferSnapshot:
         a spurious in-place modification. Reassigned buffers get their pre-forward tensor
         back for the recomputation, then the tensor registered now.
         """
-        if not self.written and not self.reassigned:
+        if not self.written and not self.reassigned and not self.attributes:
             yield
             return
         buffers = tuple(entry.tensor for entry in self.written)
@@ -216,15 +235,42 @@ class BufferSnapshot:
         _set_versions(buffers, versions)
         for entry in self.reassigned:
             entry.module._buffers[entry.name] = entry.tensor
+        now_attributes = [m.__dict__.get(name, _MISSING) for m, name, _ in self.attributes]
+        for module, name, before in self.attributes:
+            _set_attribute(module, name, before)
         try:
             yield
         finally:
+            for (module, name, _), value in zip(self.attributes, now_attributes):
+                _set_attribute(module, name, value)
             for entry, tensor in zip(self.reassigned, registered):
                 entry.module._buffers[entry.name] = tensor
             with torch.no_grad():
                 for buf, value in zip(buffers, now):
                     buf.copy_(value)
             _set_versions(buffers, versions)
+
+
+# Module attributes a forward may change that recomputation must see as they were: state
+# kept on the module (RecurrentGemma's ``self.conv1d_state``, a call counter). Containers
+# and objects are left alone: copying them on every forward would cost too much.
+_ATTRIBUTE_TYPES = (Tensor, int, float, bool, str, type(None))
+_MISSING = object()
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in module.__dict__.items()
+        if isinstance(value, _ATTRIBUTE_TYPES) and name != "training"
+    }
+
+
+def _set_attribute(module: nn.Module, name: str, value: Any) -> None:
+    if value is _MISSING:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = value
 
 
 def _set_versions(tensors: tuple[Tensor, ...], versions: tuple[int, ...]) -> None:
@@ -393,7 +439,7 @@ class ForwardState:
     cuda_was_initialized: bool
     autocast: dict[str, tuple[bool, torch.dtype, bool]]
     device_context: Any
-    buffers: BufferSnapshot
+    module_state: ModuleState
     modules: Sequence[nn.Module]
     inputs: list[tuple[Tensor, int]]  # (input, version before the forward), until it ends
     reads: ReadVersions = field(default_factory=ReadVersions)
@@ -416,7 +462,7 @@ class ForwardState:
             cuda_was_initialized=torch.cuda.is_available() and torch.cuda.is_initialized(),
             autocast={d: _autocast_state(d) for d in _AUTOCAST_DEVICES},
             device_context=_device_context(),
-            buffers=BufferSnapshot.before_forward(modules),
+            module_state=ModuleState.before_forward(modules),
             modules=modules,
             inputs=[(t, t._version) for t in tensors if not t.is_inference()],
         )
@@ -440,9 +486,9 @@ class ForwardState:
                     "nn.ReLU(inplace=False)), leave this module out of checkpointing, or use "
                     "remat.ops(..., engine='tape'), which recomputes single tensors."
                 )
-        self.buffers.keep_changed()
+        self.module_state.keep_changed()
         parameters = [p for m in self.modules for p in m.parameters()]
-        self.reads.record([*parameters, *self.buffers.unchanged(self.modules), *extra_reads])
+        self.reads.record([*parameters, *self.module_state.unchanged(self.modules), *extra_reads])
         self.modules = ()
 
     def cuda_initialized_during_forward(self) -> bool:
@@ -481,5 +527,5 @@ class ForwardState:
                     )
             if self.device_context is not None:
                 stack.enter_context(self.device_context)
-            stack.enter_context(self.buffers.as_before_forward())
+            stack.enter_context(self.module_state.as_before_forward())
             yield
