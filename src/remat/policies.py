@@ -139,17 +139,31 @@ class where(Selector):
 def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList | nn.Sequential]]:
     """The model's repeated-block lists: ModuleLists (and Sequentials) of two or more
     modules of one type, outermost only (a list inside a block of another list is part of
-    that block)."""
+    that block). A ModuleList of several layer types with a common base class of their own
+    counts too: hybrid models mix attention and recurrent layers (transformers'
+    ``GradientCheckpointingLayer``), where a Sequential of a Linear and a ReLU does not."""
     found: list[tuple[str, nn.ModuleList | nn.Sequential]] = []
     for fqn, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
             continue
-        if len({type(child) for child in module}) != 1:
+        if len({type(child) for child in module}) != 1 and not (
+            isinstance(module, nn.ModuleList) and _common_layer_base(list(module)) is not None
+        ):
             continue
         if any(fqn.startswith(outer + ".") for outer, _ in found):
             continue
         found.append((fqn, module))
     return found
+
+
+def _common_layer_base(children: list[nn.Module]) -> type | None:
+    """The most specific class all ``children`` are instances of, unless it is nn.Module."""
+    for base in type(children[0]).__mro__:
+        if base is nn.Module or base is object:
+            return None
+        if all(isinstance(child, base) for child in children):
+            return base
+    return None
 
 
 @dataclass(frozen=True)
