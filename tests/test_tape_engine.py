@@ -334,3 +334,19 @@ def test_kept_tensor_changed_in_place_after_forward_is_an_error():
         w.mul_(2.0)  # mul saved w, a leaf kept as it is
     with pytest.raises(remat.CheckpointError, match="modified by an in-place operation"):
         y.sum().backward()
+
+
+def test_held_tensor_written_during_the_forward_is_copied_first():
+    """A recipe holds the region's input; the region then writes the input in place (as
+    linear-attention layers write their cache state): the recipe reads the input as it was
+    when it took it, not the written values."""
+
+    def f(t):
+        y = t * 3.0  # dropped: its recipe holds t; mul by a number saves nothing
+        t.mul_(2.0)
+        return y.cos() + t  # cos saves y, recomputed from the recipe
+
+    x = torch.randn(5, requires_grad=True)
+    want = torch.autograd.grad(f(x * 1.0).sum(), x)[0]
+    got = torch.autograd.grad(remat.ops(engine="tape").run(f, (x * 1.0,), {}).sum(), x)[0]
+    torch.testing.assert_close(got, want, **EXACT)

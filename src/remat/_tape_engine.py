@@ -164,14 +164,20 @@ class _RecordingMode(TorchDispatchMode):
         # every tensor in it unrecomputable from the op that made it (``y = x.new_empty(n)``
         # then ``y[:k].copy_(a)``: the factory's recipe would give the empty tensor).
         self.keys_in_storage: dict[int, list[tuple[Any, ...]]] = {}
+        # The tensors recipes hold, by storage: a write into one during the forward copies
+        # it first, so the recipes read what it held when they took it.
+        self.held_in_storage: dict[int, list[_Held]] = {}
         self.packed: list[_Ref] = []  # every dropped output autograd saved, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        writes = func is not _DETACH and writes_to_arguments(func)
+        if writes and self.held_in_storage:
+            self._copy_held_before_write((*args, *kwargs.values()))
         out = func(*args, **kwargs)
         if func is _DETACH:  # same memory and geometry: its input's entry describes it
             return out
-        if writes_to_arguments(func):
+        if writes:
             # Written storages now hold values no earlier recipe describes, whichever view
             # the write went through (a list argument counts too: _foreach_mul_ writes to
             # every tensor in it). Recipes that already took one of their tensors keep
@@ -207,10 +213,26 @@ class _RecordingMode(TorchDispatchMode):
         self.produced[_key(tensor)] = _KEPT
         self.keys_in_storage.setdefault(storage, []).append(_key(tensor))
 
+    def _copy_held_before_write(self, written: tuple[Any, ...]) -> None:
+        """A tensor a recipe holds is about to be written (a region input, a cache state):
+        the recipe gets a copy of it as it is now, as it would if it had been saved."""
+        for tensor in _items(written, Tensor):
+            if _key(tensor) is None:
+                continue
+            for held in self.held_in_storage.pop(_storage_key(tensor), ()):
+                if held.tensor._version == held.version:
+                    held.tensor = held.tensor.clone()
+                    held.version = held.tensor._version
+
     def _translate(self, value: Any) -> Any:
         if isinstance(value, Tensor):
             entry = self.produced.get(_key(value))
-            return entry if isinstance(entry, _Ref) else _Held(value)
+            if isinstance(entry, _Ref):
+                return entry
+            held = _Held(value)
+            if _key(value) is not None:
+                self.held_in_storage.setdefault(_storage_key(value), []).append(held)
+            return held
         if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
             return type(value)(self._translate(v) for v in value)
         return value
@@ -292,6 +314,7 @@ def checkpoint_tape(
         # Recipes no saved tensor needs, and the tensors only they hold, are freed now.
         mode.produced.clear()
         mode.keys_in_storage.clear()
+        mode.held_in_storage.clear()
         mode.packed.clear()
 
 
