@@ -41,8 +41,8 @@ RESULTS = ("exact", "error", "refused", "differs", "crash")
 SECONDS_PER_ARCH = 240
 B, T = 2, 8
 
-# Tiny sizes, set where the default config has the field. Passed to the config's
-# constructor, so fields derived from them (head_dim, layer_types) follow.
+# Tiny sizes, set where the default config has the field and a larger value. Passed to
+# the config's constructor, so fields derived from them (head_dim, layer_types) follow.
 SIZES: dict[str, int] = {
     "hidden_size": 32,
     "num_hidden_layers": 4,  # hybrids put a full-attention layer every 4th (qwen3_next)
@@ -52,6 +52,13 @@ SIZES: dict[str, int] = {
     "intermediate_size": 64,
     "vocab_size": 128,
     "max_position_embeddings": 64,
+    # encoder-decoder families built as decoders (bart, marian...)
+    "encoder_layers": 2,
+    "decoder_layers": 4,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
     # mixture of experts
     "num_experts": 4,
     "num_local_experts": 4,
@@ -66,7 +73,7 @@ SIZES: dict[str, int] = {
     # multi-head latent attention
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
-    "qk_rope_head_dim": 8,  # = head_dim, which some configs derive from it
+    "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
     "v_head_dim": 8,
     # linear attention and state-space layers
@@ -80,30 +87,78 @@ SIZES: dict[str, int] = {
     "mamba_n_heads": 4,
     "mamba_d_head": 8,
     "num_heads": 4,
+    # vision and audio towers of multimodal models
+    "image_size": 32,
+    "patch_size": 8,
+    "num_mel_bins": 16,
 }
+HEAD_FIELDS = ("num_key_value_heads", "head_dim")
+LATENT_FIELDS = (
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "kv_lora_rank",
+    "q_lora_rank",
+)
+# Sizes tried in turn until the model builds and trains, as (fields left at their default,
+# sizes changed): configs derive fields from each other in their own ways (head_dim from
+# heads or from the rotary size), and hybrids with an attention layer every 8th need 8.
+CANDIDATES: tuple[tuple[tuple[str, ...], dict[str, int]], ...] = (
+    ((), {}),
+    (HEAD_FIELDS, {}),
+    (HEAD_FIELDS + LATENT_FIELDS, {}),
+    (HEAD_FIELDS + LATENT_FIELDS, {"num_hidden_layers": 8}),
+)
+# Per-layer lists cut to the number of layers (a config validates their length).
+PER_LAYER = ("layer_types", "layers_block_type", "block_types")
+MAX_PARAMETERS = 30_000_000  # counted on the meta device before building for real
 
 
-def small_config(arch: str) -> Any:
-    from transformers import AutoConfig
+def _overrides(default: Any, leave_out: tuple[str, ...], sizes: dict[str, int]) -> dict[str, Any]:
+    from transformers import PretrainedConfig
 
-    default = AutoConfig.for_model(arch)
     overrides: dict[str, Any] = {}
-    for name, value in SIZES.items():
+    for name, value in {**SIZES, **sizes}.items():
         current = getattr(default, name, None)
-        if isinstance(current, int) and not isinstance(current, bool) and current > value:
+        if name in leave_out or isinstance(current, bool) or not isinstance(current, int):
+            continue
+        if current > value:
             overrides[name] = value
+    layers = overrides.get("num_hidden_layers")
+    for name in PER_LAYER:
+        current = getattr(default, name, None)
+        derived = isinstance(getattr(type(default), name, None), property)
+        if layers and not derived and isinstance(current, (list, tuple)) and len(current) > layers:
+            overrides[name] = list(current[:layers])
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         if isinstance(getattr(default, key, None), int):
             overrides[key] = {"pad_token_id": 0, "bos_token_id": 1}.get(key, 2)
-    return AutoConfig.for_model(arch, **overrides)
+    for name in getattr(default, "sub_configs", {}):  # text, vision, audio configs
+        sub = getattr(default, name, None)
+        if isinstance(sub, PretrainedConfig):
+            small = _overrides(sub, leave_out, sizes)
+            overrides[name] = type(sub)(**{**sub.to_dict(), **small})
+    return overrides
 
 
-def build(arch: str) -> Any:
+def small_config(arch: str, candidate: int = 0) -> Any:
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(arch)
+    return AutoConfig.for_model(arch, **_overrides(default, *CANDIDATES[candidate]))
+
+
+def build(arch: str, candidate: int = 0) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    config = small_config(arch, candidate)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if parameters > MAX_PARAMETERS:
+        raise MemoryError(f"{parameters / 1e6:.0f}M parameters at the small sizes")
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(small_config(arch)).train()
+    return AutoModelForCausalLM.from_config(config).train()
 
 
 def train_step(model: Any, ids: Any) -> tuple[Any, dict[str, Any], list[Any]]:
@@ -162,23 +217,30 @@ def sweep_arch(arch: str) -> dict[str, Any]:
     import remat
 
     row: dict[str, Any] = {"arch": arch, "treatments": {}}
-    try:
-        reference = build(arch)
-    except Exception as err:
-        return {**row, "status": "does not build", "detail": _line(err)}
-    vocab = reference.config.get_text_config().vocab_size
-    ids = torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(2))
-    try:
-        want = train_step(copy.deepcopy(reference), ids)
-        # transformers turns the KV cache off under its own checkpointing, and with it on
-        # some models run other kernels (gpt2's tied embedding sums its gradient in another
-        # order): hf.enable is compared with the model trained that way.
-        no_cache = copy.deepcopy(reference)
-        no_cache.config.use_cache = False
-        want_without_cache = train_step(no_cache, ids)
-    except Exception as err:
-        return {**row, "status": "does not train", "detail": _line(err)}
-    row["status"] = "trains"
+    for candidate in range(len(CANDIDATES)):
+        try:
+            reference = build(arch, candidate)
+        except Exception as err:
+            row.update(status="does not build", detail=_line(err))
+            continue
+        vocab = reference.config.get_text_config().vocab_size
+        ids = torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(2))
+        try:
+            want = train_step(copy.deepcopy(reference), ids)
+            # transformers turns the KV cache off under its own checkpointing, and with it
+            # on some models run other kernels (gpt2's tied embedding sums its gradient in
+            # another order): hf.enable is compared with the model trained that way.
+            no_cache = copy.deepcopy(reference)
+            no_cache.config.use_cache = False
+            want_without_cache = train_step(no_cache, ids)
+        except Exception as err:
+            row.update(status="does not train", detail=_line(err))
+            continue
+        parameters = sum(p.numel() for p in reference.parameters())
+        row.update(status="trains", detail="", parameters=parameters)
+        break
+    if row["status"] != "trains":
+        return row
     for name in TREATMENTS:
         model = copy.deepcopy(reference)
         try:
