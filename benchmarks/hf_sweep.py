@@ -357,25 +357,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for t in TREATMENTS:
         by = s["by treatment"][t]
         lines.append(f"| {t} | " + " | ".join(str(by.get(r, 0)) for r in RESULTS) + " |")
-    reasons: Counter[str] = Counter()
+    groups: dict[tuple[str, str], list[str]] = {}
+    example: dict[tuple[str, str], str] = {}
     for r in rows:
         for t, v in r.get("treatments", {}).items():
             if v["result"] != "exact":
-                reasons[f"{t}: {v['result']}: {_reason(v.get('detail', ''))}"] += 1
-    if reasons:
-        lines += ["", "Not exact, by reason (count):", ""]
-        lines += [f"- {reason} ({n})" for reason, n in sorted(reasons.items())]
+                groups.setdefault((t, v["result"]), []).append(r["arch"])
+                example.setdefault((t, v["result"]), v.get("detail", ""))
+    if groups:
+        lines += ["", "Not exact:", ""]
+        lines += [
+            f"- {t} {result}: {', '.join(archs)} (e.g. {example[(t, result)][:120]})"
+            for (t, result), archs in sorted(groups.items())
+        ]
     return "\n".join(lines)
-
-
-def _reason(detail: str) -> str:
-    """The first clause of a message, without the model-specific names."""
-    text = detail.split(". ")[0]
-    for marker in (" module '", " segment '"):
-        if marker in text:
-            head, _, rest = text.partition(marker)
-            text = head + " <region>" + rest.split(")", 1)[-1]
-    return text[:160]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,3 +71,23 @@ def test_reference_points_benchmark_plans_each_reading_within_budget(tmp_path):
         assert row["status"] == "ok", (name, row)
         assert row["peak_bytes"] <= 60 * 2**20 and row["ratio"] > 0
         assert name in table
+
+
+@pytest.mark.slow
+def test_hf_sweep_reports_every_treatment_exact_on_a_few_architectures(tmp_path):
+    """The sweep of issue #12 on three families: a dense decoder, GPT-2 (tied embeddings,
+    Conv1D, dropout) and DeepSeek-V3 (latent attention filled through views, experts)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf_sweep.json"
+    run_script(
+        "hf_sweep.py", "--archs", "llama,gpt2,deepseek_v3", "--jobs", "1", "--json", str(out)
+    )
+    rows = {r["arch"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"llama", "gpt2", "deepseek_v3"}
+    for arch, row in rows.items():
+        assert row["status"] == "trains", (arch, row)
+        results = {t: v["result"] for t, v in row["treatments"].items()}
+        assert results == dict.fromkeys(results, "exact"), (arch, row["treatments"])
+        assert len(results) == 4
+    table = run_script("hf_sweep.py", "--from-json", str(out), "--markdown")
+    assert "| ops-tape | 3 | 0 | 0 | 0 | 0 |" in table

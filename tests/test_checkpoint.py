@@ -551,3 +551,14 @@ def test_function_engine_passes_containers_without_tensors_as_they_are():
 
     with pytest.raises(remat.CheckpointError, match="changed its argument #0"):
         remat.checkpoint(g, held, lin, engine="function")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_random_ops_without_preserve_rng_state_warn(engine, recwarn):
+    """The one case left to the user: no RNG replay asked for, and the region draws."""
+    drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="drew random numbers .* preserve_rng_state=False"):
+        remat.checkpoint(drop, x, engine=engine, preserve_rng_state=False)
+    remat.checkpoint(drop.eval(), x, engine=engine, preserve_rng_state=False)  # draws nothing
+    assert not [w for w in recwarn if "random numbers" in str(w.message)]

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import functools
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -417,6 +418,14 @@ def _cuda_devices(tensors: Sequence[Tensor]) -> list[int]:
     return sorted(d for d in devices if d is not None)
 
 
+def _rng_now() -> tuple[Tensor, list[int]]:
+    """The CPU generator's state and each initialised CUDA generator's offset."""
+    cuda = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [g.get_offset() for g in torch.cuda.default_generators]
+    return torch.get_rng_state(), cuda
+
+
 def _device_context() -> Any:
     from torch.overrides import _get_current_function_mode_stack
     from torch.utils._device import DeviceContext
@@ -444,6 +453,8 @@ class ForwardState:
     inputs: list[tuple[Tensor, int]]  # (input, version before the forward), until it ends
     reads: ReadVersions = field(default_factory=ReadVersions)
     region: str = "the region"
+    # Without preserve_rng_state: the RNG before the forward, to tell whether it drew.
+    rng_before: tuple[Tensor, list[int]] | None = None
 
     @classmethod
     def capture(
@@ -465,6 +476,7 @@ class ForwardState:
             module_state=ModuleState.before_forward(modules),
             modules=modules,
             inputs=[(t, t._version) for t in tensors if not t.is_inference()],
+            rng_before=None if preserve_rng_state else _rng_now(),
         )
 
     def after_forward(self, region: str, extra_reads: Sequence[Tensor] = ()) -> None:
@@ -486,10 +498,26 @@ class ForwardState:
                     "nn.ReLU(inplace=False)), leave this module out of checkpointing, or use "
                     "remat.ops(..., engine='tape'), which recomputes single tensors."
                 )
+        if self.rng_before is not None:
+            self._warn_if_random(region)
         self.module_state.keep_changed()
         parameters = [p for m in self.modules for p in m.parameters()]
         self.reads.record([*parameters, *self.module_state.unchanged(self.modules), *extra_reads])
         self.modules = ()
+
+    def _warn_if_random(self, region: str) -> None:
+        (cpu, cuda), self.rng_before = self.rng_before, None
+        now_cpu, now_cuda = _rng_now()
+        if cuda == now_cuda and torch.equal(cpu, now_cpu):
+            return
+        warnings.warn(
+            f"remat.checkpoint: {region} drew random numbers (dropout?) with "
+            "preserve_rng_state=False: its recomputation draws other ones, so its gradients "
+            "are not those of the forward. Leave preserve_rng_state on for regions with "
+            "random ops.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def cuda_initialized_during_forward(self) -> bool:
         """True when the forward initialised CUDA, so its CUDA RNG state was not captured."""
