@@ -202,3 +202,27 @@ def test_bad_input_names_the_argument():
         remat.recompute(use_reentrant=False)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         remat.remove(None)
+
+
+STEPPED = {
+    **POLICIES,
+    "sqrt": lambda: remat.sqrt(),
+    "offload": lambda: remat.offload(min_bytes=0, store=remat.CpuStore()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEPPED))
+def test_parameters_stepped_before_backward_raise_under_every_policy(name):
+    """A GAN's optD.step() between forward and backward: every policy raises (plain PyTorch
+    does too, the weights being saved for backward) instead of using the new weights."""
+    workload = gpt(dropout=0.0)
+    remat.apply(workload.model, STEPPED[name]())
+    loss = workload.loss()
+    # The blocks' weights only: the head's are saved by plain autograd, which checks them.
+    stepped = list(workload.model.blocks.parameters())
+    optimizer = torch.optim.SGD(stepped, lr=0.1)
+    for p in stepped:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an in-?place operation"):
+        loss.backward()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 
 import pytest
@@ -486,3 +487,28 @@ def test_plan_for_fewer_blocks_or_a_bad_plan_leaves_the_model_as_it_was():
     with pytest.raises(remat.PlanError, match="must be a remat.Plan"):
         remat.apply_plan(six.model, plan.to_dict())
     assert remat.applied(six.model) == before
+
+
+def test_nested_segment_plan_on_a_conv_bn_chain_changes_every_buffer_once():
+    """Buffers of every block of every (nested) segment change once, as without remat."""
+    from remat.planner import plan_from_choices
+
+    torch.manual_seed(0)
+    blocks = [
+        nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh()) for _ in range(9)
+    ]
+    reference = nn.Sequential(*blocks)
+    model = copy.deepcopy(reference)
+    x = torch.randn(2, 3, 6, 6)
+    prof = remat.profile(model, x, repeats=1, regions=[str(i) for i in range(9)])
+    choices = ["store"] * 9
+    choices[5] = "recompute"
+    plan = plan_from_choices(prof.to_chain(op_options=False), choices, [(0, 9), (0, 4), (4, 8)])
+    remat.apply_plan(model, plan)
+    for m in (reference, model):
+        torch.manual_seed(0)
+        m(x.clone().requires_grad_(True)).pow(2).sum().backward()
+    for got, want in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)

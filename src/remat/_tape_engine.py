@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from remat import _determinism
-from remat._versions import Versioned
+from remat._versions import Versioned, modified_error
 from remat.errors import CheckpointError
 
 _DETACH = torch.ops.aten.detach.default
@@ -120,12 +120,8 @@ class _Recipe:
             return value.recipe.output(value.index)
         if isinstance(value, _Held):
             if value.tensor._version != value.version:
-                raise CheckpointError(
-                    f"remat.ops(engine='tape'): recomputing {self.func} in {self.region} "
-                    "needs a tensor that was modified in place after the forward pass used "
-                    "it. Use the replay engine (remat.ops(..., engine='replay')) for this "
-                    "region."
-                )
+                what = f"a tensor that recomputing {self.func} needs"
+                raise modified_error(value.tensor, value.version, self.region, what)
             return value.tensor
         if isinstance(value, (list, tuple)):
             return type(value)(self._resolve(v) for v in value)

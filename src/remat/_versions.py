@@ -22,7 +22,7 @@ __all__ = ["ReadVersions", "Versioned", "checked_version", "modified_error"]
 
 def modified_error(tensor: Tensor, saved: int, where: str, what: str) -> CheckpointError:
     return CheckpointError(
-        f"remat: {what} of {where} (shape {list(tensor.shape)}, {tensor.dtype}) was modified "
+        f"remat: {where}: {what} (shape {list(tensor.shape)}, {tensor.dtype}) was modified "
         f"by an in-place operation after the forward pass used it: it is at version "
         f"{tensor._version}, the forward saw version {saved}. Its backward would use the new "
         "values. Call backward before changing it (an optimizer step, a parameter update), "
@@ -75,4 +75,4 @@ class ReadVersions:
     def check(self, where: str) -> None:
         for tensor, version in self.entries:
             if tensor._version != version:
-                raise modified_error(tensor, version, where, "a parameter, buffer or input")
+                raise modified_error(tensor, version, where, "a parameter or buffer it reads")
