@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from remat._storage import device_of, iter_tensors, unique_storage_bytes
+from remat._training_call import default_loss, training_call
 from remat.memory import MemoryTracker, TimelineEvent
 
 __all__ = ["EstimateReport", "estimate"]
@@ -125,7 +126,7 @@ def estimate(
         >>> with torch.device("meta"):
         ...     model = LlamaForCausalLM(config)
         >>> ids = torch.zeros(1, 4096, dtype=torch.long)
-        >>> print(estimate(model, ids, use_cache=False, checkpoint_modules=lambda m, n:
+        >>> print(estimate(model, ids, checkpoint_modules=lambda m, n:
         ...     type(m).__name__ == "LlamaDecoderLayer"))
     """
     if not isinstance(model, nn.Module):
@@ -149,12 +150,16 @@ def estimate(
     }
     buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
     fake_inputs = tuple(_to_fake_input(fake, x, i, dtype, device) for i, x in enumerate(inputs))
-    fake_kwargs = tree_map(lambda x: fake.from_tensor(x) if isinstance(x, Tensor) else x, kwargs)
+    fake_kwargs = tree_map(
+        lambda x: _on_device(fake, fake.from_tensor(x), device) if isinstance(x, Tensor) else x,
+        kwargs,
+    )
     existing = [*params.values(), *buffers.values(), *iter_tensors(fake_inputs, fake_kwargs)]
 
     tracker = MemoryTracker(module=model, count_existing=existing, timeline=timeline)
     tracker._state.extend(buffers.values())  # buffers are state, not activations
     with (
+        training_call(model),
         _swapped(model, params, buffers),
         _checkpointed(model, names),
         _policy_applied(model, policy) as policy_regions,
@@ -164,7 +169,7 @@ def estimate(
     ):
         out = model(*fake_inputs, **fake_kwargs)
         forward_peak = tracker.peak_bytes
-        loss = (loss_fn or _default_loss)(out)
+        loss = (loss_fn or default_loss)(out)
         del out
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"estimate: loss_fn must return a scalar tensor, got {loss!r}")
@@ -210,24 +215,20 @@ def _to_fake_input(
     fake: FakeTensorMode, x: Any, i: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     if isinstance(x, Tensor):
-        return fake.from_tensor(x)
+        return _on_device(fake, fake.from_tensor(x), device)
     if isinstance(x, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in x):
         with fake:  # a fake tensor on the model's device, nothing allocated
             return torch.empty(tuple(x), dtype=dtype, device=device)
     raise TypeError(f"estimate: inputs[{i}] must be a tensor or a shape, got {type(x).__name__}")
 
 
-def _default_loss(out: Any) -> Tensor:
-    for attr in ("loss", "logits"):
-        value = getattr(out, attr, None)
-        if isinstance(value, Tensor):
-            return value.float().sum()
-    for t in iter_tensors(out):
-        if t.is_floating_point() and t.requires_grad:
-            return t.float().sum()
-    raise ValueError(
-        "estimate: the model's output holds no floating tensor that requires grad; pass loss_fn"
-    )
+def _on_device(fake: FakeTensorMode, x: Tensor, device: torch.device) -> Tensor:
+    """A fake input on the model's device: ``input_ids`` made on the CPU for a model built
+    on meta (nothing is copied; fake tensors hold no data)."""
+    if x.device == device:
+        return x
+    with fake:
+        return x.to(device)
 
 
 def _select(model: nn.Module, which: ModuleFilter | None) -> list[str]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from remat._storage import device_of, iter_tensors, storage_of, tensors_of
+from remat._training_call import training_call
 from remat._versions import Versioned, checked_version
 from remat.errors import RematError
 
@@ -464,7 +465,7 @@ def saved_activations(model: nn.Module, *inputs: Any, **kwargs: Any) -> SavedAct
     tracker = MemoryTracker(
         module=model, count_existing=[model, *iter_tensors(inputs, kwargs)], timeline=False
     )
-    with torch.enable_grad(), tracker:
+    with torch.enable_grad(), training_call(model), tracker:
         out = model(*inputs, **kwargs)
     del out  # drops the graph
     by_module = tracker.saved_bytes_by_module
