@@ -128,8 +128,9 @@ def test_autoplan_measured_peak_within_budget(budget):
     """GPT with activations dominating: every budget fits, measured, gradients unchanged."""
     reference = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
     workload = small_gpt(dropout=0.1, **ACTIVATION_BOUND)
-    result = remat.autoplan(workload.model, *workload.inputs, budget=budget,
-                            loss_fn=loss_of(workload))  # fmt: skip
+    result = remat.autoplan(
+        workload.model, *workload.inputs, budget=budget, loss_fn=loss_of(workload)
+    )
     measured = measure_step_peak(workload.model, workload.inputs, loss_of(workload))
     assert measured == result.measured_peak_bytes <= result.budget_bytes
     assert_same_gradients(workload, reference)
@@ -171,10 +172,24 @@ def test_named_presets_join_a_thinned_menu():
         OpProfile(name="aten.addmm.default#1", output_bytes=100, cost=3.0),
         OpProfile(name="aten.add.Tensor#0", output_bytes=100, cost=0.5),
     )
-    region = RegionProfile(name="b", type="Block", cost=9.5, flops=0, input_bytes=100,
-                           saved_bytes=1100, output_bytes=100, ops=ops)  # fmt: skip
-    prof = Profile(regions=(region,), cost_unit="seconds", device="cpu", step_peak_bytes=2000,
-                   outside_bytes=0, forward_cost=9.5)  # fmt: skip
+    region = RegionProfile(
+        name="b",
+        type="Block",
+        cost=9.5,
+        flops=0,
+        input_bytes=100,
+        saved_bytes=1100,
+        output_bytes=100,
+        ops=ops,
+    )
+    prof = Profile(
+        regions=(region,),
+        cost_unit="seconds",
+        device="cpu",
+        step_peak_bytes=2000,
+        outside_bytes=0,
+        forward_cost=9.5,
+    )
     menu = {o.name: o for o in prof.to_chain(max_options=1).regions[0].menu()}
     assert menu["save-matmuls"].save_ops == ("aten.addmm.default#0", "aten.addmm.default#1")
     assert menu["save-matmuls"].kept_bytes == 100 + 500
@@ -395,8 +410,9 @@ def test_profile_leaves_the_model_as_it_was():
     """Profiling runs the model several times: BatchNorm statistics, gradients and the RNG
     state come back as they were, and gradients already there do not change the profile."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
-                          nn.Linear(16, 4))  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)
+    )
     x = torch.randn(32, 8)
     fresh = remat.profile(model, x)
     model(x).sum().backward()
@@ -415,8 +431,10 @@ def test_profile_leaves_the_model_as_it_was():
 
 def test_autoplan_leaves_batchnorm_statistics_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())
-                            for _ in range(4)), nn.Linear(64, 1))  # fmt: skip
+    model = nn.Sequential(
+        *(nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU()) for _ in range(4)),
+        nn.Linear(64, 1),
+    )
     x = torch.randn(256, 64)
     buffers = [b.clone() for b in model.buffers()]
     result = remat.autoplan(model, x, budget="60%")
@@ -512,3 +530,114 @@ def test_nested_segment_plan_on_a_conv_bn_chain_changes_every_buffer_once():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: in-place ReLUs, ``out += identity``."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class _ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        self.layer1 = nn.Sequential(*[_BasicBlock(16) for _ in range(4)])
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.layer1(self.stem(x)).mean((2, 3)))
+
+
+class _WritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x):
+        x.mul_(0.5)
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+class _Writers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(64, 64)
+        self.blocks = nn.ModuleList(_WritesItsInput() for _ in range(4))
+
+    def forward(self, x):
+        x = self.pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+IN_PLACE = {
+    # The Sequential is opened: each in-place ReLU is a region that writes its input.
+    "flat-mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(256, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, 10),
+        ),
+        (4096, 256),
+        "70%",
+    ),
+    "resnet": (_ResNet, (8, 3, 16, 16), "60%"),
+    "writes-its-input": (_Writers, (1024, 64), "85%"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_autoplan_on_models_with_in_place_ops_runs_and_is_exact(name):
+    """A region that writes its input in place is never recomputed from that input (nor
+    starts a segment): plans store it or run it op-level on the tape, and say why."""
+    build, shape, budget = IN_PLACE[name]
+    torch.manual_seed(0)
+    model = build()
+    reference = copy.deepcopy(model)
+    x = torch.randn(shape)
+    result = remat.autoplan(model, x, budget=budget)
+    assert result.measured_peak_bytes <= result.budget_bytes
+    writers = {r.name for r in result.profile.regions if r.store_only}
+    if name != "resnet":  # the ResNet's regions are its blocks, which write no input
+        assert writers and "writes its input in place" in str(result.plan)
+    for region in result.plan.regions:
+        if region.name in writers:
+            assert region.action != "recompute" and region.note
+    for m in (reference, model):
+        torch.manual_seed(0)
+        m.zero_grad(set_to_none=True)
+        m(x).pow(2).sum().backward()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    for got, want in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_profile_and_autoplan_refuse_a_model_in_eval_mode():
+    workload = small_gpt(dropout=0.1)
+    workload.model.eval()
+    with pytest.raises(remat.PlanError, match="eval mode.*model.train()"):
+        remat.profile(workload.model, *workload.inputs)
+    with pytest.raises(remat.PlanError, match="eval mode"):
+        remat.autoplan(workload.model, *workload.inputs, budget="50%")

@@ -157,3 +157,40 @@ def test_segments_bad_input():
         remat.segments(0)
     with pytest.raises(ValueError, match="filter= cannot be combined with Segments"):
         remat.apply(gpt().model, remat.sqrt(), filter="blocks.*")
+
+
+def test_in_place_relu_inside_a_segment_is_exact():
+    """Inside a segment an in-place ReLU writes an input the segment recomputes: the
+    recomputation writes it again, as the forward did."""
+    torch.manual_seed(0)
+    reference = Stack(4, lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)))
+    reference.blocks[0] = nn.Sequential(nn.Linear(4, 4))  # the segment's own input stays
+    model = copy.deepcopy(reference)
+    remat.apply(model, remat.segments(4))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(_step(model, x), _step(reference, x), rtol=0, atol=0)
+
+
+class _ExpOrDouble(nn.Module):
+    def __init__(self, write: bool):
+        super().__init__()
+        self.write = write
+
+    def forward(self, x):
+        # exp saves its output; sin its input (so the recomputation runs this block too)
+        return x.mul_(2).sin() if self.write else torch.exp(x)
+
+
+def test_a_block_overwriting_what_the_block_before_saved_raises_as_without_remat():
+    """exp saved its output, which the next block then writes: plain PyTorch raises in
+    backward; inside a segment the recomputation writes it again after handing it over,
+    and the recomputed tensor is checked the same way."""
+    for wrap in (False, True):
+        model = nn.Module()
+        model.blocks = nn.ModuleList([_ExpOrDouble(False), _ExpOrDouble(True)])
+        if wrap:
+            remat.apply(model, remat.segments(2))
+        x = torch.randn(3, requires_grad=True)
+        y = model.blocks[1](model.blocks[0](x * 1.0))
+        with pytest.raises(RuntimeError, match="modified by an in-?place operation"):
+            y.sum().backward()

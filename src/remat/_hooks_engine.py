@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat import _determinism
 from remat._replay import ForwardState, closure_tensors, fresh_caches, snapshot_caches
+from remat._versions import checked_version
 from remat.errors import CheckpointError
 
 
@@ -139,9 +140,11 @@ class Frame:
         self.last_use: dict[tuple[int, int], int] = {}
         self.weak_holders: list[weakref.ref[_Holder]] = []
         self.records: list[_determinism.TensorRecord] = []
-        self.recomputed: defaultdict[int, weakref.WeakKeyDictionary[_Handle, Tensor]] = defaultdict(
-            weakref.WeakKeyDictionary
-        )
+        # Per backward call: handle -> (recomputed tensor, its version when it was saved).
+        self.recomputed: defaultdict[
+            int, weakref.WeakKeyDictionary[_Handle, tuple[Tensor, int]]
+        ] = defaultdict(weakref.WeakKeyDictionary)
+        self.handed_in_call: list[_Handle] = []  # recomputed in the call now rerunning
         self.counter: defaultdict[int, int] = defaultdict(int)
         self.is_recomputed: defaultdict[int, bool] = defaultdict(bool)
         self.forward_completed = False
@@ -196,6 +199,9 @@ class Frame:
 
         flat_inputs = snapshot_caches([None if isinstance(x, Tensor) else x for x in flat])
         self.calls.append(_Call(run, flat_inputs, sources, _save_inputs(saved)))
+        # Only the region's own inputs must stay unwritten: an input chained from an
+        # earlier call is recomputed, and the write with it.
+        state.watch_inputs(saved)
         self.forward_completed = False
         with _ForwardHooks(self), forward_ctx:
             out = fn(*args, **kwargs)
@@ -210,14 +216,14 @@ class Frame:
     def recompute(self, gid: int) -> None:
         try:
             with _RecomputeHooks(self, gid), torch.enable_grad():
-                self._rerun_calls()
+                self._rerun_calls(gid)
         except _StopRecomputation:
             pass
         self.is_recomputed[gid] = True
         if not self.ignore_count_mismatch and self.counter[gid] != len(self.weak_holders):
             raise _determinism.count_error(self.region, len(self.weak_holders), self.counter[gid])
 
-    def _rerun_calls(self) -> None:
+    def _rerun_calls(self, gid: int) -> None:
         # Outputs a later call takes, each held only until that call has it: as in the
         # forward, the block between two others frees its input once it is done with it.
         chained: dict[tuple[int, int], Any] = {}
@@ -225,11 +231,23 @@ class Frame:
             leaves = call.leaves(chained)
             for key in [k for k in chained if self.last_use[k] == index]:
                 del chained[key]
-            out = tree_flatten(call.run(leaves))[0]
+            try:
+                out = tree_flatten(call.run(leaves))[0]
+            finally:
+                self._versions_after_call(gid)
             del leaves
             for leaf_index, leaf in enumerate(out):
                 if (index, leaf_index) in self.last_use:
                     chained[(index, leaf_index)] = leaf
+
+    def _versions_after_call(self, gid: int) -> None:
+        """The versions a call's recomputed tensors have once the call is done (its buffers
+        put back, counters included): a later call writing one of them shows from here."""
+        recomputed = self.recomputed[gid]
+        for handle in self.handed_in_call:
+            tensor, _ = recomputed[handle]
+            recomputed[handle] = (tensor, tensor._version)
+        self.handed_in_call.clear()
 
 
 def _save_inputs(tensors: list[Tensor]) -> Any:
@@ -260,9 +278,12 @@ class _ForwardHooks(torch.autograd.graph.saved_tensors_hooks):
                     "one backward call. If a custom autograd.Function reads ctx.saved_tensors "
                     "more than once in backward, read it once into a local variable."
                 )
-            tensor = frame.recomputed[gid][handle]
+            tensor, version = frame.recomputed[gid][handle]
             holder.handles[gid] = None  # free it now, even with retain_graph=True
-            return tensor
+            # A later call of the same recomputation may have written it in place (a block
+            # whose in-place ReLU overwrites the output the block before saved): what
+            # autograd would have raised for in the forward.
+            return checked_version(tensor, version, frame.region)
 
         super().__init__(pack, unpack)
 
@@ -299,7 +320,8 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
                         )
                 handle = _Handle()
                 holder.handles[gid] = handle
-                frame.recomputed[gid][handle] = x_saved
+                frame.recomputed[gid][handle] = (x_saved, x._version)
+                frame.handed_in_call.append(handle)
             if frame.early_stop and frame.counter[gid] == len(frame.weak_holders):
                 raise _StopRecomputation
             # Detached: a saved *output* packed with its grad_fn would form a reference

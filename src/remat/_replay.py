@@ -479,6 +479,11 @@ class ForwardState:
             rng_before=None if preserve_rng_state else _rng_now(),
         )
 
+    def watch_inputs(self, tensors: Sequence[Tensor]) -> None:
+        """Check only ``tensors`` (of the inputs given to :meth:`capture`) for writes."""
+        keep = {id(t) for t in tensors}
+        self.inputs = [(t, v) for t, v in self.inputs if id(t) in keep]
+
     def after_forward(self, region: str, extra_reads: Sequence[Tensor] = ()) -> None:
         """Check the forward left its inputs alone; keep what recomputation replays and
         checks (changed buffers; versions of parameters and unchanged buffers).

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat._training_call import default_loss, require_train_mode, training_call
 from remat.errors import BudgetError, PlanError
 from remat.planner.plan import Plan
 from remat.policies import Ops, Recompute, Treatment
@@ -221,9 +222,13 @@ def autoplan(
     solver: str = "auto",
     max_rounds: int = 6,
     profile: Profile | None = None,
+    **kwargs: Any,
 ) -> AutoPlan:
     """Profile, plan, apply and measure: a plan whose *measured* peak fits ``budget``.
 
+    The model is called as its training loop calls it: ``model(*inputs, **kwargs)`` (a
+    transformers batch: ``autoplan(model, budget="50%", **batch)``), in train mode, with the
+    KV cache off, and the loss is the model's own (``out.loss``) unless ``loss_fn`` is given.
     The model's buffers, gradients and the RNG state are left as they were (profiling and
     measuring run training steps). The chain model predicts the peak; the tracker measures
     it. When the measurement exceeds the budget, the solver is asked again with the budget
@@ -233,12 +238,14 @@ def autoplan(
 
     Raises:
         BudgetError: no plan within ``max_rounds`` measured under the budget.
+        PlanError: the model is in eval mode.
     """
-    from remat.profile import _default_loss, _state_kept
+    from remat.profile import _state_kept
     from remat.profile import profile as make_profile
 
-    loss_of = loss_fn or _default_loss
-    prof = profile or make_profile(model, *inputs, loss_fn=loss_of)
+    require_train_mode(model, "remat.autoplan")
+    loss_of = loss_fn or default_loss
+    prof = profile or make_profile(model, *inputs, loss_fn=loss_of, **kwargs)
     total, _ = _chain_budget(prof, budget)
     target = total
     options: dict[str, Any] = {}
@@ -258,8 +265,8 @@ def autoplan(
             target = floor
             continue
         apply_plan(model, chosen)
-        with _state_kept(model):  # measuring must not train the BatchNorm statistics
-            measured = measure_step_peak(model, inputs, loss_of)
+        with _state_kept(model), training_call(model):  # nor train BatchNorm statistics
+            measured = measure_step_peak(model, inputs, loss_of, **kwargs)
         least = measured if least is None else min(least, measured)
         if measured <= total:
             if best is None or chosen.extra_cost < best[0].extra_cost:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from remat._storage import iter_tensors, unique_storage_bytes
 from remat._tape_engine import writes_to_arguments
+from remat._training_call import default_loss, require_train_mode, training_call
 from remat.errors import PlanError
 from remat.memory import MemoryTracker
 from remat.policies import block_lists, draws_random_numbers
@@ -85,6 +86,10 @@ class RegionProfile:
             ``Profile.op_engines``; 0 on meta): the replay engine's dispatch modes see
             every op in the forward and again in the recomputation, which also reruns the
             Python forward; the tape engine records every op in the forward.
+        store_only: why the region cannot be recomputed from its input (``""``: it can):
+            ``"writes its input in place"`` for an ``nn.ReLU(inplace=True)`` region, whose
+            recomputation would start from the written input (``planner.Region``). Its
+            op-level options run on the tape, which copies what it holds before a write.
     """
 
     name: str
@@ -100,6 +105,7 @@ class RegionProfile:
     forward_transient_bytes: int | None = None
     recompute_ops: int | None = None
     op_overhead: float = 0.0
+    store_only: str = ""
 
     @property
     def rerun_ops(self) -> tuple[OpProfile, ...]:
@@ -124,6 +130,7 @@ class RegionProfile:
             input_saved=self.input_saved,
             forward_transient_bytes=self.forward_transient_bytes,
             recompute_cost=rerun,
+            store_only=self.store_only,
         )
 
 
@@ -173,7 +180,10 @@ class Profile:
                 overhead = r.op_overhead
                 region = with_ops(region, ops, max_options=max_options, overhead=overhead)
                 region = _with_preset_options(region, ops, overhead)
-                region = _on_engine(region, op_engine(r.ops, self.op_engines))
+                # A region that writes its input runs op-level on the tape only: the
+                # replay reruns it from the written input.
+                engine = "tape" if r.store_only else op_engine(r.ops, self.op_engines)
+                region = _on_engine(region, engine)
             regions.append(region)
         return Chain(regions, tail_bytes=self.tail_bytes)
 
@@ -383,7 +393,8 @@ def profile(
         raise ValueError(
             f"remat.profile: op_engines={op_engines!r} is not one of {', '.join(OP_ENGINE_CHOICES)}"
         )
-    with _state_kept(model):
+    require_train_mode(model, "remat.profile")
+    with _state_kept(model), training_call(model):
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines)
 
 
@@ -434,7 +445,7 @@ def _profile(
     # region whose input is the data batch keeps nothing new when checkpointed.
     existing = (*model.parameters(), *model.buffers(), *tree_leaves((inputs, kwargs)))
     exclude = {t.untyped_storage()._cdata for t in existing if isinstance(t, Tensor)}
-    loss_of = loss_fn or _default_loss
+    loss_of = loss_fn or default_loss
 
     stack: list[str] = []
     records: dict[str, dict[str, Any]] = {name: {"saved": {}, "times": []} for name, _ in chosen}
@@ -519,6 +530,7 @@ def _profile(
                 forward_transient_bytes=forward_transient,
                 recompute_ops=rec.get("rerun_ops", 0),
                 op_overhead=overheads.get(name, 0.0),
+                store_only="writes its input in place" if rec.get("writes_input") else "",
                 ops=tuple(
                     OpProfile(
                         name=o.name,
@@ -580,10 +592,12 @@ def _op_overheads(
     for name, module in chosen:
         region_ops = ops.get(name, ())
         key = (type(module), tuple(o.name for o in region_ops))
+        writes_input = records[name].get("writes_input", False)
+        key = (*key, writes_input)
         if region_ops and key not in measured:
             treatment = Ops(
                 save_calls=frozenset(o.name for o in region_ops if o.saveable),
-                engine=op_engine(region_ops, op_engines),
+                engine="tape" if writes_input else op_engine(region_ops, op_engines),
             )
             call = records[name]["call"]
             differences = []
@@ -619,10 +633,6 @@ def _step_seconds(
     for p in module.parameters():
         p.grad = None
     return seconds
-
-
-def _default_loss(out: Any) -> Tensor:
-    return next(t for t in tree_leaves(out) if isinstance(t, Tensor)).float().sum()
 
 
 def measure_step_peak(
@@ -808,8 +818,10 @@ def _fresh_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     from torch.utils._pytree import tree_map
 
     def fresh(t: Any) -> Any:
-        if isinstance(t, Tensor) and t.is_floating_point():
-            return t.detach().requires_grad_(t.requires_grad)
+        if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad:
+            # Not a leaf, as in the model: a region may write its input in place (an
+            # in-place ReLU), which a leaf that requires grad refuses.
+            return t.detach().requires_grad_(True).clone()
         return t.detach() if isinstance(t, Tensor) else t
 
     return tree_map(fresh, (args, kwargs))
@@ -842,6 +854,9 @@ def _pre(name, stack, records, exclude, sync):
                 t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
             }  # fmt: skip
+            rec["input_versions"] = [
+                (t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
+            ]
         rec["start"] = time.perf_counter()
         stack.append(name)
 
@@ -854,6 +869,9 @@ def _post(name, stack, records, exclude, sync):
         rec = records[name]
         rec["times"].append(time.perf_counter() - rec["start"])
         rec.setdefault("output", _storage_bytes(output, exclude))
+        versions = rec.pop("input_versions", ())
+        if any(t._version != v for t, v in versions):  # checkpointing it would raise
+            rec["writes_input"] = True
         if stack and stack[-1] == name:
             stack.pop()
 

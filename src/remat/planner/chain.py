@@ -200,6 +200,12 @@ def plan_from_choices(
         if not 0 <= k < len(r.menu()):
             raise ValueError(f"choices: region {r.name!r} has no option index {k}")
     segs = check_segments(n, segments)
+    for a, b in segs:
+        if chain.regions[a].store_only:
+            raise ValueError(
+                f"segments: ({a}, {b}) starts with region {chain.regions[a].name!r}, which "
+                f"cannot be recomputed from its input ({chain.regions[a].store_only})"
+            )
     peak, cost = simulate(chain, _tree(idx, segs, 0, n))
     rows = []
     for i, (r, k) in enumerate(zip(chain.regions, idx)):
@@ -216,6 +222,7 @@ def plan_from_choices(
                 save_ops=o.save_ops,
                 depth=depth,
                 engine=o.engine,
+                note=r.store_only,
             )
         )
     return Plan(
@@ -283,17 +290,14 @@ def discretize(chain: Chain, resolution: int) -> Chain:
             for o in r.options
         )
         regions.append(
-            Region(
-                name=r.name,
-                fwd_cost=r.fwd_cost,
+            replace(
+                r,
                 input_bytes=up(r.input_bytes),
                 saved_bytes=up(r.saved_bytes),
                 output_bytes=up(r.output_bytes),
                 transient_bytes=up(r.transient_bytes),
                 options=opts,
-                input_saved=r.input_saved,
                 forward_transient_bytes=up(r.forward_extra_bytes),
-                recompute_cost=r.recompute_cost,
             )
         )
     return Chain(regions, tail_bytes=up(chain.tail_bytes))
@@ -325,6 +329,7 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
     C[n, n if nested else 0, : q.tail_bytes] = np.inf  # the tail runs after the whole chain
     H = C.copy() if _tables(q, nested) == 2 else C
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
+    ends = _segment_ends(q)
     for s in range(n - 1, -1, -1):
         r = q.regions[s]
         ts = slice(s + 1, n + 1) if nested else slice(0, 1)
@@ -338,9 +343,12 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
         if not nested or a > m_max:
             continue
         for t in range(s + 3, n + 1):  # a segment [s, e) with a non-empty rest [e, t)
-            es = slice(s + 2, t)
+            last = min(t, ends[s] + 1)  # segments end before a store-only region
+            if last <= s + 2:
+                continue
+            es = slice(s + 2, last)
             A = H[s, es, a:] + C[es, t, : m_max + 1 - a]
-            A += (P[s + 2 : t] - P[s])[:, None]
+            A += (P[s + 2 : last] - P[s])[:, None]
             best = A.min(axis=0)
             np.minimum(C[s, t, a:], best, out=C[s, t, a:])
             if H is not C:
@@ -348,11 +356,21 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
     return C, H
 
 
+def _segment_ends(chain: Chain) -> list[int]:
+    """Per start ``s``, the largest stop a segment from ``s`` may have: ``s`` itself (none)
+    when region ``s`` cannot be recomputed from its input (``store_only``: it writes it),
+    else the chain's end. Inside a segment such a region is fine: its input is recomputed,
+    and its write with it."""
+    n = len(chain)
+    return [s if r.store_only else n for s, r in enumerate(chain.regions)]
+
+
 def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -> list:
     import numpy as np  # lazily: `import remat` must work without numpy
 
     n = len(q)
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
+    ends = _segment_ends(q)
 
     def seq(s: int, t: int, m: int, held: bool) -> list:
         items: list = []
@@ -367,7 +385,7 @@ def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -
                         best = (v, ("leaf", k, kept))
             a = r.input_bytes
             if nested and a <= m:
-                for e in range(s + 2, t):
+                for e in range(s + 2, min(t, ends[s] + 1)):
                     v = (P[e] - P[s]) + H[s, e, m] + C[e, t, m - a]
                     if v < best[0]:
                         best = (v, ("seg", e, a))
@@ -389,19 +407,24 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
 
     ``M[s, t]`` is the least peak of ``[s, t)`` and ``G[s, t]`` the same with its input held
     by a checkpoint. Store and recompute are enough: an op-level option keeps more than
-    recompute for the same peak in its backward.
+    recompute for the same peak in its backward (a region that cannot recompute has its
+    op-level options instead).
     """
     import numpy as np  # lazily: `import remat` must work without numpy
 
     n, regs = len(chain), chain.regions
     inp = np.array([r.input_bytes for r in regs] + [0], dtype=np.int64)
     terms = {
-        held: [[(need, kept) for need, kept, _ in _leaf_terms(r, held)[:2]] for r in regs]
+        held: [
+            [(need, kept) for need, kept, _ in _leaf_terms(r, held)[: None if r.store_only else 2]]
+            for r in regs
+        ]
         for held in (False, True)
     }
     M = np.zeros((n + 1, n + 1), dtype=np.int64)  # M[s, t]: least peak of [s, t)
     G = np.zeros((n + 1, n + 1), dtype=np.int64)  # the same, input held
     M[n, n] = G[n, n] = chain.tail_bytes  # only the whole chain's end runs the tail
+    ends = _segment_ends(chain)
     for s in range(n - 1, -1, -1):
         ts = np.arange(s + 1, n + 1) if nested else np.array([n])
         for T, held in ((M, False), (G, True)):
@@ -410,7 +433,10 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
             )
         if nested:
             for t in range(s + 3, n + 1):
-                seg = np.maximum(G[s, s + 2 : t], inp[s] + M[s + 2 : t, t]).min()
+                last = min(t, ends[s] + 1)
+                if last <= s + 2:
+                    continue
+                seg = np.maximum(G[s, s + 2 : last], inp[s] + M[s + 2 : last, t]).min()
                 M[s, t] = min(M[s, t], seg)
                 G[s, t] = min(G[s, t], seg)
 
@@ -425,7 +451,11 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
                 items.append(("leaf", s, min(leaf)[1]))
                 s += 1
             else:
-                e = next(e for e in range(s + 2, t) if max(G[s, e], inp[s] + M[e, t]) == target)
+                e = next(
+                    e
+                    for e in range(s + 2, min(t, ends[s] + 1))
+                    if max(G[s, e], inp[s] + M[e, t]) == target
+                )
                 items.append(("seg", s, e, seq(s, e, True)))
                 s = e
             held = False

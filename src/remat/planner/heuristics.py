@@ -45,10 +45,15 @@ def sqrt_plan(chain: Chain, budget_bytes: int | None = None, *, segment: int | N
     choices = [0] * n
     segments = []
     for a in range(0, n - size, size):  # every segment but the last
-        if size == 1:
-            choices[a] = 1  # recompute
+        # A segment cannot start with a region that writes its input (store_only): it
+        # starts at the next one.
+        start = next((i for i in range(a, a + size) if not chain.regions[i].store_only), None)
+        if start is None:
+            continue
+        if a + size - start == 1:
+            choices[start] = 1  # recompute
         else:
-            segments.append((a, a + size))
+            segments.append((start, a + size))
     plan = plan_from_choices(chain, choices, segments, budget_bytes=budget_bytes, solver="sqrt")
     return _check(plan, budget_bytes, "sqrt")
 
@@ -68,7 +73,7 @@ def every_n_plan(chain: Chain, budget_bytes: int | None = None, *, n: int | None
     periods = [n] if n is not None else range(1, len(chain) + 1)
     plans = []
     for k in periods:
-        choices = [1 if i % k == 0 else 0 for i in range(len(chain))]
+        choices = [1 if i % k == 0 and not r.store_only else 0 for i, r in enumerate(chain.regions)]
         plans.append(
             plan_from_choices(chain, choices, budget_bytes=budget_bytes, solver=f"every-{k}")
         )

@@ -216,10 +216,13 @@ def with_ops(
     region: Region, ops: Sequence[Op], *, max_options: int | None = None, **kwargs
 ) -> Region:
     """``region`` with the op-level options of ``solve_ops`` that store/recompute do not beat
-    (at most ``max_options`` of them)."""
+    (at most ``max_options`` of them). A region that cannot recompute (``store_only``) has
+    no recompute to beat: every option keeping less than store is on its menu, saving
+    nothing included."""
     opts = []
     for o in solve_ops(ops, input_bytes=region.input_bytes, **kwargs):
         inside = region.input_bytes <= o.kept_bytes < region.saved_with_input_bytes
-        if inside and 0 < o.recompute_cost < region.rerun_cost:
+        cheaper = region.store_only or 0 < o.recompute_cost < region.rerun_cost
+        if inside and cheaper:
             opts.append(o)
     return replace(region, options=tuple(_thinned(opts, max_options)))

@@ -101,6 +101,11 @@ class Region:
             Less than ``fwd_cost`` when its backward needs nothing from its last ops: the
             recomputation stops once the last needed tensor is back (early stop), so a
             block ending in a Linear and a residual add never reruns them.
+        store_only: why the region cannot be recomputed from its input (``""``: it can).
+            A region that writes its input in place (``nn.ReLU(inplace=True)`` on its own)
+            is never recomputed alone and never starts a segment; inside a segment it is
+            fine (its input is recomputed, and the write with it), and its op-level options
+            run on the tape. Plan tables say why.
     """
 
     name: str
@@ -113,11 +118,15 @@ class Region:
     input_saved: bool = True
     forward_transient_bytes: int | None = None
     recompute_cost: float | None = None
+    store_only: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Region: name must be a non-empty str, got {self.name!r}")
         owner = f"region {self.name!r}"
+        if not isinstance(self.store_only, str):
+            raise ValueError(f"{owner}: store_only must be a str, got {self.store_only!r}")
+
         _check_cost(owner, "fwd_cost", self.fwd_cost)
         if self.recompute_cost is not None:
             _check_cost(owner, "recompute_cost", self.recompute_cost)
@@ -177,8 +186,10 @@ class Region:
         return self.saved_bytes + self.output_bytes + self.transient_bytes
 
     def menu(self) -> tuple[RegionOption, ...]:
-        """Store, recompute, then the op-level options."""
+        """Store, recompute, then the op-level options (no recompute if ``store_only``)."""
         store = RegionOption(name=STORE, kept_bytes=self.saved_bytes, recompute_cost=0, kind=STORE)
+        if self.store_only:
+            return (store, *self.options)
         recompute = RegionOption(
             name=RECOMPUTE,
             kept_bytes=self.input_bytes,
@@ -260,6 +271,7 @@ class RegionPlan:
         depth: how many checkpointed multi-region segments enclose it; each one runs the
             region's forward once more.
         engine: the op-level engine for ``"ops"`` (``RegionOption.engine``).
+        note: why a stored region could not be checkpointed (``Region.store_only``).
     """
 
     name: str
@@ -270,6 +282,7 @@ class RegionPlan:
     save_ops: tuple[str, ...] = ()
     depth: int = 0
     engine: str = "replay"
+    note: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,7 +373,7 @@ class Plan:
                     r.option,
                     _fmt_bytes(r.kept_bytes),
                     f"{r.recompute_cost:g}",
-                    ",".join(seg_of.get(i, ())),
+                    ",".join(seg_of.get(i, ())) + (f"  ({r.note})" if r.note else ""),
                 )
             )
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
