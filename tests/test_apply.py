@@ -176,9 +176,21 @@ def test_applied_model_deepcopies_and_pickles():
         torch.testing.assert_close(grads_of(copied), grads_of(workload), rtol=0, atol=0)
 
 
-def test_selecting_nothing_warns():
-    with pytest.warns(UserWarning, match="selected no module"):
-        remat.apply(gpt().model, remat.by_type(nn.Conv2d))
+def test_selecting_nothing_is_an_error_naming_the_pattern_and_the_modules():
+    model = gpt().model
+    remat.apply(model, remat.every(2))
+    with pytest.raises(remat.PlanError, match=r"'no-such-glob' selects no module .* blocks\.0"):
+        remat.apply(model, "no-such-glob")
+    with pytest.raises(remat.PlanError, match=r"by_type.*Conv2d.* selects no module of GPT"):
+        remat.apply(model, remat.by_type(nn.Conv2d))
+    assert set(remat.applied(model)) == {"blocks.0", "blocks.2"}  # left as it was
+
+
+def test_applying_another_policy_replaces_the_first():
+    model = gpt().model
+    remat.apply(model, remat.every(2))
+    remat.apply(model, remat.by_name("blocks.1"))
+    assert remat.applied(model) == {"blocks.1": "recompute"}
 
 
 def test_bad_input_names_the_argument():

@@ -250,8 +250,11 @@ def test_trainer_entry_points_install_remat_not_torch(monkeypatch):
     assert by_module["transformer.h.0"] < by_module["transformer.h.1"] / 4
     with pytest.raises(TypeError, match="'context_fn'.*remat.ops"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"context_fn": None})
-    with pytest.raises(ValueError, match="offload=True"):
-        enable(offload=True)
+    # transformers' offload=True: checkpoint, and offload what the checkpoint keeps.
+    enable(offload=True)
+    assert set(remat.applied(model).values()) == {"offload+recompute"}
+    loss, grads, *_ = train_step(model)
+    torch.testing.assert_close((loss, grads), (loss_ref, grads_ref), **EXACT)
 
 
 def _v4_enable(model, activation_checkpointing_kwargs=None, **kwargs):
@@ -390,3 +393,61 @@ def test_trainer_with_activation_checkpointing_trains_on_remat(tmp_path):
     assert layer.gradient_checkpointing
     assert not torch.equal(got["lm_head.weight"], before)
     torch.testing.assert_close(got, expected, **EXACT)  # two AdamW steps, same dropout
+
+
+@pytest.mark.parametrize("when", ["before get_peft_model", "on the PeftModel"])
+def test_peft_model_enabled_either_way_trains_through_trainer_on_remat(when, tmp_path, monkeypatch):
+    """hf.enable on the PeftModel (or on its base before wrapping), then Trainer with
+    checkpointing on, as users do: the layers recompute on remat's engine, exactly."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+
+    from remat._hooks_engine import Frame
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    reference = peft.get_peft_model(build("llama"), config)
+    base = build("llama")
+    if when == "before get_peft_model":
+        hf.enable(base)
+        model = peft.get_peft_model(base, config)
+    else:
+        model = peft.get_peft_model(base, config)
+        hf.enable(model)
+    assert hf.is_enabled(model)
+    assert set(remat.applied(model)) == {f"base_model.model.model.layers.{i}" for i in range(2)}
+    recomputed = []
+    original = Frame.recompute
+
+    def counting(frame, gid):
+        recomputed.append(frame.region)
+        return original(frame, gid)
+
+    monkeypatch.setattr(Frame, "recompute", counting)
+    data = [{"input_ids": IDS[i], "labels": IDS[i]} for i in range(B)] * 2
+    params = inspect.signature(TrainingArguments).parameters
+    flag = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in params
+        else "gradient_checkpointing"
+    )
+
+    def train(m, checkpointing):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=B, seed=0,
+            report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, dataloader_num_workers=0, **{flag: checkpointing},
+        )  # fmt: skip
+        Trainer(model=m, args=args, train_dataset=data).train()
+        return {n: p.detach() for n, p in m.named_parameters() if "lora_" in n}
+
+    expected = train(reference, False)
+    assert not recomputed
+    got = train(model, True)
+    assert len(recomputed) == 2 * LAYERS  # two steps, every layer recomputed once a step
+    assert all("model.layers" in region for region in recomputed)
+    torch.testing.assert_close(got, expected, **EXACT)
+    model.gradient_checkpointing_disable()
+    assert not hf.is_enabled(model) and not remat.applied(model)

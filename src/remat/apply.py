@@ -10,18 +10,21 @@ exactly as without remat (PyTorch's ``checkpoint_wrapper`` adds a
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from remat._replay import register_module_names
+from remat.errors import PlanError
 from remat.policies import Policy, Treatment, as_policy, as_selector
 
-__all__ = ["applied", "apply", "remove"]
+__all__ = ["EXTERNAL_REGION", "applied", "apply", "remove", "wrapped"]
 
 _STATE = "_remat_state"
+# Set by integrations that checkpoint a module through its framework's own hook (hf.enable):
+# the treatment's name, so that ``applied`` reports those regions too.
+EXTERNAL_REGION = "_remat_external_region"
 
 
 @dataclass(slots=True)
@@ -66,10 +69,13 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
     Raises:
         TypeError: ``model`` is not a module or ``policy``/``filter`` is not a policy.
         ValueError: conflicting or unknown options in the policy.
+        PlanError: the policy selects no module of ``model`` (a glob that matches nothing);
+            the model is left as it was.
 
-    Applying again updates the treatment of already-wrapped modules; it never nests a
-    module's checkpoint inside itself. Of a selected module and its selected descendants,
-    only the outermost becomes a region.
+    Applying again replaces what was applied before, as ``apply_plan`` does: the model ends
+    with exactly this policy's regions (``remat.apply(m, every(2))`` then
+    ``remat.apply(m, by_name("blocks.1"))`` checkpoints ``blocks.1`` alone). Of a selected
+    module and its selected descendants, only the outermost becomes a region.
 
     Example:
         >>> model = remat.models.GPT()
@@ -90,14 +96,15 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
         )
     assignments = _outermost(assignments)
     if not assignments:
-        warnings.warn(
-            f"remat.apply: the policy selected no module of {type(model).__name__}; "
-            "nothing is checkpointed",
-            stacklevel=2,
+        names = [fqn for fqn, _ in model.named_modules() if fqn]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+        raise PlanError(
+            f"remat.apply: {_describe(policy)} selects no module of {type(model).__name__}, "
+            f"whose modules are: {shown or 'none (it has no submodules)'}"
         )
-        return model
     for treatment in {id(t): t for _, _, t in assignments}.values():
         treatment.check(model, [(fqn, m) for fqn, m, t in assignments if t is treatment])
+    remove(model)  # applying again replaces, never merges
     roles: dict[int, tuple[nn.Module, list[Treatment]]] = {}
     for _, module, treatment in assignments:
         roles.setdefault(id(module), (module, []))[1].append(treatment)
@@ -105,6 +112,14 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
         _wrap(module, tuple(treatments))
     register_module_names(model)
     return model
+
+
+def _describe(policy: Any) -> str:
+    """The policy as the user wrote it, for an error message."""
+    if isinstance(policy, str):
+        return f"the pattern {policy!r}"
+    selector = getattr(policy, "selector", policy)
+    return f"the policy {selector!r}"
 
 
 def _outermost(
@@ -155,7 +170,19 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def applied(model: nn.Module) -> dict[str, str]:
-    """Qualified name -> treatment name of every region remat has applied to ``model``."""
+    """Qualified name -> treatment name of every region remat checkpoints in ``model``:
+    those ``remat.apply`` wrapped, and those an integration runs through the framework's
+    own hook (``remat.integrations.hf.enable``)."""
+    external = {
+        fqn: module.__dict__[EXTERNAL_REGION]
+        for fqn, module in model.named_modules()
+        if EXTERNAL_REGION in module.__dict__
+    }
+    return {**external, **wrapped(model)}
+
+
+def wrapped(model: nn.Module) -> dict[str, str]:
+    """The regions :func:`apply` wrapped: qualified name -> treatment name."""
     return {
         fqn: "+".join(t.name for t in module.__dict__[_STATE].treatments)
         for fqn, module in model.named_modules()

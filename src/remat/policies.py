@@ -32,6 +32,7 @@ from remat.checkpoint import ENGINES, run_checkpoint
 __all__ = [
     "OP_ENGINES",
     "OP_PRESETS",
+    "Composed",
     "Ops",
     "Policy",
     "Recompute",
@@ -303,6 +304,31 @@ class Recompute(Treatment):
             determinism_check=self.determinism_check,
             early_stop=self.early_stop,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Composed(Treatment):
+    """Treatments nested in one region, outermost first: ``Composed((offload(),
+    recompute()))`` recomputes the region and offloads what its checkpoint keeps (its
+    inputs), as transformers' ``activation_checkpointing_enable(offload=True)`` does."""
+
+    parts: tuple[Treatment, ...]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.parts or not all(isinstance(t, Treatment) for t in self.parts):
+            raise TypeError(f"remat.Composed: parts must be treatments, got {self.parts!r}")
+        if not self.name:
+            object.__setattr__(self, "name", "+".join(t.name for t in self.parts))
+
+    def run(self, forward, args, kwargs):
+        for treatment in reversed(self.parts[1:]):
+            forward = functools.partial(treatment.run_forward, forward)
+        return self.parts[0].run(forward, args, kwargs)
+
+    def check(self, model: nn.Module, regions: list[tuple[str, nn.Module]]) -> None:
+        for treatment in self.parts:
+            treatment.check(model, regions)
 
 
 def recompute(**options: Any) -> Recompute:

@@ -33,17 +33,28 @@ from typing import Any
 from torch import nn
 
 from remat._replay import register_module_names
-from remat.apply import applied
+from remat.apply import EXTERNAL_REGION, wrapped
 from remat.errors import RematError
-from remat.policies import Policy, Recompute, Treatment, _DefaultBlocks, as_selector, recompute
+from remat.offload import offload as offload_treatment
+from remat.policies import (
+    Composed,
+    Policy,
+    Recompute,
+    Treatment,
+    _DefaultBlocks,
+    as_selector,
+    recompute,
+)
 
 __all__ = ["HFCheckpointFunction", "disable", "enable", "is_enabled"]
 
 _STATE = "_remat_hf_state"
 _SELECTED = "_remat_hf_selected"  # set on the layers a selector chose
 _MISSING = object()
-# The model's entry points that would otherwise install torch.utils.checkpoint again.
+# The model's entry points that would otherwise install torch.utils.checkpoint again, and
+# those that turn checkpointing off (then remat is off too: is_enabled says False).
 _ENTRY_POINTS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+_EXIT_POINTS = ("gradient_checkpointing_disable", "activation_checkpointing_disable")
 
 
 @dataclass(slots=True)
@@ -165,14 +176,22 @@ def _with_torch_options(treatment: Treatment, options: dict[str, Any], where: st
     return dataclasses.replace(treatment, **changes) if changes else treatment
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``); any
+    other module as it is. A PeftModel forwards every attribute it lacks to the model it
+    wraps, so what is set on the wrapper never reaches transformers' own calls."""
+    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def _pretrained(model: nn.Module) -> nn.Module:
     """The ``PreTrainedModel`` behind ``model`` (PEFT wraps it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"remat.integrations.hf: model must be an nn.Module, got {type(model).__name__}"
         )
-    if not hasattr(model, "_set_gradient_checkpointing") and hasattr(model, "get_base_model"):
-        model = model.get_base_model()  # peft.PeftModel
+    model = _unwrap(model)
     hook = getattr(model, "_set_gradient_checkpointing", None)
     if hook is None or not getattr(model, "supports_gradient_checkpointing", False):
         raise RematError(
@@ -249,10 +268,10 @@ def enable(model: nn.Module, policy: Any = None, **options: Any) -> nn.Module:
         >>> Trainer(model=model, args=args, train_dataset=data).train()
     """
     hf_model = _pretrained(model)
-    if applied(hf_model):
+    if wrapped(hf_model):
         raise ValueError(
             "remat.integrations.hf.enable: remat.apply already wraps "
-            f"{sorted(applied(hf_model))} of this model; use one or the other "
+            f"{sorted(wrapped(hf_model))} of this model; use one or the other "
             "(remat.remove(model) first)"
         )
     treatment, selector = _resolve(policy, options)
@@ -293,15 +312,35 @@ def enable(model: nn.Module, policy: Any = None, **options: Any) -> nn.Module:
     state = hf_model.__dict__.get(_STATE)
     if state is None:
         state = _State(function, {})
-        for name in _ENTRY_POINTS:
+        for name in (*_ENTRY_POINTS, *_EXIT_POINTS):
             if hasattr(type(hf_model), name):
                 state.overridden[name] = hf_model.__dict__.get(name, _MISSING)
                 # An instance attribute: transformers treats it as an override and routes
                 # activation_checkpointing_enable through it as well.
-                hf_model.__dict__[name] = functools.partial(_reenable, hf_model)
+                entry = _reenable if name in _ENTRY_POINTS else _disable_entry
+                hf_model.__dict__[name] = functools.partial(entry, hf_model)
         hf_model.__dict__[_STATE] = state
     state.function = function
+    _mark_regions(hf_model, function)
     return model
+
+
+def _mark_regions(hf_model: nn.Module, function: HFCheckpointFunction | None) -> None:
+    """Mark the layers ``function`` checkpoints (what ``remat.applied`` reports); ``None``
+    clears the marks."""
+    layer_class = _layer_class()
+    for module in hf_model.modules():
+        module.__dict__.pop(EXTERNAL_REGION, None)
+        if function is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+        is_layer = (
+            isinstance(module, layer_class)
+            if layer_class is not None
+            else not hasattr(module, "_set_gradient_checkpointing")  # a model's own flag
+        )
+        if not is_layer or (function.selective and not module.__dict__.get(_SELECTED, False)):
+            continue
+        module.__dict__[EXTERNAL_REGION] = function.treatment.name
 
 
 def _install(hf_model: nn.Module, function: HFCheckpointFunction, *, every_n_layers: int) -> None:
@@ -327,23 +366,28 @@ def _reenable(
 ) -> None:
     """``model.gradient_checkpointing_enable(...)`` after :func:`enable`: remat, not torch."""
     state: _State = hf_model.__dict__[_STATE]
-    if offload:
-        raise ValueError(
-            "remat.integrations.hf: offload=True in gradient_checkpointing_enable is not "
-            "remat's; pass an offload treatment to remat.integrations.hf.enable instead"
-        )
     options = {**(gradient_checkpointing_kwargs or {}), **(activation_checkpointing_kwargs or {})}
     treatment = _with_torch_options(
         state.function.treatment, options, "gradient_checkpointing_kwargs"
     )
+    if offload:
+        # transformers' offload=True: checkpoint, and keep what the checkpoint saves (the
+        # layers' inputs) in host memory, here remat's offload around remat's checkpoint.
+        treatment = Composed(parts=(offload_treatment(min_bytes=0), treatment))
     state.function = HFCheckpointFunction(treatment, selective=state.function.selective)
     _install(hf_model, state.function, every_n_layers=every_n_layers)
+    _mark_regions(hf_model, state.function)
+
+
+def _disable_entry(hf_model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    """``model.gradient_checkpointing_disable()`` after :func:`enable`: remat is off too."""
+    disable(hf_model)
 
 
 def is_enabled(model: nn.Module) -> bool:
-    """Whether :func:`enable` made remat this model's checkpointing function."""
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _STATE in hf_model.__dict__
+    """Whether :func:`enable` made remat this model's checkpointing function (and it was
+    not turned off since, by :func:`disable` or ``model.gradient_checkpointing_disable()``)."""
+    return _STATE in _unwrap(model).__dict__
 
 
 def disable(model: nn.Module) -> nn.Module:
@@ -358,7 +402,7 @@ def disable(model: nn.Module) -> nn.Module:
         raise TypeError(
             f"remat.integrations.hf.disable: model must be an nn.Module, got {type(model).__name__}"
         )
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf_model = _unwrap(model)
     state: _State | None = hf_model.__dict__.pop(_STATE, None)
     if state is None:
         return model
@@ -369,6 +413,7 @@ def disable(model: nn.Module) -> nn.Module:
             hf_model.__dict__[name] = previous
     for module in hf_model.modules():
         module.__dict__.pop(_SELECTED, None)
+    _mark_regions(hf_model, None)
     # Resets every flag and the stored function to transformers' defaults.
     hf_model._set_gradient_checkpointing(enable=False)
     return model
