@@ -36,3 +36,14 @@ def test_estimate_llama_example_runs():
         "every decoder layer" in result.stdout
         and "checkpointed         32 modules" in result.stdout
     )
+
+
+def test_transformers_example_runs_both_recipes_exactly():
+    pytest.importorskip("transformers")
+    script = EXAMPLE.parent / "07_transformers.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("gradients bitwise equal: True") == 2
+    assert "remat.autoplan 50%" in result.stdout and "hf.enable" in result.stdout

@@ -10,6 +10,7 @@ model's own when it returns one (``labels`` given).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from remat.errors import PlanError
 
-__all__ = ["default_loss", "require_train_mode", "training_call"]
+__all__ = ["cache_off", "default_loss", "require_train_mode", "training_call"]
 
 
 @contextlib.contextmanager
@@ -36,6 +37,26 @@ def training_call(model: nn.Module) -> Iterator[None]:
     finally:
         for config, use_cache in configs.values():
             config.use_cache = use_cache
+
+
+def cache_off(model: nn.Module, who: str) -> None:
+    """Turn the KV cache off in the model's configs for good, with a warning, as
+    transformers does under gradient checkpointing: a plan's peak is measured without the
+    cache, which holds every layer's keys and values until the step ends."""
+    changed = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+            changed = True
+    if changed:
+        warnings.warn(
+            f"{who}: set use_cache=False in {type(model).__name__}'s config, as transformers "
+            "does under gradient checkpointing: the plan's peak was measured without the KV "
+            "cache (pass use_cache=True to generate() or set it back for inference).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def default_loss(out: Any) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._training_call import default_loss, require_train_mode, training_call
+from remat._training_call import cache_off, default_loss, require_train_mode, training_call
 from remat.errors import BudgetError, PlanError
 from remat.planner.plan import Plan
 from remat.policies import Ops, Recompute, Treatment
@@ -229,6 +229,8 @@ def autoplan(
     The model is called as its training loop calls it: ``model(*inputs, **kwargs)`` (a
     transformers batch: ``autoplan(model, budget="50%", **batch)``), in train mode, with the
     KV cache off, and the loss is the model's own (``out.loss``) unless ``loss_fn`` is given.
+    The cache stays off in the model's config afterwards (with a warning), as transformers
+    does under gradient checkpointing, so that the measured peak holds in training.
     The model's buffers, gradients and the RNG state are left as they were (profiling and
     measuring run training steps). The chain model predicts the peak; the tracker measures
     it. When the measurement exceeds the budget, the solver is asked again with the budget
@@ -284,6 +286,7 @@ def autoplan(
     if best is not None:
         chosen, measured = best
         apply_plan(model, chosen)
+        cache_off(model, "remat.autoplan")
         return AutoPlan(plan=chosen, profile=prof, budget_bytes=total,
                         measured_peak_bytes=measured, rounds=rounds)  # fmt: skip
     remove_plan(model)
