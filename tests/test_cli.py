@@ -166,3 +166,141 @@ def test_plan_prints_and_verifies_a_plan(tmp_path, capsys):
 def test_plan_infeasible_budget_exits_1(capsys):
     assert main(["plan", *TINY_GPT, "--budget", "1KB"]) == 1
     assert "smallest feasible budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["bench", "--model", "gpt", "--heads", "3"], ["--d-model 256", "--heads 3"]),
+        (["bench", "--model", "gpt", "--layers", "0"], ["n_layers=0"]),
+        (["bench", "--model", "gpt", "--seq-len", "0"], ["seq_len=0"]),
+        (["bench", "--configs", "auto:abc"], ["'abc'", "does not parse"]),
+        (["bench", "--configs", "auto:-1"], ["'-1'"]),
+        (["bench", "--configs", "auto:1e999"], ["'1e999'", "not a finite number"]),
+        (["bench", "--configs", "auto"], ["auto:<budget> needs a budget"]),
+        (["bench", "--configs", "auto:40"], ["did you mean 40%?"]),
+        (["bench", "--json", "."], ["--json .", "is a directory"]),
+        (["bench", "--plot", "/proc/no/such/plot.png"], ["--plot /proc/no/such/plot.png"]),
+        (["plan", "--budget", "1e999"], ["'1e999'", "not a finite number"]),
+        (["plan", "--budget", "40"], ["--budget 40", "did you mean 40%?"]),
+        (["plan", "--budget", "40%", "--dtype", "int8"], ["--dtype int8", "float32"]),
+        (["plan", "--budget", "40%", "--json", "."], ["--json .", "is a directory"]),
+        (["plan", "--budget", "40%", "--json", "/proc/x/p.json"], ["--json /proc/x/p.json"]),
+        (["plan", "--budget", "40%", "--solver", "magic"], ["--solver magic", "sqrt"]),
+        (["plan", "--model", "resnet", "--budget", "40%"], ["'resnet'", "hf:<arch>"]),
+    ],
+)
+def test_bad_arguments_exit_2_in_one_line_before_anything_runs(capsys, monkeypatch, argv, expected):
+    import remat.bench
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a worker or the profile started")
+
+    monkeypatch.setattr(remat.bench, "WorkerProcess", must_not_run)
+    # remat.profile is the function; its module (issue #16 renames it) by its full name:
+    monkeypatch.setattr(sys.modules["remat.profile"], "_profile", must_not_run)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"remat {argv[0]}: error:"), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+
+
+def _bench_children(pid: int) -> list[int]:
+    """Worker processes of the ``remat bench`` process ``pid``."""
+    import os
+
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if parent == pid and "remat._bench_worker" in command:
+            children.append(int(entry))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_ends_bench_at_once_in_one_line_leaving_nothing_behind(tmp_path, signum):
+    """Ctrl-C or SIGTERM mid-run: one line on stderr within 2 s, no orphan worker, no
+    remat-bench-* temporary folder."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "remat", "bench", *SMALL_GPT, "--steps", "50", "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while len(_bench_children(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _bench_children(proc.pid)
+    assert workers, "the workers never started"
+    time.sleep(2)  # they are running steps now
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 2.0
+    assert proc.returncode == (130 if signum == "SIGINT" else 143)
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("remat bench: interrupted" if signum == "SIGINT" else "remat bench: term")
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("remat-bench-")]
+
+
+def _help_examples(text: str) -> list[list[str]]:
+    """The command lines under "examples:" in a --help text."""
+    lines = text.split("examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [
+        line.strip().split("  ")[0].split()[1:]
+        for line in lines
+        if line.strip().startswith("remat")
+    ]
+
+
+def test_every_help_example_is_found():
+    import remat.cli as cli
+
+    examples = [
+        e
+        for epilog in (cli.MAIN_EPILOG, cli.BENCH_EPILOG, cli.PLAN_EPILOG)
+        for e in _help_examples(epilog)
+    ]
+    assert len(examples) >= 12 and ["plan", "--model", "gpt", "--budget", "40%"] in examples
+
+
+HELP_EXAMPLES = sorted(
+    {
+        tuple(e)
+        for epilog in ("MAIN_EPILOG", "BENCH_EPILOG", "PLAN_EPILOG")
+        for e in _help_examples(getattr(__import__("remat.cli").cli, epilog))
+    }
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", HELP_EXAMPLES, ids=" ".join)
+def test_every_example_in_every_help_runs(argv, tmp_path, monkeypatch, capsys):
+    """Each example does what its help says: exit 0, except the reentrant bug (1) and CUDA
+    without a GPU (2, one line)."""
+    monkeypatch.chdir(tmp_path)  # the examples write their JSON and plots here
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    if "tutorial-reentrant" in argv:
+        assert code == 1 and "tutorial-reentrant: FAIL" in err
+    elif "cuda" in argv and not torch.cuda.is_available():
+        assert code == 2 and "no CUDA GPU" in err
+    else:
+        assert code == 0, err

@@ -41,6 +41,8 @@ class BenchConfig:
             text after the colon, ``None`` when absent.
         default: part of the default set. Off for configurations that show a bug on purpose.
         hidden: left out of help and listings (test-only configurations).
+        check_arg: ``arg -> None``, raising ``ValueError`` for an argument the configuration
+            cannot take; called by :func:`parse_configs`, before any worker starts.
     """
 
     name: str
@@ -49,6 +51,7 @@ class BenchConfig:
     takes_arg: bool = False
     default: bool = True
     hidden: bool = False
+    check_arg: Callable[[str | None], None] | None = None
 
 
 CONFIGS: dict[str, BenchConfig] = {}
@@ -90,6 +93,8 @@ def parse_configs(text: str | None) -> list[str]:
             raise ValueError(f"unknown configuration {name!r}; valid configurations: {valid}")
         if sep and not config.takes_arg:
             raise ValueError(f"configuration {base!r} takes no argument, got {name!r}")
+        if config.check_arg is not None:
+            config.check_arg(name.partition(":")[2] if sep else None)
     # `none` is the reference for gradients, time and FLOPs, so it always runs, first.
     return list(dict.fromkeys(["none", *names]))
 
@@ -194,11 +199,26 @@ def _offload(workload: Workload):
     return remat.offload(store=remat.CpuStore() if on_cpu else None)
 
 
+def check_budget(budget: str | None, what: str) -> None:
+    """Raise ``ValueError`` for a budget that cannot be meant (before anything runs): one that
+    does not parse, or a bare number of at most 100 (bytes by the rules, a percentage by
+    intent)."""
+    from remat.planner.budget import looks_like_percent, parse_budget
+
+    if not budget:
+        raise ValueError(f"{what} needs a budget, e.g. 40%, 300MB or 6GiB")
+    if looks_like_percent(budget):
+        raise ValueError(f"{what} {budget}: {budget} bytes fit no model; did you mean {budget}%?")
+    parse_budget(budget, baseline_bytes=2**60)  # raises naming the bad budget
+
+
+def _check_auto(arg: str | None) -> None:
+    check_budget(arg, "configuration auto:<budget>")
+
+
 def _auto(workload: Workload, arg: str | None) -> None:
     import remat
 
-    if not arg:
-        raise ValueError("configuration 'auto' needs a budget: auto:40% or auto:300MB")
     remat.autoplan(
         workload.model,
         *workload.inputs,
@@ -294,6 +314,7 @@ for _config in (
         apply=_auto,
         takes_arg=True,
         default=False,
+        check_arg=_check_auto,
     ),
     BenchConfig(
         name="_crash", description="test: worker dies", apply=_crash, hidden=True, takes_arg=True
@@ -325,6 +346,31 @@ def check_model(name: str) -> None:
         f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}, "
         "hf:<arch> (e.g. hf:gpt2, hf:llama)"
     )
+
+
+def check_sizes(model: str, sizes: dict[str, int]) -> None:
+    """Raise ``ValueError`` for model sizes that cannot build, before any worker starts."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"size option {name}={value!r} must be a positive integer")
+    if model == "gpt":
+        from remat.models import GPTConfig
+
+        defaults = {"d_model": GPTConfig.d_model, "n_heads": GPTConfig.n_heads}
+    elif model.startswith("hf:"):
+        from remat._hf_models import HF_DEFAULT_SIZES as defaults
+    else:
+        if sizes:
+            raise ValueError(
+                f"size options {sorted(sizes)} apply to gpt and hf:<arch>, not {model!r}"
+            )
+        return
+    d_model, heads = (sizes.get(k, defaults[k]) for k in ("d_model", "n_heads"))
+    if d_model % heads:
+        raise ValueError(
+            f"--d-model {d_model} is not divisible by --heads {heads}: every head gets "
+            "d_model / heads features"
+        )
 
 
 def build_bench_workload(

@@ -281,6 +281,12 @@ class WorkerProcess:
         tail = lines[-1] if lines else "no output"
         return {"ok": False, "status": "crashed", "error": f"worker exited with {code}: {tail}"}
 
+    def kill(self) -> None:
+        """End the worker now (the parent is being interrupted)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:

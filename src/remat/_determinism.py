@@ -73,12 +73,24 @@ def _fingerprint(x: Tensor) -> Tensor:
     # Three exact float64 reductions: total, energy, position-weighted total. Any changed
     # element or permutation changes at least one of them in practice.
     with torch.no_grad():
-        flat = x.detach()
+        flat = _dense_values(x.detach())
         if flat.is_complex():
             flat = torch.view_as_real(flat)
         flat = flat.reshape(-1).to(torch.float64)
         position = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
         return torch.stack([flat.sum(), (flat * flat).sum(), (flat * position).sum()])
+
+
+def _dense_values(x: Tensor) -> Tensor:
+    """What a fingerprint sums: the tensor, or for a sparse one its indices and values."""
+    if x.layout == torch.sparse_coo:
+        x = x.coalesce()
+        values = x.values()
+        values = torch.view_as_real(values) if values.is_complex() else values
+        return torch.cat([x.indices().reshape(-1), values.reshape(-1)]).to(torch.float64)
+    if x.layout != torch.strided:  # compressed sparse layouts, nested tensors
+        return x.to_dense()
+    return x
 
 
 def record(x: Tensor, check: str) -> TensorRecord:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from remat.errors import PlanError
 
-__all__ = ["cache_off", "default_loss", "require_train_mode", "training_call"]
+__all__ = ["cache_off", "check_loss_fn", "default_loss", "require_train_mode", "training_call"]
 
 
 @contextlib.contextmanager
@@ -74,6 +74,15 @@ def default_loss(out: Any) -> Tensor:
         if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad:
             return t.float().sum()
     raise ValueError("the model's output holds no floating tensor that requires grad; pass loss_fn")
+
+
+def check_loss_fn(loss_fn: Any, who: str) -> None:
+    """Raise ``TypeError`` unless ``loss_fn`` is ``None`` or callable."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"{who}: loss_fn must be a callable (model output -> scalar loss) or None, got "
+            f"{type(loss_fn).__name__} {loss_fn!r}"
+        )
 
 
 def require_train_mode(model: nn.Module, who: str) -> None:

@@ -36,6 +36,7 @@ from remat._bench_configs import (
     BenchConfig,
     MissingExtraError,
     check_model,
+    check_sizes,
     default_config_names,
     parse_configs,
     policy_config,
@@ -51,6 +52,7 @@ __all__ = [
     "ConfigResult",
     "Environment",
     "MissingExtraError",
+    "check_options",
     "compare_grads",
     "compare_tensors",
     "default_config_names",
@@ -226,6 +228,29 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def check_options(options: BenchOptions) -> tuple[list[str], str]:
+    """Validate ``options`` before any worker starts: (configuration names, device).
+
+    Raises:
+        ValueError: bad model, configuration (an ``auto:<budget>`` that does not parse),
+            dtype, steps, batch or sizes.
+        MissingExtraError: ``hf:<arch>`` without transformers.
+        RuntimeError: ``device="cuda"`` without a GPU.
+    """
+    names = parse_configs(",".join(options.configs or []))
+    check_model(options.model)
+    check_sizes(options.model, options.sizes)
+    if options.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if options.steps < 1 or options.warmup < 0:
+        raise ValueError(
+            f"steps must be >= 1 and warmup >= 0, got {options.steps}, {options.warmup}"
+        )
+    if options.batch is not None and options.batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {options.batch}")
+    return names, resolve_device(options.device)
+
+
 def run_bench(
     options: BenchOptions, *, progress: Callable[[int, int, str], None] | None = None
 ) -> BenchResult:
@@ -244,27 +269,19 @@ def run_bench(
         MissingExtraError: ``hf:<arch>`` without transformers.
         RuntimeError: ``device="cuda"`` without a GPU.
     """
-    names = parse_configs(",".join(options.configs or []))
-    check_model(options.model)
-    if options.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-    if options.steps < 1 or options.warmup < 0:
-        raise ValueError(
-            f"steps must be >= 1 and warmup >= 0, got {options.steps}, {options.warmup}"
-        )
-    if options.batch is not None and options.batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {options.batch}")
-    device = resolve_device(options.device)
+    names, device = check_options(options)
     report = progress or (lambda done, total, what: None)
 
     with tempfile.TemporaryDirectory(prefix="remat-bench-") as tmp:
-        workers = [WorkerProcess(name, i, options, device, tmp) for i, name in enumerate(names)]
-        results = {w.name: ConfigResult(name=w.name) for w in workers}
+        results = {name: ConfigResult(name=name) for name in names}
         rounds = options.warmup + options.steps
-        total, done = len(workers) * (2 + rounds), 0
+        total, done = len(names) * (2 + rounds), 0
         ready: dict[str, dict[str, Any]] = {}
+        workers: list[WorkerProcess] = []
         try:
-            for w in workers:  # all started above: their imports and builds overlap
+            for i, name in enumerate(names):  # all started first: imports and builds overlap
+                workers.append(WorkerProcess(name, i, options, device, tmp))
+            for w in workers:
                 report(done, total, f"starting {w.name}")
                 if (msg := w.read()) is not None:
                     ready[w.name] = msg
@@ -285,6 +302,12 @@ def run_bench(
                     if msg is not None and r >= options.warmup:
                         results[w.name].step_times_s.append(msg["seconds"])
                     done += 1
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or failed: the workers go at once, not after
+            # their current step, and the temporary folder with them.
+            for w in workers:
+                w.kill()
+            raise
         finally:
             for w in workers:
                 w.close()

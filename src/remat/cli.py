@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import textwrap
 from typing import Any
@@ -18,11 +19,11 @@ DESCRIPTION = "remat: activation checkpointing for PyTorch, measured."
 
 MAIN_EPILOG = """\
 examples:
-  remat bench                                  the tutorial's MLP, every configuration
-  remat bench --model gpt --layers 6           a GPT-style stack
+  remat bench                                    the tutorial's MLP, every configuration
+  remat bench --model gpt --layers 6             a GPT-style stack
   remat bench --json out/bench.json --plot out/bench.png
-  remat bench --help                           all options of the benchmark
-  remat plan --model gpt --budget 40% --verify the cheapest plan for a budget, checked
+  remat bench --help                             all options of the benchmark
+  remat plan --model gpt --budget 40% --verify   the cheapest plan for a budget, checked
 """
 
 BENCH_EPILOG = """\
@@ -46,7 +47,7 @@ PLAN_EPILOG = """\
 examples:
   remat plan --model gpt --budget 40%
   remat plan --model gpt --layers 48 --budget 2GiB --json plan.json
-  remat plan --model gpt --budget 25% --solver sqrt --verify
+  remat plan --model gpt --budget 45% --solver sqrt --verify
 
 exit status: 0 when a plan fits (and, with --verify, its measured peak fits and its gradients
 equal the un-checkpointed model's); 1 when no plan fits or the check fails; 2 for bad
@@ -169,8 +170,15 @@ def _version() -> str:
     return getattr(remat, "__version__", "unknown")
 
 
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that cleanups run (workers, temp folders)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``remat`` with ``argv`` (``sys.argv[1:]`` when ``None``) and return the exit status.
+
+    Ctrl-C and SIGTERM end it with one line on stderr (exit 130 and 143), its workers and
+    temporary folders removed.
 
     Example:
         >>> main(["bench", "--batch", "64", "--quiet", "--json", "bench.json"])  # doctest: +SKIP
@@ -184,27 +192,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"remat {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"remat {args.command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _error(message: str) -> int:
-    print(f"remat bench: error: {message}", file=sys.stderr)
+def _error(message: str, command: str = "bench") -> int:
+    print(f"remat {command}: error: {message}", file=sys.stderr)
     return 2
 
 
+def _output_path_error(flag: str, path: str | None) -> str | None:
+    """Why ``path`` cannot be written (checked before minutes of work), or ``None``."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a directory; give a file name"
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        return f"{flag} {path}: cannot create its directory ({e.strerror})"
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{flag} {path}: not writable"
+    return None
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from remat.bench import BenchOptions, MissingExtraError, parse_configs, run_bench
+    from remat.bench import BenchOptions, MissingExtraError, check_options, parse_configs, run_bench
 
     sizes = _sizes(args)
     if sizes and not (args.model == "gpt" or args.model.startswith("hf:")):
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in SIZE_FLAGS if getattr(args, f))
         return _error(f"{flags}: size flags apply to --model gpt or hf:<arch>, not {args.model!r}")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            try:  # fail now, not after minutes of benchmarking
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            except OSError as e:
-                return _error(f"{flag} {path}: cannot create its directory ({e.strerror})")
+        if (problem := _output_path_error(flag, path)) is not None:
+            return _error(problem)
     try:
         options = BenchOptions(
             model=args.model,
@@ -217,6 +252,7 @@ def _bench(args: argparse.Namespace) -> int:
             sizes=sizes,
             seed=args.seed,
         )
+        check_options(options)  # before the progress bar and any worker
         result = run_bench(options) if args.quiet else _run_with_progress(run_bench, options)
     except (ValueError, RuntimeError, MissingExtraError) as e:
         return _error(str(e))
@@ -241,17 +277,42 @@ def _plan(args: argparse.Namespace) -> int:
     import torch
 
     import remat
-    from remat._bench_configs import MissingExtraError, build_bench_workload
+    from remat._bench_configs import (
+        DTYPES,
+        MissingExtraError,
+        build_bench_workload,
+        check_budget,
+        check_model,
+        check_sizes,
+    )
     from remat.bench import resolve_device
     from remat.planning import measure_step_peak
 
     sizes = _sizes(args)
+    try:  # everything that can be checked before the profile's minutes
+        check_model(args.model)
+        check_sizes(args.model, sizes)
+        check_budget(args.budget, "--budget")
+        if args.dtype not in DTYPES:
+            raise ValueError(f"--dtype {args.dtype}: valid dtypes are {', '.join(DTYPES)}")
+        if args.solver not in ("auto", "chain", "sqrt", "every-n", "greedy"):
+            raise ValueError(
+                f"--solver {args.solver}: valid solvers are auto, chain, sqrt, every-n, greedy"
+            )
+        if args.batch is not None and args.batch < 1:
+            raise ValueError(f"--batch {args.batch}: must be a positive integer")
+        problem = _output_path_error("--json", args.json)
+        if problem is not None:
+            raise ValueError(problem)
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError, MissingExtraError) as e:
+        return _error(str(e), "plan")
 
     def build() -> Any:
         return build_bench_workload(
             args.model,
             batch=args.batch,
-            device=resolve_device(args.device),
+            device=device,
             dtype=args.dtype,
             seed=args.seed,
             sizes=sizes,

@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from remat._storage import device_of, iter_tensors, unique_storage_bytes
-from remat._training_call import default_loss, training_call
+from remat._training_call import check_loss_fn, default_loss, training_call
 from remat.memory import MemoryTracker, TimelineEvent
 
 __all__ = ["EstimateReport", "estimate"]
@@ -137,6 +137,7 @@ def estimate(
     device = torch.device("cpu") if first is None else first.device
     if policy is not None and checkpoint_modules is not None:
         raise ValueError("estimate: pass either policy= or checkpoint_modules=, not both")
+    check_loss_fn(loss_fn, "estimate")
     names = _select(model, checkpoint_modules)
 
     # Fake copies of every parameter and buffer (same device, no data): gradients land on
@@ -238,6 +239,13 @@ def _select(model: nn.Module, which: ModuleFilter | None) -> list[str]:
         return [n for n, m in model.named_modules() if which(m, n)]
     if isinstance(which, str):
         which = [which]
+    if not isinstance(which, (list, tuple, set, frozenset)) or not all(
+        isinstance(n, str) for n in which
+    ):
+        raise TypeError(
+            "estimate: checkpoint_modules must be module names or a (module, fqn) -> bool "
+            f"filter, got {type(which).__name__} {which!r}"
+        )
     known = dict(model.named_modules())
     names = list(which)
     for n in names:

@@ -17,24 +17,58 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._training_call import cache_off, default_loss, require_train_mode, training_call
+from remat._training_call import (
+    cache_off,
+    check_loss_fn,
+    default_loss,
+    require_train_mode,
+    training_call,
+)
+from remat.apply import apply, remove
 from remat.errors import BudgetError, PlanError
+from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
+from remat.planner import pareto as chain_pareto
+from remat.planner.budget import describe_bytes, looks_like_percent
 from remat.planner.plan import Plan
 from remat.policies import Ops, Recompute, Treatment
-from remat.profile import Profile, measure_step_peak
+from remat.profile import Profile, _state_kept, default_regions, measure_step_peak
+from remat.profile import profile as make_profile
+from remat.segments import segment_roles
 
 __all__ = ["AutoPlan", "apply_plan", "autoplan", "measure_step_peak", "pareto", "plan"]
 
 
 def _chain_budget(profile: Profile, budget: Any) -> tuple[int, int]:
-    from remat.planner import parse_budget
-
     total = parse_budget(budget, baseline_bytes=profile.step_peak_bytes)
     return total, total - profile.outside_bytes
 
 
-def plan(profile: Profile | Any, budget: Any, *, solver: str = "auto", op_options: bool = True,
-         **options: Any) -> Any:  # fmt: skip
+def _problem(profile: Any, who: str) -> Profile | Chain:
+    if not isinstance(profile, (Profile, Chain)):
+        raise TypeError(
+            f"{who}: profile must be a remat.Profile (from remat.profile(model, ...)) or a "
+            f"remat.planner.Chain, got {type(profile).__name__} {_short(profile)}"
+        )
+    return profile
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _budget_hint(budget: Any) -> str:
+    return f" (did you mean {budget}%?)" if looks_like_percent(budget) else ""
+
+
+def plan(
+    profile: Profile | Chain,
+    budget: int | float | str,
+    *,
+    solver: str = "auto",
+    op_options: bool = True,
+    **options: Any,
+) -> Plan:
     """The cheapest plan whose predicted training-step peak fits ``budget``.
 
     Args:
@@ -49,19 +83,24 @@ def plan(profile: Profile | Any, budget: Any, *, solver: str = "auto", op_option
         A ``remat.planner.Plan``; ``predicted_peak_bytes`` includes ``outside_bytes``.
 
     Raises:
+        TypeError: ``profile`` is neither a Profile nor a Chain, or ``budget`` has a wrong type.
+        ValueError: ``budget`` does not parse.
         BudgetError: nothing fits; ``min_feasible_bytes`` is the smallest budget that does.
+            Its message gives the sizes in MB and as a share of the step's peak.
     """
-    from remat.planner import Chain, min_peak_bytes, plan_chain
-
+    profile = _problem(profile, "remat.plan")
     if isinstance(profile, Chain):  # a hand-made or loaded problem: plan it as it is
         return plan_chain(profile, budget, solver=solver, **options)
     chain = profile.to_chain(op_options=op_options and solver in ("auto", "chain"))
     total, chain_budget = _chain_budget(profile, budget)
+    baseline = profile.step_peak_bytes
     floor = profile.outside_bytes + min_peak_bytes(chain)
     if chain_budget <= 0:
         raise BudgetError(
-            f"remat.plan: budget {total} B is below what lives outside the checkpointable "
-            f"regions ({profile.outside_bytes} B); the smallest feasible budget is {floor} B",
+            f"remat.plan: budget {describe_bytes(total, baseline)}{_budget_hint(budget)} is "
+            "below what lives outside the checkpointable regions "
+            f"({describe_bytes(profile.outside_bytes, baseline)}); the smallest feasible "
+            f"budget is {describe_bytes(floor, baseline)}",
             min_feasible_bytes=floor,
         )
     try:
@@ -69,8 +108,9 @@ def plan(profile: Profile | Any, budget: Any, *, solver: str = "auto", op_option
     except BudgetError as err:
         needed = (err.min_feasible_bytes or 0) + profile.outside_bytes
         raise BudgetError(
-            f"remat.plan: no {solver} plan fits {total} B; the smallest feasible budget is "
-            f"{needed} B",
+            f"remat.plan: no {solver} plan fits {describe_bytes(total, baseline)}"
+            f"{_budget_hint(budget)}; the smallest feasible budget is "
+            f"{describe_bytes(needed, baseline)}",
             min_feasible_bytes=needed,
         ) from None
     return dataclasses.replace(
@@ -86,14 +126,15 @@ def plan(profile: Profile | Any, budget: Any, *, solver: str = "auto", op_option
     )
 
 
-def pareto(profile: Profile | Any, **options: Any) -> list[Any]:
-    """The frontier of (predicted peak, extra cost) plans for a profile (or a chain)."""
-    from remat.planner import Chain
-    from remat.planner import pareto as chain_pareto
+def pareto(profile: Profile | Chain, **options: Any) -> list[Plan]:
+    """The frontier of (predicted peak, extra cost) plans for a profile (or a chain).
 
+    Raises:
+        TypeError: ``profile`` is neither a Profile nor a Chain.
+    """
+    profile = _problem(profile, "remat.pareto")
     if isinstance(profile, Chain):
         return chain_pareto(profile, **options)
-
     return [
         dataclasses.replace(p, predicted_peak_bytes=p.predicted_peak_bytes + profile.outside_bytes)
         for p in chain_pareto(profile.to_chain(), **options)
@@ -112,12 +153,14 @@ class _PlanPolicy:
 
 def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, Treatment]]:
     """The roles ``plan`` gives each module of ``model``, outermost first."""
-    from remat.segments import segment_roles
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remat.apply_plan: model must be an nn.Module, got {_short(model)}")
     if not isinstance(plan, Plan):
-        raise PlanError(
+        hint = " (a loaded plan JSON? remat.Plan.from_dict(it))" if isinstance(plan, dict) else ""
+        raise TypeError(
             f"remat.apply_plan: plan must be a remat.Plan (remat.plan, remat.Plan.from_json), "
-            f"got {type(plan).__name__}"
+            f"got {type(plan).__name__} {_short(plan)}{hint}"
         )
     modules = dict(model.named_modules())
     missing = [r.name for r in plan.regions if r.name not in modules]
@@ -149,7 +192,6 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
 def _check_covers(model: nn.Module, plan: Plan) -> None:
     """A plan made from the default regions of a model covers all of this model's: a plan
     for 4 blocks applied to 6 would silently leave 2 as they are."""
-    from remat.profile import default_regions
 
     planned = [r.name for r in plan.regions]
     here = [name for name, _ in default_regions(model)]
@@ -177,7 +219,6 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
             from a profile's default regions, regions of the model the plan leaves out);
             the model is left as it was.
     """
-    from remat.apply import apply, remove
 
     assignments = plan_assignments(model, plan)  # before anything changes: it may raise
     remove(model)
@@ -188,7 +229,6 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
 
 def remove_plan(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_plan` (the same as ``remat.remove``)."""
-    from remat.apply import remove
 
     return remove(model)
 
@@ -242,9 +282,14 @@ def autoplan(
         BudgetError: no plan within ``max_rounds`` measured under the budget.
         PlanError: the model is in eval mode.
     """
-    from remat.profile import _state_kept
-    from remat.profile import profile as make_profile
 
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"remat.autoplan: max_rounds must be a positive int, got {max_rounds!r}")
+    check_loss_fn(loss_fn, "remat.autoplan")
+    if profile is not None and not isinstance(profile, Profile):
+        raise TypeError(
+            f"remat.autoplan: profile must be a remat.Profile or None, got {_short(profile)}"
+        )
     require_train_mode(model, "remat.autoplan")
     loss_of = loss_fn or default_loss
     prof = profile or make_profile(model, *inputs, loss_fn=loss_of, **kwargs)
@@ -290,8 +335,14 @@ def autoplan(
         return AutoPlan(plan=chosen, profile=prof, budget_bytes=total,
                         measured_peak_bytes=measured, rounds=rounds)  # fmt: skip
     remove_plan(model)
+    baseline = prof.step_peak_bytes
     raise BudgetError(
-        f"remat.autoplan: no plan measured within the budget ({total} B) in {rounds} tries"
-        + (f"; the lowest peak measured was {least} B" if least is not None else ""),
+        f"remat.autoplan: no plan measured within the budget {describe_bytes(total, baseline)}"
+        f"{_budget_hint(budget)} in {rounds} tries"
+        + (
+            f"; the lowest peak measured was {describe_bytes(least, baseline)}"
+            if least is not None
+            else ""
+        ),
         min_feasible_bytes=least,
     )

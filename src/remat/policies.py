@@ -18,7 +18,7 @@ import fnmatch
 import functools
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -133,6 +133,13 @@ class where(Selector):
 
     predicate: Callable[[nn.Module, str], bool]
 
+    def __post_init__(self) -> None:
+        if not callable(self.predicate):
+            raise TypeError(
+                "remat.where: predicate must be a (module, fqn) -> bool function, got "
+                f"{type(self.predicate).__name__} {self.predicate!r}"
+            )
+
     def matches(self, module: nn.Module, fqn: str, model: nn.Module) -> bool:
         return bool(self.predicate(module, fqn))
 
@@ -181,6 +188,8 @@ class every(Selector):
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"remat.every: n must be a positive integer, got {self.n!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int):
+            raise TypeError(f"remat.every: offset must be an int, got {self.offset!r}")
         if not 0 <= self.offset < self.n:
             raise ValueError(f"remat.every: offset must be in [0, {self.n}), got {self.offset}")
 
@@ -361,6 +370,11 @@ OP_PRESETS: dict[str, tuple[str, ...]] = {
 
 
 def _resolve_ops(names: Iterable[Any], what: str) -> frozenset[Any]:
+    if isinstance(names, (str, torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        raise TypeError(
+            f"remat.ops: {what} must be a list of op names, got the single {names!r} "
+            f"(did you mean {what}=[{names!r}]?)"
+        )
     packets = set()
     for name in names:
         if isinstance(name, torch._ops.OpOverloadPacket):
@@ -463,6 +477,14 @@ class Ops(Treatment):
         listed = self._listed()
         return lambda func, args, kwargs: listed(func) or draws_random_numbers(func, args, kwargs)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # aten op packets do not pickle (torch.save of a model with ops applied); their
+        # qualified names do.
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("save", "recompute"):
+            state[name] = sorted(p._qualified_op_name for p in state[name])
+        return (_ops_from_state, (state,))
+
     def _contexts(self) -> tuple[Any, Any]:
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -501,6 +523,16 @@ class Ops(Treatment):
         )
 
 
+def _ops_from_state(state: dict[str, Any]) -> Ops:
+    def packet(qualified: str) -> Any:
+        namespace, _, name = qualified.partition("::")
+        return getattr(getattr(torch.ops, namespace), name)
+
+    for name in ("save", "recompute"):
+        state[name] = frozenset(packet(q) for q in state[name])
+    return Ops(**state)
+
+
 def ops(
     preset: str | None = None,
     *,
@@ -520,8 +552,8 @@ def ops(
     """
     if preset is not None and preset not in OP_PRESETS:
         raise ValueError(f"remat.ops: unknown preset {preset!r}; presets: {', '.join(OP_PRESETS)}")
-    save_set = _resolve_ops((*(OP_PRESETS[preset] if preset else ()), *save), "save")
     explicit_save = _resolve_ops(save, "save")
+    save_set = _resolve_ops((*(OP_PRESETS[preset] if preset else ()), *save), "save")
     recompute_set = _resolve_ops(recompute, "recompute")
     conflict = explicit_save & recompute_set
     if conflict:

@@ -33,7 +33,12 @@ from torch.utils._pytree import tree_leaves
 
 from remat._storage import iter_tensors, unique_storage_bytes
 from remat._tape_engine import writes_to_arguments
-from remat._training_call import default_loss, require_train_mode, training_call
+from remat._training_call import (
+    check_loss_fn,
+    default_loss,
+    require_train_mode,
+    training_call,
+)
 from remat.errors import PlanError
 from remat.memory import MemoryTracker
 from remat.policies import block_lists, draws_random_numbers
@@ -383,12 +388,24 @@ def profile(
     parameters' gradients and the RNG state are put back as they were.
 
     Raises:
-        TypeError: ``model`` is not a module.
-        ValueError: ``op_engines`` is not ``"auto"`` or ``"replay"``.
-        PlanError: a region name does not exist or a region never ran.
+        TypeError: ``model`` is not a module; ``repeats``, ``loss_fn`` or ``regions`` has a
+            wrong type.
+        ValueError: ``repeats`` below 1, ``op_engines`` not ``"auto"`` or ``"replay"``.
+        PlanError: a region name does not exist or a region never ran, or the model is in
+            eval mode.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat.profile: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int):
+        raise TypeError(f"remat.profile: repeats must be an int, got {repeats!r}")
+    if repeats < 1:
+        # With none, every region's cost would be 0 and the planner would plan blind.
+        raise ValueError(f"remat.profile: repeats must be at least 1, got {repeats}")
+    check_loss_fn(loss_fn, "remat.profile")
+    if regions is not None and (
+        isinstance(regions, str) or not all(isinstance(r, str) for r in regions)
+    ):
+        raise TypeError(f"remat.profile: regions must be a list of module names, got {regions!r}")
     if op_engines not in OP_ENGINE_CHOICES:
         raise ValueError(
             f"remat.profile: op_engines={op_engines!r} is not one of {', '.join(OP_ENGINE_CHOICES)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["parse_budget"]
+__all__ = ["describe_bytes", "looks_like_percent", "parse_budget"]
 
 # SI units are powers of 1000, IEC units powers of 1024 (as in `ls --si` / `ls -h`).
 _UNITS = {
@@ -21,6 +21,26 @@ _UNITS = {
     "tib": 2**40,
 }
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
+
+
+def describe_bytes(n: int, baseline_bytes: int | None = None) -> str:
+    """``n`` bytes as people read them: ``"52,300,000 B (52.3 MB, 30% of the step's peak)"``
+    (kB, MB or GB, powers of 1000, by size)."""
+    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6)) if abs(n) >= s), ("kB", 1e3))
+    text = f"{n:,} B ({n / size:.1f} {unit}"
+    if baseline_bytes:
+        text += f", {100 * n / baseline_bytes:.0f}% of the un-checkpointed step's peak"
+    return text + ")"
+
+
+def looks_like_percent(budget: int | float | str) -> bool:
+    """A bare number of at most 100 given as a budget: bytes by the rules, a percentage by
+    intent (``--budget 40``: 40 bytes fit no model)."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        return False
+    return 0 < value <= 100
 
 
 def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None) -> int:
@@ -60,6 +80,8 @@ def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None
             f"budget {budget!r} does not parse: expected e.g. '6GiB', '512MB', '123456' or '40%'"
         )
     value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value):
+        raise ValueError(f"budget {budget!r} is not a finite number")
     if unit == "%":
         if baseline_bytes is None:
             raise ValueError(f"budget {budget!r} is a percentage but no baseline_bytes was given")
@@ -67,6 +89,8 @@ def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None
             raise TypeError(f"baseline_bytes must be an int, got {baseline_bytes!r}")
         out = int(baseline_bytes * value / 100)
     elif unit in _UNITS:
+        if not math.isfinite(value * _UNITS[unit]):
+            raise ValueError(f"budget {budget!r} is not a finite number of bytes")
         out = int(value * _UNITS[unit])
     else:
         valid = ", ".join(u for u in _UNITS if u) + ", %"

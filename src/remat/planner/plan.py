@@ -284,6 +284,27 @@ class RegionPlan:
     engine: str = "replay"
     note: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PlanError(f"Plan region: name must be a non-empty str, got {self.name!r}")
+        owner = f"Plan region {self.name!r}"
+        if self.action not in ACTIONS:
+            raise PlanError(f"{owner}: action must be one of {ACTIONS}, got {self.action!r}")
+        if self.engine not in ("replay", "tape"):
+            raise PlanError(f"{owner}: engine must be 'replay' or 'tape', got {self.engine!r}")
+        for name in ("option", "note"):
+            if not isinstance(getattr(self, name), str):
+                raise PlanError(f"{owner}: {name} must be a str, got {getattr(self, name)!r}")
+        try:
+            _check_bytes(owner, "kept_bytes", self.kept_bytes)
+            _check_cost(owner, "recompute_cost", self.recompute_cost)
+            _check_bytes(owner, "depth", self.depth)
+        except ValueError as err:
+            raise PlanError(str(err)) from None
+        if isinstance(self.save_ops, str) or not all(isinstance(o, str) for o in self.save_ops):
+            raise PlanError(f"{owner}: save_ops must be a list of op names, got {self.save_ops!r}")
+        object.__setattr__(self, "save_ops", tuple(self.save_ops))
+
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -345,18 +366,47 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        regions = tuple(
-            RegionPlan(**{**r, "save_ops": tuple(r.get("save_ops", ()))}) for r in data["regions"]
-        )
-        segments = tuple((int(a), int(b)) for a, b in data.get("segments", ()))
-        return cls(**{**data, "regions": regions, "segments": segments})
+        """A plan from :meth:`to_dict`'s form (a loaded JSON file).
+
+        Raises:
+            PlanError: a field is missing, unknown or of the wrong kind (named).
+        """
+        _check_fields(data, "plan", _PLAN_FIELDS, _PLAN_REQUIRED)
+        if not isinstance(data["regions"], list) or not data["regions"]:
+            raise PlanError(f"plan: 'regions' must be a non-empty list, got {data['regions']!r}")
+        regions = []
+        for i, r in enumerate(data["regions"]):
+            _check_fields(r, f"plan: regions[{i}]", _REGION_FIELDS, _REGION_REQUIRED)
+            regions.append(RegionPlan(**r))
+        segments = data.get("segments", [])
+        if not isinstance(segments, list) or not all(
+            isinstance(s, list) and len(s) == 2 and all(_is_int(x) for x in s) for s in segments
+        ):
+            raise PlanError(f"plan: 'segments' must be a list of [start, stop], got {segments!r}")
+        for name in ("predicted_peak_bytes", "extra_cost", "forward_cost"):
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PlanError(f"plan: {name!r} must be a number, got {value!r}")
+        if not isinstance(data.get("meta", {}), dict):
+            raise PlanError(f"plan: 'meta' must be an object, got {data['meta']!r}")
+        return cls(**{**data, "regions": tuple(regions), "segments": tuple(map(tuple, segments))})
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+        """A plan from :meth:`to_json`'s text.
+
+        Raises:
+            PlanError: the text is not JSON, or a field is missing, unknown or of the wrong
+                kind (named).
+        """
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as err:
+            raise PlanError(f"plan: not valid JSON ({err})") from None
+        return cls.from_dict(data)
 
     def __str__(self) -> str:
         seg_of: dict[int, list[str]] = {}
@@ -389,6 +439,54 @@ class Plan:
         for k, (a, b) in enumerate(self.segments):
             lines.append(f"S{k}: regions {a}..{b - 1} checkpointed as one segment")
         return "\n".join(lines)
+
+
+_PLAN_FIELDS = (
+    "regions",
+    "segments",
+    "predicted_peak_bytes",
+    "extra_cost",
+    "forward_cost",
+    "budget_bytes",
+    "solver",
+    "resolution_bytes",
+    "meta",
+)
+_PLAN_REQUIRED = ("regions", "predicted_peak_bytes", "extra_cost", "forward_cost", "solver")
+_REGION_FIELDS = (
+    "name",
+    "action",
+    "option",
+    "kept_bytes",
+    "recompute_cost",
+    "save_ops",
+    "depth",
+    "engine",
+    "note",
+)
+_REGION_REQUIRED = ("name", "action", "option", "kept_bytes", "recompute_cost")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_fields(data: Any, what: str, fields: Sequence[str], required: Sequence[str]) -> None:
+    """Raise ``PlanError`` naming what is wrong with a JSON object's keys."""
+    if not isinstance(data, dict):
+        raise PlanError(
+            f"{what} must be a JSON object with {', '.join(map(repr, required))}, got "
+            f"{type(data).__name__} {str(data)[:40]}"
+        )
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise PlanError(f"{what}: missing field(s) {', '.join(map(repr, missing))}")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PlanError(
+            f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; its fields are "
+            f"{', '.join(fields)}"
+        )
 
 
 def _fmt_bytes(n: int) -> str:
