@@ -51,7 +51,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from remat.models import Workload
+from remat.bench.workloads import Workload
 
 __all__ = [
     "SacMilpPlan",
@@ -329,8 +329,8 @@ def apply_sac_milp(workload: Workload, plan: SacMilpPlan) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from remat.models import build_workload
-    from remat.planning import measure_step_peak
+    from remat.bench.workloads import build_workload
+    from remat.planner.autoplanning import measure_step_peak
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def step_seconds(workload: Any, *, free_gradients: bool = False) -> float:
-    """One timed training step (forward and backward) of a ``remat.models.Workload``,
+    """One timed training step (forward and backward) of a ``remat.bench.workloads.Workload``,
     synchronised on CUDA.
 
     ``free_gradients`` drops the gradients after the step, for scripts that keep many large

@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from _timing import interleaved_seconds, step_seconds
 
 import remat
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 CONFIGS = ("none", "torch", "remat-hooks", "remat-function")
 

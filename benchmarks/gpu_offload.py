@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 import remat
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 CONFIGS = ("none", "recompute", "offload")
 DEFAULT_JSON = Path(__file__).parent / "results" / "gpu_offload.json"

@@ -45,8 +45,8 @@ from _timing import interleaved_seconds, step_seconds
 from torch import nn
 
 import remat
-from remat.models import Workload, build_workload
-from remat.planning import measure_step_peak
+from remat.bench.workloads import Workload, build_workload
+from remat.planner.autoplanning import measure_step_peak
 
 RESULTS = Path(__file__).parent / "results"
 

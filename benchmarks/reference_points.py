@@ -34,9 +34,9 @@ import torch
 from _timing import interleaved_seconds, step_seconds
 
 import remat
-from remat.models import build_workload
-from remat.planning import measure_step_peak
-from remat.profile import Profile
+from remat.bench.workloads import build_workload
+from remat.planner.autoplanning import measure_step_peak
+from remat.planner.profiling import Profile
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20

@@ -19,7 +19,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 
-from remat.models import TutorialMLP, build_workload
+from remat.bench.workloads import TutorialMLP, build_workload
 
 
 def forward(model: TutorialMLP, x: torch.Tensor, *, checkpointed: bool, reentrant: bool = False):

@@ -28,7 +28,7 @@ import torch
 import torch.utils.checkpoint as tuc
 
 import remat
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 CONFIGS = ("none", "torch", "remat", "reentrant-bug")
 MB = 1e6

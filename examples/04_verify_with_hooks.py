@@ -20,7 +20,7 @@ import torch
 import torch.utils.checkpoint as tuc
 
 import remat
-from remat.models import TutorialMLP, build_workload
+from remat.bench.workloads import TutorialMLP, build_workload
 
 
 def hook_check(model: TutorialMLP, x: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ import sys
 import torch
 
 import remat
-from remat.models import TutorialMLP
+from remat.bench.workloads import TutorialMLP
 
 
 class TutorialCheckpointFunction(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import remat
-from remat.models import Block, build_workload
+from remat.bench.workloads import Block, build_workload
 
 STEPS = 2
 LR = 0.1

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import remat
-from remat.models import Block, build_workload
+from remat.bench.workloads import Block, build_workload
 
 B, T, C, LAYERS = 2, 16, 32, 4
 BLOCK_INPUT = B * T * C * 4  # one (B, T, C) float32 tensor

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import remat
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 from remat.planner import Chain, Region, plan_chain
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from remat.bench import SCHEMA
+from remat.bench.runner import SCHEMA
 from remat.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -191,14 +191,14 @@ def test_plan_infeasible_budget_exits_1(capsys):
     ],
 )
 def test_bad_arguments_exit_2_in_one_line_before_anything_runs(capsys, monkeypatch, argv, expected):
-    import remat.bench
+    import remat.bench.runner
+    import remat.planner.profiling
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a worker or the profile started")
 
-    monkeypatch.setattr(remat.bench, "WorkerProcess", must_not_run)
-    # remat.profile is the function; its module (issue #16 renames it) by its full name:
-    monkeypatch.setattr(sys.modules["remat.profile"], "_profile", must_not_run)
+    monkeypatch.setattr(remat.bench.runner, "WorkerProcess", must_not_run)
+    monkeypatch.setattr(remat.planner.profiling, "_profile", must_not_run)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"remat {argv[0]}: error:"), err
@@ -222,7 +222,7 @@ def _bench_children(pid: int) -> list[int]:
                 command = f.read()
         except OSError:
             continue
-        if parent == pid and "remat._bench_worker" in command:
+        if parent == pid and "remat.bench.worker" in command:
             children.append(int(entry))
     return children
 

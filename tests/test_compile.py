@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import remat
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,7 +11,7 @@ from torch import nn
 
 import remat
 from remat import MemoryTracker, estimate
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 SMALL = {
     "mlp": {"batch": 16, "in_features": 300, "hidden": 64, "width": 70},

@@ -405,7 +405,7 @@ def test_peft_model_enabled_either_way_trains_through_trainer_on_remat(when, tmp
 
     from transformers import Trainer, TrainingArguments
 
-    from remat._hooks_engine import Frame
+    from remat.engine.hooks import Frame
 
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     reference = peft.get_peft_model(build("llama"), config)

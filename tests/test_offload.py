@@ -21,7 +21,7 @@ from torch import nn
 
 import remat
 from remat import CpuStore, MemoryTracker
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 F32 = 4
 B, IN, HID, WID = 8, 96, 40, 24  # small tutorial MLP: IN -> HID -> WID, ...

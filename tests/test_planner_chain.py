@@ -28,7 +28,7 @@ from remat.planner import (
     sqrt_plan,
     store_all_peak,
 )
-from remat.planner.chain import discretize
+from remat.planner.chain_dp import discretize
 
 
 def random_chain(
@@ -371,7 +371,7 @@ def test_table_size_limit_counts_the_second_table():
     # storing all needs ~15 KB; 50 x 50 x 7001 cells: one table fits the limit (25 M), two not
     with pytest.raises(ValueError, match="too many for 49 regions"):
         solve_chain(chain(False), 7000, resolution_bytes=1)
-    from remat.planner.chain import _slots, _tables
+    from remat.planner.chain_dp import _slots, _tables
 
     assert _tables(chain(True), nested=True) == 1 and _tables(chain(False), nested=True) == 2
     assert _slots(49, True, 10**6, tables=2) < _slots(49, True, 10**6, tables=1)

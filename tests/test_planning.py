@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
-from remat.checkpoint import run_checkpoint
-from remat.models import build_workload
-from remat.planning import measure_step_peak
-from remat.profile import Profile
+from remat.engine.checkpointing import run_checkpoint
+from remat.bench.workloads import build_workload
+from remat.planner.autoplanning import measure_step_peak
+from remat.planner.profiling import Profile
 
 B, T, C = 2, 16, 32
 
@@ -164,7 +164,7 @@ def test_nested_segments_across_containers_are_exact():
 
 
 def test_named_presets_join_a_thinned_menu():
-    from remat.profile import OpProfile, RegionProfile
+    from remat.planner.profiling import OpProfile, RegionProfile
 
     ops = (
         OpProfile(name="aten.addmm.default#0", output_bytes=400, cost=5.0),
@@ -447,7 +447,7 @@ def test_op_level_plans_run_on_the_tape_where_every_op_is_recomputable():
     """The tape engine keeps the outputs of random ops and of ops that write to a tensor
     (batch norm's statistics), which the op menus count as recomputed: regions with such
     ops plan on the replay engine, the others on the tape."""
-    from remat.planning import plan_assignments
+    from remat.planner.autoplanning import plan_assignments
 
     def engines(workload, **options):
         prof = remat.profile(workload.model, *workload.inputs, **options)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import remat
-from remat.models import build_workload
+from remat.bench.workloads import build_workload
 
 B, T, C = 2, 16, 32
 BLOCK_INPUT = B * T * C * 4

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
-from remat.models import Block, build_workload
+from remat.bench.workloads import Block, build_workload
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 SAVE_SETS = {

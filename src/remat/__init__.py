@@ -5,18 +5,18 @@ errors. Heavy optional dependencies (matplotlib, rich, transformers) are importe
 the modules that need them, never here.
 """
 
-from remat.apply import applied, apply, remove
-from remat.checkpoint import CheckpointFunction, checkpoint, checkpoint_sequential
+from remat.policy.wrapping import applied, apply, remove
+from remat.engine.checkpointing import CheckpointFunction, checkpoint, checkpoint_sequential
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
-from remat.estimate import EstimateReport, estimate
-from remat.memory import (
+from remat.planner.estimation import EstimateReport, estimate
+from remat.measure.tracker import (
     MemoryTracker,
     SavedActivation,
     SavedActivationTable,
     TimelineEvent,
     saved_activations,
 )
-from remat.offload import (
+from remat.policy.offloading import (
     CpuStore,
     CudaPinnedStore,
     Offload,
@@ -25,8 +25,8 @@ from remat.offload import (
     offload,
 )
 from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
-from remat.planning import AutoPlan, apply_plan, autoplan, pareto, plan
-from remat.policies import (
+from remat.planner.autoplanning import AutoPlan, apply_plan, autoplan, pareto, plan
+from remat.policy.treatments import (
     Ops,
     Policy,
     Recompute,
@@ -39,8 +39,8 @@ from remat.policies import (
     recompute,
     where,
 )
-from remat.profile import Profile, profile
-from remat.segments import Segments, segments, sqrt
+from remat.planner.profiling import Profile, profile
+from remat.policy.segment import Segments, segments, sqrt
 
 __version__ = "0.1.0"
 

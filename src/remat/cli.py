@@ -71,7 +71,7 @@ SIZE_HELP = {  # defaults: GPTConfig's, then remat._hf_models.HF_DEFAULT_SIZES
 
 
 def _parser() -> argparse.ArgumentParser:
-    from remat.bench import CONFIGS
+    from remat.bench.runner import CONFIGS
 
     listed = "\n".join(
         textwrap.fill(
@@ -231,7 +231,13 @@ def _output_path_error(flag: str, path: str | None) -> str | None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from remat.bench import BenchOptions, MissingExtraError, check_options, parse_configs, run_bench
+    from remat.bench.runner import (
+        BenchOptions,
+        MissingExtraError,
+        check_options,
+        parse_configs,
+        run_bench,
+    )
 
     sizes = _sizes(args)
     if sizes and not (args.model == "gpt" or args.model.startswith("hf:")):
@@ -260,7 +266,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         result.write_json(args.json)
     if args.plot:
-        from remat.plots import plot_bench
+        from remat.bench.plots import plot_bench
 
         plot_bench(result, args.plot)
     if not args.quiet:
@@ -277,7 +283,7 @@ def _plan(args: argparse.Namespace) -> int:
     import torch
 
     import remat
-    from remat._bench_configs import (
+    from remat.bench.configurations import (
         DTYPES,
         MissingExtraError,
         build_bench_workload,
@@ -285,8 +291,8 @@ def _plan(args: argparse.Namespace) -> int:
         check_model,
         check_sizes,
     )
-    from remat.bench import resolve_device
-    from remat.planning import measure_step_peak
+    from remat.bench.runner import resolve_device
+    from remat.planner.autoplanning import measure_step_peak
 
     sizes = _sizes(args)
     try:  # everything that can be checked before the profile's minutes

@@ -32,11 +32,11 @@ from typing import Any
 
 from torch import nn
 
-from remat._replay import register_module_names
-from remat.apply import EXTERNAL_REGION, wrapped
+from remat.engine.replay import register_module_names
+from remat.policy.wrapping import EXTERNAL_REGION, wrapped
 from remat.errors import RematError
-from remat.offload import offload as offload_treatment
-from remat.policies import (
+from remat.policy.offloading import offload as offload_treatment
+from remat.policy.treatments import (
     Composed,
     Policy,
     Recompute,

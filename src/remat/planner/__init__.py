@@ -7,7 +7,7 @@ whole memory/compute frontier. The memory model is documented in ``planner/chain
 from __future__ import annotations
 
 from remat.planner.budget import parse_budget
-from remat.planner.chain import (
+from remat.planner.chain_dp import (
     evaluate,
     min_peak_bytes,
     pareto,
@@ -17,8 +17,8 @@ from remat.planner.chain import (
     store_all_peak,
 )
 from remat.planner.heuristics import every_n_plan, greedy_plan, sqrt_plan
-from remat.planner.ops import Op, knapsack_dp, knapsack_milp, solve_ops, with_ops
-from remat.planner.plan import Chain, Plan, Region, RegionOption, RegionPlan
+from remat.planner.op_menu import Op, knapsack_dp, knapsack_milp, solve_ops, with_ops
+from remat.planner.problem import Chain, Plan, Region, RegionOption, RegionPlan
 
 __all__ = [
     # problem

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 from remat.errors import BudgetError
-from remat.planner.chain import plan_from_choices, simulate
-from remat.planner.plan import Chain, Plan
+from remat.planner.chain_dp import plan_from_choices, simulate
+from remat.planner.problem import Chain, Plan
 
 __all__ = ["every_n_plan", "greedy_plan", "sqrt_plan"]
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._hooks_engine import Frame
-from remat.checkpoint import run_checkpoint
-from remat.policies import (
+from remat.engine.hooks import Frame
+from remat.engine.checkpointing import run_checkpoint
+from remat.policy.treatments import (
     Policy,
     Recompute,
     Selector,

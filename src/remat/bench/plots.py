@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from remat.bench import BenchResult
+    from remat.bench.runner import BenchResult
 
 __all__ = ["plot_bench"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from remat._replay import register_module_names
+from remat.engine.replay import register_module_names
 from remat.errors import PlanError
-from remat.policies import Policy, Treatment, as_policy, as_selector
+from remat.policy.treatments import Policy, Treatment, as_policy, as_selector
 
 __all__ = ["EXTERNAL_REGION", "applied", "apply", "remove", "wrapped"]
 
@@ -78,7 +78,7 @@ def apply(model: nn.Module, policy: Any, *, filter: Any = None) -> nn.Module:
     module and its selected descendants, only the outermost becomes a region.
 
     Example:
-        >>> model = remat.models.GPT()
+        >>> model = remat.bench.workloads.GPT()
         >>> remat.apply(model, remat.every(2) & remat.ops("save-matmuls"))
     """
     if not isinstance(model, nn.Module):

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from remat import _determinism
-from remat._replay import (
+from remat.engine import determinism
+from remat.engine.replay import (
     ForwardState,
     closure_tensors,
     describe_fn,
@@ -52,8 +52,8 @@ class _Call:
     out_spec: Any = None
     out_leaves: list[Any] = field(default_factory=list)
     out_positions: list[int] = field(default_factory=list)
-    out_records: list[_determinism.TensorRecord] = field(default_factory=list)
-    saved_records: list[_determinism.TensorRecord] = field(default_factory=list)
+    out_records: list[determinism.TensorRecord] = field(default_factory=list)
+    saved_records: list[determinism.TensorRecord] = field(default_factory=list)
     args_kwargs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})  # forward only
     modules: Sequence[nn.Module] = ()
     parameters: Sequence[Tensor] = ()  # the Function's extra inputs, as the modules hold them
@@ -61,7 +61,7 @@ class _Call:
     def record_saved(self, x: Tensor) -> None:
         """Probe-pass pack hook: note what autograd would save, keep nothing."""
         if self.determinism_check != "none":
-            self.saved_records.append(_determinism.record(x, self.determinism_check))
+            self.saved_records.append(determinism.record(x, self.determinism_check))
 
     @contextlib.contextmanager
     def checking_saved(self) -> Iterator[None]:
@@ -75,9 +75,9 @@ class _Call:
             nonlocal count
             if count < len(self.saved_records):
                 forward = self.saved_records[count]
-                again = _determinism.record(x, self.determinism_check)
+                again = determinism.record(x, self.determinism_check)
                 if not forward.same_as(again):
-                    raise _determinism.mismatch_error(
+                    raise determinism.mismatch_error(
                         self.region, "saved tensor", count, forward, again
                     )
             count += 1
@@ -87,7 +87,7 @@ class _Call:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             yield
         if count != len(self.saved_records):
-            raise _determinism.count_error(self.region, len(self.saved_records), count)
+            raise determinism.count_error(self.region, len(self.saved_records), count)
 
     def call(self, tensors: Sequence[Tensor]) -> Any:
         """Recomputation: ``fn`` on ``tensors``, with copies of the containers it was given
@@ -232,7 +232,7 @@ class CheckpointFunction(torch.autograd.Function):
             [o for o in outs if o.requires_grad], [*aliases, *extra], start, call.region
         )
         if call.determinism_check != "none":
-            call.out_records = [_determinism.record(o, call.determinism_check) for o in outs]
+            call.out_records = [determinism.record(o, call.determinism_check) for o in outs]
         call.out_leaves = [None if isinstance(x, Tensor) else x for x in leaves]
         detached = tuple(o.detach() for o in outs)
         ctx.mark_non_differentiable(*(d for d, o in zip(detached, outs) if not o.requires_grad))
@@ -333,11 +333,11 @@ def _check_outputs(call: _Call, outs: Sequence[Tensor]) -> None:
     if call.determinism_check == "none":
         return
     if len(outs) != len(call.out_records):
-        raise _determinism.count_error(call.region, len(call.out_records), len(outs))
+        raise determinism.count_error(call.region, len(call.out_records), len(outs))
     for position, (forward, tensor) in enumerate(zip(call.out_records, outs)):
-        again = _determinism.record(tensor, call.determinism_check)
+        again = determinism.record(tensor, call.determinism_check)
         if not forward.same_as(again):
-            raise _determinism.mismatch_error(call.region, "output", position, forward, again)
+            raise determinism.mismatch_error(call.region, "output", position, forward, again)
 
 
 def _parameters(modules: Sequence[nn.Module]) -> list[Tensor]:

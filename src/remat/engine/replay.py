@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from remat._versions import ReadVersions
+from remat.measure.versions import ReadVersions
 from remat.errors import CheckpointError
 
 # Qualified names of modules, filled in by whoever knows the root model (remat.apply), so

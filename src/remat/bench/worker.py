@@ -1,6 +1,6 @@
 """The worker process of ``remat bench``: one configuration, driven over a pipe.
 
-Started as ``python -m remat._bench_worker '<json spec>'``. It builds the workload, applies
+Started as ``python -m remat.bench.worker '<json spec>'``. It builds the workload, applies
 its configuration, answers ``ready``, then serves one command per stdin line, answering one
 JSON line each on its original stdout (anything the model prints goes to stderr instead):
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from remat._bench_configs import CONFIGS, build_bench_workload
-from remat.models import Workload
+from remat.bench.configurations import CONFIGS, build_bench_workload
+from remat.bench.workloads import Workload
 
 TIMELINE_POINTS = 1500
 
@@ -80,7 +80,7 @@ def downsample(points: list[tuple[int, int]], limit: int = TIMELINE_POINTS) -> l
 
 def measure(workload: Workload, seed: int, grads_path: str) -> dict[str, Any]:
     """Memory, FLOPs, loss and gradients of one training step."""
-    from remat.memory import MemoryTracker
+    from remat.measure.tracker import MemoryTracker
 
     model, device = workload.model, workload.inputs[0].device
     _zero_grads(model)
@@ -237,7 +237,7 @@ class WorkerProcess:
         }
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "remat._bench_worker", json.dumps(spec)],
+                [sys.executable, "-m", "remat.bench.worker", json.dumps(spec)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from remat import _determinism
-from remat._replay import ForwardState, closure_tensors, fresh_caches, snapshot_caches
-from remat._versions import checked_version
+from remat.engine import determinism
+from remat.engine.replay import ForwardState, closure_tensors, fresh_caches, snapshot_caches
+from remat.measure.versions import checked_version
 from remat.errors import CheckpointError
 
 
@@ -139,7 +139,7 @@ class Frame:
         # (call, leaf) of each chained output -> the last call that takes it.
         self.last_use: dict[tuple[int, int], int] = {}
         self.weak_holders: list[weakref.ref[_Holder]] = []
-        self.records: list[_determinism.TensorRecord] = []
+        self.records: list[determinism.TensorRecord] = []
         # Per backward call: handle -> (recomputed tensor, its version when it was saved).
         self.recomputed: defaultdict[
             int, weakref.WeakKeyDictionary[_Handle, tuple[Tensor, int]]
@@ -221,7 +221,7 @@ class Frame:
             pass
         self.is_recomputed[gid] = True
         if not self.ignore_count_mismatch and self.counter[gid] != len(self.weak_holders):
-            raise _determinism.count_error(self.region, len(self.weak_holders), self.counter[gid])
+            raise determinism.count_error(self.region, len(self.weak_holders), self.counter[gid])
 
     def _rerun_calls(self, gid: int) -> None:
         # Outputs a later call takes, each held only until that call has it: as in the
@@ -264,7 +264,7 @@ class _ForwardHooks(torch.autograd.graph.saved_tensors_hooks):
             holder = _Holder()
             frame.weak_holders.append(weakref.ref(holder))
             if frame.check != "none":
-                frame.records.append(_determinism.record(x, frame.check))
+                frame.records.append(determinism.record(x, frame.check))
             return holder
 
         def unpack(holder: _Holder) -> Tensor:
@@ -308,14 +308,14 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
                     # forward is still saving, so counts cannot be compared yet.
                     frame.ignore_count_mismatch = True
                     return x_saved
-                raise _determinism.count_error(frame.region, len(frame.weak_holders), index + 1)
+                raise determinism.count_error(frame.region, len(frame.weak_holders), index + 1)
             holder = frame.weak_holders[index]()
             if holder is not None:  # None: already used by an earlier backward, skip it
                 if frame.check != "none":
                     forward = frame.records[index]
-                    again = _determinism.record(x, frame.check)
+                    again = determinism.record(x, frame.check)
                     if not forward.same_as(again):
-                        raise _determinism.mismatch_error(
+                        raise determinism.mismatch_error(
                             frame.region, "saved tensor", index, forward, again
                         )
                 handle = _Handle()

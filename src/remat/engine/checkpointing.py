@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from remat._determinism import DETERMINISM_CHECKS
-from remat._function_engine import CheckpointFunction, checkpoint_function
-from remat._hooks_engine import Frame
-from remat._replay import ForwardState, describe_fn, reachable_modules
+from remat.engine.determinism import DETERMINISM_CHECKS
+from remat.engine.function import CheckpointFunction, checkpoint_function
+from remat.engine.hooks import Frame
+from remat.engine.replay import ForwardState, describe_fn, reachable_modules
 from remat.errors import CheckpointError
 
 __all__ = ["ENGINES", "CheckpointFunction", "checkpoint", "checkpoint_sequential"]

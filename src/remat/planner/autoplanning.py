@@ -17,23 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._training_call import (
+from remat.measure.training_call import (
     cache_off,
     check_loss_fn,
     default_loss,
     require_train_mode,
     training_call,
 )
-from remat.apply import apply, remove
+from remat.policy.wrapping import apply, remove
 from remat.errors import BudgetError, PlanError
 from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
 from remat.planner import pareto as chain_pareto
 from remat.planner.budget import describe_bytes, looks_like_percent
-from remat.planner.plan import Plan
-from remat.policies import Ops, Recompute, Treatment
-from remat.profile import Profile, _state_kept, default_regions, measure_step_peak
-from remat.profile import profile as make_profile
-from remat.segments import segment_roles
+from remat.planner.problem import Plan
+from remat.policy.treatments import Ops, Recompute, Treatment
+from remat.planner.profiling import Profile, _state_kept, default_regions, measure_step_peak
+from remat.planner.profiling import profile as make_profile
+from remat.policy.segment import segment_roles
 
 __all__ = ["AutoPlan", "apply_plan", "autoplan", "measure_step_peak", "pareto", "plan"]
 

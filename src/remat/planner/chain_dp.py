@@ -54,7 +54,7 @@ from functools import reduce
 from typing import TYPE_CHECKING
 
 from remat.errors import BudgetError
-from remat.planner.plan import (
+from remat.planner.problem import (
     OPS,
     RECOMPUTE,
     STORE,

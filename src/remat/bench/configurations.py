@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.models import MODEL_NAMES, Workload
+from remat.bench.workloads import MODEL_NAMES, Workload
 
 DTYPES = {
     "float32": torch.float32,
@@ -338,7 +338,7 @@ def check_model(name: str) -> None:
     if name in MODEL_NAMES:
         return
     if name.startswith("hf:"):
-        from remat._hf_models import check_arch
+        from remat.bench.hf_workloads import check_arch
 
         check_arch(name[3:])
         return
@@ -354,11 +354,11 @@ def check_sizes(model: str, sizes: dict[str, int]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"size option {name}={value!r} must be a positive integer")
     if model == "gpt":
-        from remat.models import GPTConfig
+        from remat.bench.workloads import GPTConfig
 
         defaults = {"d_model": GPTConfig.d_model, "n_heads": GPTConfig.n_heads}
     elif model.startswith("hf:"):
-        from remat._hf_models import HF_DEFAULT_SIZES as defaults
+        from remat.bench.hf_workloads import HF_DEFAULT_SIZES as defaults
     else:
         if sizes:
             raise ValueError(
@@ -378,12 +378,12 @@ def build_bench_workload(
 ) -> Workload:
     """Build the workload ``remat bench`` runs: a demo model or ``hf:<arch>``."""
     if model.startswith("hf:"):
-        from remat._hf_models import build_hf_workload
+        from remat.bench.hf_workloads import build_hf_workload
 
         return build_hf_workload(
             model[3:], batch=batch, device=device, dtype=DTYPES[dtype], seed=seed, **sizes
         )
-    from remat.models import build_workload
+    from remat.bench.workloads import build_workload
 
     if sizes and model != "gpt":
         raise ValueError(f"size options {sorted(sizes)} apply to gpt and hf:<arch>, not {model!r}")

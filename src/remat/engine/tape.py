@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from remat import _determinism
-from remat._versions import Versioned, modified_error
+from remat.engine import determinism
+from remat.measure.versions import Versioned, modified_error
 from remat.errors import CheckpointError
 
 _DETACH = torch.ops.aten.detach.default
@@ -239,7 +239,7 @@ class _Packed:
 
     __slots__ = ("position", "record", "ref")
 
-    def __init__(self, ref: _Ref, position: int, record: _determinism.TensorRecord | None) -> None:
+    def __init__(self, ref: _Ref, position: int, record: determinism.TensorRecord | None) -> None:
         self.ref = ref
         self.position = position
         self.record = record
@@ -258,7 +258,7 @@ class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
             if check != "none":
                 # Outside the mode: a "values" fingerprint runs ops of its own.
                 with _disable_current_modes():
-                    record = _determinism.record(x, check)
+                    record = determinism.record(x, check)
             return _Packed(entry, len(mode.packed) - 1, record)
 
         def unpack(packed: Any) -> Tensor:
@@ -277,9 +277,9 @@ class _TapeHooks(torch.autograd.graph.saved_tensors_hooks):
                     "the replay engine (remat.ops(..., engine='replay')) for this region."
                 )
             if packed.record is not None:
-                again = _determinism.record(x, check)
+                again = determinism.record(x, check)
                 if not packed.record.same_as(again):
-                    raise _determinism.mismatch_error(
+                    raise determinism.mismatch_error(
                         region, "saved tensor", packed.position, packed.record, again
                     )
             return x

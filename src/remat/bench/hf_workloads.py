@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from remat.models import Workload
+from remat.bench.workloads import Workload
 
 # Small enough for a CPU run in seconds, large enough that activations dominate memory.
 HF_DEFAULT_SIZES = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "vocab_size": 2048}
@@ -23,7 +23,7 @@ HF_DEFAULT_BATCH = 8
 
 def _require_transformers() -> None:
     if importlib.util.find_spec("transformers") is None:
-        from remat._bench_configs import MissingExtraError
+        from remat.bench.configurations import MissingExtraError
 
         raise MissingExtraError("hf:<arch> models need transformers: pip install 'remat[hf]'")
 
@@ -75,7 +75,7 @@ def build_hf_workload(
             overriding :data:`HF_DEFAULT_SIZES`.
 
     Returns:
-        A :class:`~remat.models.Workload` whose blocks are the transformer layers.
+        A :class:`~remat.bench.workloads.Workload` whose blocks are the transformer layers.
 
     Raises:
         MissingExtraError: transformers is not installed.

@@ -350,7 +350,7 @@ class Plan:
 
     def apply(self, model: Any) -> Any:
         """Apply this plan to ``model`` in place (``remat.apply_plan``) and return it."""
-        from remat.planning import apply_plan
+        from remat.planner.autoplanning import apply_plan
 
         return apply_plan(model, self)
 

@@ -31,17 +31,17 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from remat._storage import iter_tensors, unique_storage_bytes
-from remat._tape_engine import writes_to_arguments
-from remat._training_call import (
+from remat.measure.storage import iter_tensors, unique_storage_bytes
+from remat.engine.tape import writes_to_arguments
+from remat.measure.training_call import (
     check_loss_fn,
     default_loss,
     require_train_mode,
     training_call,
 )
 from remat.errors import PlanError
-from remat.memory import MemoryTracker
-from remat.policies import block_lists, draws_random_numbers
+from remat.measure.tracker import MemoryTracker
+from remat.policy.treatments import block_lists, draws_random_numbers
 
 __all__ = ["OpProfile", "Profile", "RegionProfile", "default_regions", "profile"]
 
@@ -229,8 +229,8 @@ def _with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0)
     well-known good ones (keep every matmul, recompute the pointwise ops); they are added
     back by name, unless an option of the menu keeps no more bytes for no more cost.
     """
-    from remat.planner.ops import saving_option
-    from remat.policies import OP_PRESETS
+    from remat.planner.op_menu import saving_option
+    from remat.policy.treatments import OP_PRESETS
 
     options = list(region.options)
     total = float(sum(float(o.recompute_cost) for o in ops))
@@ -602,7 +602,7 @@ def _op_overheads(
     warm-up pairs (it is a few percent of the region's step: a difference of minima was too
     noisy, and a fresh process pays more in its first runs). Regions of one type running the
     same ops are measured once."""
-    from remat.policies import Ops
+    from remat.policy.treatments import Ops
 
     measured: dict[tuple[Any, ...], float] = {}
     out = {}

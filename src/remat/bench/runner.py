@@ -1,6 +1,6 @@
 """``remat bench``: memory, time and FLOPs of checkpointing configurations, side by side.
 
-Each configuration runs in its own worker process (``python -m remat._bench_worker``), so one
+Each configuration runs in its own worker process (``python -m remat.bench.worker``), so one
 configuration's allocations never show up in another's figures. The parent drives the workers
 round-robin over pipes: every worker first measures memory, FLOPs and gradients, then does a
 warm-up step, then ``steps`` rounds in which each worker times one training step. Timing is
@@ -9,7 +9,7 @@ therefore interleaved, and machine noise hits every configuration alike.
 ``none`` is always run: it is the reference for gradients, the time ratio and extra FLOPs.
 
 Example:
-    >>> from remat.bench import BenchOptions, run_bench
+    >>> from remat.bench.runner import BenchOptions, run_bench
     >>> result = run_bench(BenchOptions(model="mlp", batch=64, steps=3))  # doctest: +SKIP
     >>> result.failed  # doctest: +SKIP
     []
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from remat._bench_configs import (
+from remat.bench.configurations import (
     CONFIGS,
     DTYPES,
     BenchConfig,
@@ -42,7 +42,7 @@ from remat._bench_configs import (
     policy_config,
     register_config,
 )
-from remat._bench_worker import WorkerProcess
+from remat.bench.worker import WorkerProcess
 
 __all__ = [
     "CONFIGS",

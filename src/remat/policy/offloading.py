@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from remat._replay import owner_module
-from remat._versions import Versioned
+from remat.engine.replay import owner_module
+from remat.measure.versions import Versioned
 from remat.errors import RematError
-from remat.policies import Treatment
+from remat.policy.treatments import Treatment
 
 __all__ = ["CpuStore", "CudaPinnedStore", "Offload", "OffloadStats", "OffloadStore", "offload"]
 
