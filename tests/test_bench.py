@@ -13,7 +13,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import remat
-from remat.bench.worker import classify, downsample, flop_counter
 from remat.bench.runner import (
     CONFIGS,
     SCHEMA,
@@ -26,6 +25,7 @@ from remat.bench.runner import (
     policy_config,
     run_bench,
 )
+from remat.bench.worker import classify, downsample, flop_counter
 from remat.bench.workloads import build_workload
 
 GOOD = ["tutorial", "tutorial-function", "remat", "all-blocks"]
@@ -268,8 +268,8 @@ def test_cuda_rows_carry_the_allocator_figures():
 
 
 def test_plot_from_json_with_a_crashed_row(mlp_run, tmp_path):
-    from remat.bench.runner import BenchResult
     from remat.bench.plots import plot_bench
+    from remat.bench.runner import BenchResult
 
     doc = json.loads(json.dumps(mlp_run.to_dict()))  # through JSON, as a saved run is
     configs = [ConfigResult(**c) for c in doc["configs"]]

@@ -29,7 +29,8 @@ print(json.dumps({{
     [
         "remat",
         # The command's modules import rich, matplotlib and transformers inside functions.
-        "remat.cli, remat.bench.runner, remat.bench.plots, remat.bench.worker, remat.bench.hf_workloads",
+        "remat.cli, remat.bench.runner, remat.bench.plots, remat.bench.worker, "
+        "remat.bench.hf_workloads",
     ],
 )
 def test_import_is_lean(modules):

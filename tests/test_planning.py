@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
-from remat.engine.checkpointing import run_checkpoint
 from remat.bench.workloads import build_workload
+from remat.engine.checkpointing import run_checkpoint
 from remat.planner.autoplanning import measure_step_peak
 from remat.planner.profiling import Profile
 

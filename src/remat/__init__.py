@@ -5,10 +5,8 @@ errors. Heavy optional dependencies (matplotlib, rich, transformers) are importe
 the modules that need them, never here.
 """
 
-from remat.policy.wrapping import applied, apply, remove
 from remat.engine.checkpointing import CheckpointFunction, checkpoint, checkpoint_sequential
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
-from remat.planner.estimation import EstimateReport, estimate
 from remat.measure.tracker import (
     MemoryTracker,
     SavedActivation,
@@ -16,6 +14,10 @@ from remat.measure.tracker import (
     TimelineEvent,
     saved_activations,
 )
+from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
+from remat.planner.autoplanning import AutoPlan, apply_plan, autoplan, pareto, plan
+from remat.planner.estimation import EstimateReport, estimate
+from remat.planner.profiling import Profile, profile
 from remat.policy.offloading import (
     CpuStore,
     CudaPinnedStore,
@@ -24,8 +26,7 @@ from remat.policy.offloading import (
     OffloadStore,
     offload,
 )
-from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
-from remat.planner.autoplanning import AutoPlan, apply_plan, autoplan, pareto, plan
+from remat.policy.segment import Segments, segments, sqrt
 from remat.policy.treatments import (
     Ops,
     Policy,
@@ -39,8 +40,7 @@ from remat.policy.treatments import (
     recompute,
     where,
 )
-from remat.planner.profiling import Profile, profile
-from remat.policy.segment import Segments, segments, sqrt
+from remat.policy.wrapping import applied, apply, remove
 
 __version__ = "0.1.0"
 

@@ -39,8 +39,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat.engine import determinism
 from remat.engine.replay import ForwardState, closure_tensors, fresh_caches, snapshot_caches
-from remat.measure.versions import checked_version
 from remat.errors import CheckpointError
+from remat.measure.versions import checked_version
 
 
 class _Handle:

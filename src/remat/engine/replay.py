@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from remat.measure.versions import ReadVersions
 from remat.errors import CheckpointError
+from remat.measure.versions import ReadVersions
 
 # Qualified names of modules, filled in by whoever knows the root model (remat.apply), so
 # that errors can say "blocks.3" rather than "Block".

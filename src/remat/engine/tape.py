@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from remat.engine import determinism
-from remat.measure.versions import Versioned, modified_error
 from remat.errors import CheckpointError
+from remat.measure.versions import Versioned, modified_error
 
 _DETACH = torch.ops.aten.detach.default
 

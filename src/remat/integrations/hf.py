@@ -33,7 +33,6 @@ from typing import Any
 from torch import nn
 
 from remat.engine.replay import register_module_names
-from remat.policy.wrapping import EXTERNAL_REGION, wrapped
 from remat.errors import RematError
 from remat.policy.offloading import offload as offload_treatment
 from remat.policy.treatments import (
@@ -45,6 +44,7 @@ from remat.policy.treatments import (
     as_selector,
     recompute,
 )
+from remat.policy.wrapping import EXTERNAL_REGION, wrapped
 
 __all__ = ["HFCheckpointFunction", "disable", "enable", "is_enabled"]
 

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from remat.errors import RematError
 from remat.measure.storage import device_of, iter_tensors, storage_of, tensors_of
 from remat.measure.training_call import training_call
 from remat.measure.versions import Versioned, checked_version
-from remat.errors import RematError
 
 __all__ = [
     "MemoryTracker",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat.errors import BudgetError, PlanError
 from remat.measure.training_call import (
     cache_off,
     check_loss_fn,
@@ -24,16 +25,15 @@ from remat.measure.training_call import (
     require_train_mode,
     training_call,
 )
-from remat.policy.wrapping import apply, remove
-from remat.errors import BudgetError, PlanError
 from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
 from remat.planner import pareto as chain_pareto
 from remat.planner.budget import describe_bytes, looks_like_percent
 from remat.planner.problem import Plan
-from remat.policy.treatments import Ops, Recompute, Treatment
 from remat.planner.profiling import Profile, _state_kept, default_regions, measure_step_peak
 from remat.planner.profiling import profile as make_profile
 from remat.policy.segment import segment_roles
+from remat.policy.treatments import Ops, Recompute, Treatment
+from remat.policy.wrapping import apply, remove
 
 __all__ = ["AutoPlan", "apply_plan", "autoplan", "measure_step_peak", "pareto", "plan"]
 

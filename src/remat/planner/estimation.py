@@ -25,8 +25,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from remat.measure.storage import device_of, iter_tensors, unique_storage_bytes
-from remat.measure.training_call import check_loss_fn, default_loss, training_call
 from remat.measure.tracker import MemoryTracker, TimelineEvent
+from remat.measure.training_call import check_loss_fn, default_loss, training_call
 
 __all__ = ["EstimateReport", "estimate"]
 

@@ -31,16 +31,16 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from remat.measure.storage import iter_tensors, unique_storage_bytes
 from remat.engine.tape import writes_to_arguments
+from remat.errors import PlanError
+from remat.measure.storage import iter_tensors, unique_storage_bytes
+from remat.measure.tracker import MemoryTracker
 from remat.measure.training_call import (
     check_loss_fn,
     default_loss,
     require_train_mode,
     training_call,
 )
-from remat.errors import PlanError
-from remat.measure.tracker import MemoryTracker
 from remat.policy.treatments import block_lists, draws_random_numbers
 
 __all__ = ["OpProfile", "Profile", "RegionProfile", "default_regions", "profile"]

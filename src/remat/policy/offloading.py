@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from remat.engine.replay import owner_module
-from remat.measure.versions import Versioned
 from remat.errors import RematError
+from remat.measure.versions import Versioned
 from remat.policy.treatments import Treatment
 
 __all__ = ["CpuStore", "CudaPinnedStore", "Offload", "OffloadStats", "OffloadStore", "offload"]

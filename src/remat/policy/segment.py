@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.engine.hooks import Frame
 from remat.engine.checkpointing import run_checkpoint
+from remat.engine.hooks import Frame
 from remat.policy.treatments import (
     Policy,
     Recompute,

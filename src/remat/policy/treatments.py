@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat.engine.checkpointing import ENGINES, run_checkpoint
 from remat.engine.determinism import DETERMINISM_CHECKS
 from remat.engine.replay import describe_fn
 from remat.engine.tape import checkpoint_tape
-from remat.engine.checkpointing import ENGINES, run_checkpoint
 
 __all__ = [
     "OP_ENGINES",
