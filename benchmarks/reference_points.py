@@ -36,7 +36,7 @@ from _timing import interleaved_seconds, step_seconds
 import remat
 from remat.bench.workloads import build_workload
 from remat.planner.autoplanning import measure_step_peak
-from remat.planner.profiling import Profile
+from remat.planner.profile_data import Profile
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20

@@ -15,7 +15,7 @@ import remat
 from remat.bench.workloads import build_workload
 from remat.engine.checkpointing import run_checkpoint
 from remat.planner.autoplanning import measure_step_peak
-from remat.planner.profiling import Profile
+from remat.planner.profile_data import Profile
 
 B, T, C = 2, 16, 32
 
@@ -164,7 +164,7 @@ def test_nested_segments_across_containers_are_exact():
 
 
 def test_named_presets_join_a_thinned_menu():
-    from remat.planner.profiling import OpProfile, RegionProfile
+    from remat.planner.profile_data import OpProfile, RegionProfile
 
     ops = (
         OpProfile(name="aten.addmm.default#0", output_bytes=400, cost=5.0),

@@ -17,7 +17,8 @@ from remat.measure.tracker import (
 from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
 from remat.planner.autoplanning import AutoPlan, apply_plan, autoplan, pareto, plan
 from remat.planner.estimation import EstimateReport, estimate
-from remat.planner.profiling import Profile, profile
+from remat.planner.profile_data import Profile
+from remat.planner.profiling import profile
 from remat.policy.offloading import (
     CpuStore,
     CudaPinnedStore,

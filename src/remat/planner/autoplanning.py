@@ -29,8 +29,10 @@ from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
 from remat.planner import pareto as chain_pareto
 from remat.planner.budget import describe_bytes, looks_like_percent
 from remat.planner.problem import Plan
-from remat.planner.profiling import Profile, _state_kept, default_regions, measure_step_peak
+from remat.planner.profile_data import Profile
 from remat.planner.profiling import profile as make_profile
+from remat.planner.regions import default_regions
+from remat.planner.step_memory import measure_step_peak, state_kept
 from remat.policy.segment import segment_roles
 from remat.policy.treatments import Ops, Recompute, Treatment
 from remat.policy.wrapping import apply, remove
@@ -312,7 +314,7 @@ def autoplan(
             target = floor
             continue
         apply_plan(model, chosen)
-        with _state_kept(model), training_call(model):  # nor train BatchNorm statistics
+        with state_kept(model), training_call(model):  # nor train BatchNorm statistics
             measured = measure_step_peak(model, inputs, loss_of, **kwargs)
         least = measured if least is None else min(least, measured)
         if measured <= total:

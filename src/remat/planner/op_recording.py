@@ -1,0 +1,144 @@
+"""What the profiling step records per region: its input and output bytes, what it saves,
+its ops (dispatch mode) and their times, through forward pre/post hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from remat.engine.tape import writes_to_arguments
+from remat.policy.treatments import draws_random_numbers
+
+__all__ = ["OpRecord", "OpRecorder", "post_hook", "pre_hook", "region_flops"]
+
+
+def storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
+    keys: dict[int, int] = {}
+    for t in tree_leaves(tree):
+        if isinstance(t, Tensor):
+            st = t.untyped_storage()
+            if st._cdata not in exclude:
+                keys[st._cdata] = st.nbytes()
+    return set(keys), sum(keys.values())
+
+
+@dataclass(slots=True)
+class OpRecord:
+    """One op call as the recorder sees it (mutable: later ops and saves update it)."""
+
+    name: str
+    output_bytes: int
+    seconds: float
+    output_saved: bool = False  # the region's own autograd nodes save its output
+    saveable: bool = True  # a selective checkpoint may cache its output (see OpRecorder)
+    recomputable: bool = True  # its outputs follow from its arguments (see OpProfile)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Lists the ops each region runs, with their new output bytes, duration, whether the
+    region's own autograd nodes save their output (``mark_saved``), and whether a selective
+    checkpoint may cache it: not for random ops (skipping one in the recomputation would
+    shift the random numbers of the ops after it) nor for in-place ops and the outputs they
+    modify (the cache would hand back a changed tensor)."""
+
+    def __init__(self, current: Callable[[], str | None], timed: bool, sync: Callable[[], None]):
+        super().__init__()
+        self.current, self.timed, self.sync = current, timed, sync
+        self.ops: dict[str, list[OpRecord]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        # storage key -> (region, op record) of the op whose output lives there now. A key
+        # is a storage's address, reused once the storage is freed: only the live storage's
+        # producer may be looked up, which is what a save sees.
+        self.producer: dict[int, tuple[str, OpRecord]] = {}
+
+    def mark_saved(self, key: int, region: str) -> None:
+        """``region`` saves the live storage ``key`` for backward."""
+        found = self.producer.get(key)
+        if found is not None and found[0] == region:
+            found[1].output_saved = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        region = self.current()
+        start = time.perf_counter() if self.timed and region else 0.0
+        out = func(*args, **(kwargs or {}))
+        if region is None:
+            return out
+        if self.timed:
+            self.sync()
+        elapsed = time.perf_counter() - start
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, Tensor)}  # fmt: skip
+        keys, nbytes = storage_bytes(out, inputs)
+        counts = self.counts.setdefault(region, {})
+        k = counts.get(str(func), 0)
+        counts[str(func)] = k + 1
+        mutates = func._schema.is_mutable
+        if mutates:  # whatever it may write to must not come from the cache either
+            for key in inputs:
+                if key in self.producer:
+                    self.producer[key][1].saveable = False
+        random = draws_random_numbers(func, args, kwargs or {})
+        record = OpRecord(
+            f"{func}#{k}",
+            nbytes,
+            elapsed,
+            saveable=not (mutates or random),
+            recomputable=not (random or writes_to_arguments(func)),
+        )
+        self.ops.setdefault(region, []).append(record)
+        self.producer.update(dict.fromkeys(keys, (region, record)))
+        return out
+
+
+def pre_hook(name, stack, records, exclude, sync):
+    def hook(module, args, kwargs):
+        sync()
+        rec = records[name]
+        if "call" not in rec:  # bytes come from the first (profiled) call; later ones are timed
+            rec["call"] = (args, kwargs)  # replayed alone for the transient
+            rec["input"] = storage_bytes((args, kwargs), exclude)
+            rec["input_sizes"] = {
+                t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
+            }  # fmt: skip
+            rec["input_versions"] = [
+                (t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
+            ]
+        rec["start"] = time.perf_counter()
+        stack.append(name)
+
+    return hook
+
+
+def post_hook(name, stack, records, exclude, sync):
+    def hook(module, args, output):
+        sync()
+        rec = records[name]
+        rec["times"].append(time.perf_counter() - rec["start"])
+        rec.setdefault("output", storage_bytes(output, exclude))
+        versions = rec.pop("input_versions", ())
+        if any(t._version != v for t, v in versions):  # checkpointing it would raise
+            rec["writes_input"] = True
+        if stack and stack[-1] == name:
+            stack.pop()
+
+    return hook
+
+
+def region_flops(model, chosen, inputs, kwargs) -> dict[str, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs, **kwargs)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    return {name: sum(counts.get(f"{prefix}.{name}", {}).values()) for name, _ in chosen}

@@ -1,0 +1,220 @@
+"""What a profile is: per region (and per op inside it) cost and bytes, and its chain.
+
+``Profile`` is plain data with a JSON round-trip; ``Profile.to_chain()`` turns it into the
+planner's problem, with each region's op-level menu on the engine its plans use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+__all__ = ["OP_ENGINE_CHOICES", "OpProfile", "Profile", "RegionProfile", "op_engine"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpProfile:
+    """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region;
+    ``output_saved``: autograd saves its output for backward (see ``planner.Op``);
+    ``saveable``: a selective checkpoint may keep its output (not a random op, an in-place
+    op or an output that an in-place op changes later); ``recomputable``: its outputs
+    follow from its arguments alone (not a random op nor one that writes to an argument,
+    such as batch norm's running statistics), which the tape engine needs."""
+
+    name: str
+    output_bytes: int
+    cost: float
+    output_saved: bool = True
+    saveable: bool = True
+    recomputable: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegionProfile:
+    """What the planner needs to know about one region (bytes are unique storages).
+
+    Attributes:
+        name: the module's qualified name.
+        type: its class name.
+        cost: forward cost (seconds, or FLOPs + bytes on meta; see ``Profile.cost_unit``).
+        flops: forward FLOPs.
+        input_bytes: its tensor inputs (kept when it is checkpointed).
+        saved_bytes: what autograd keeps for its backward when it runs normally, its input
+            included when something saves it (``input_saved``).
+        output_bytes: its output.
+        transient_bytes: the most it allocates beyond its saved activations and output while
+            it runs forward or backward on its own (gradients in flight, workspaces), with
+            the parameter gradients live during its backward.
+        ops: its ops, in call order.
+        input_saved: whether its input is saved for backward (see ``planner.Region``).
+        forward_transient_bytes: the part of ``transient_bytes`` reached in its forward.
+        recompute_ops: how many of ``ops`` a recomputation runs: those before the last
+            tensor autograd saves in the region (``None``: all). A Linear's input is saved
+            before it runs, so a block ending in a Linear and a residual add stops before
+            both (the early stop of remat's checkpoint).
+        op_overhead: what op-level checkpointing costs the region beyond the ops it
+            recomputes, measured with every op saved on the engine its plans use (see
+            ``Profile.op_engines``; 0 on meta): the replay engine's dispatch modes see
+            every op in the forward and again in the recomputation, which also reruns the
+            Python forward; the tape engine records every op in the forward.
+        store_only: why the region cannot be recomputed from its input (``""``: it can):
+            ``"writes its input in place"`` for an ``nn.ReLU(inplace=True)`` region, whose
+            recomputation would start from the written input (``planner.Region``). Its
+            op-level options run on the tape, which copies what it holds before a write.
+    """
+
+    name: str
+    type: str
+    cost: float
+    flops: int
+    input_bytes: int
+    saved_bytes: int
+    output_bytes: int
+    transient_bytes: int = 0
+    ops: tuple[OpProfile, ...] = ()
+    input_saved: bool = True
+    forward_transient_bytes: int | None = None
+    recompute_ops: int | None = None
+    op_overhead: float = 0.0
+    store_only: str = ""
+
+    @property
+    def rerun_ops(self) -> tuple[OpProfile, ...]:
+        """The ops a recomputation of the region runs."""
+        return self.ops if self.recompute_ops is None else self.ops[: self.recompute_ops]
+
+    def to_region(self) -> Any:
+        """The planner's ``Region`` (no op-level options)."""
+        from remat.planner import Region
+
+        rerun = None
+        if self.recompute_ops is not None and self.ops:
+            rerun = min(self.cost, sum(o.cost for o in self.rerun_ops))
+
+        return Region(
+            name=self.name,
+            fwd_cost=self.cost,
+            input_bytes=self.input_bytes,
+            saved_bytes=self.saved_bytes,
+            output_bytes=self.output_bytes,
+            transient_bytes=self.transient_bytes,
+            input_saved=self.input_saved,
+            forward_transient_bytes=self.forward_transient_bytes,
+            recompute_cost=rerun,
+            store_only=self.store_only,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """Per-region profile of one training step of a model.
+
+    Attributes:
+        regions: the candidate regions, in the order the forward runs them.
+        cost_unit: ``"seconds"`` or ``"flops+bytes"`` (meta device).
+        device: where it was measured.
+        step_peak_bytes: the un-checkpointed training step's peak, new bytes only
+            (parameters and inputs excluded): what budgets in percent refer to.
+        outside_bytes: the part of that peak the chain model does not explain; planning
+            subtracts it from the budget.
+        forward_cost: the whole model's forward cost, for relative overheads.
+        tail_bytes: what the model adds after the chain (head, loss and their backward) on
+            top of what the chain holds then, measured between the last region's forward
+            and its backward (``planner.Chain.tail_bytes``).
+        op_engines: the engines its op-level options run on (``remat.profile``'s
+            ``op_engines``: ``"auto"`` or ``"replay"``).
+    """
+
+    regions: tuple[RegionProfile, ...]
+    cost_unit: str
+    device: str
+    step_peak_bytes: int
+    outside_bytes: int
+    forward_cost: float
+    tail_bytes: int = 0
+    op_engines: str = "auto"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
+        """The planner's problem for these regions (op-level menus when ``op_options``)."""
+        from remat.planner import Chain, Op, with_ops
+
+        regions = []
+        for r in self.regions:
+            region = r.to_region()
+            ops = [
+                Op(name=o.name, output_bytes=o.output_bytes, recompute_cost=o.cost,
+                   output_saved=o.output_saved)
+                for o in r.rerun_ops if o.output_bytes > 0 and o.saveable
+            ]  # fmt: skip
+            if op_options and ops:
+                overhead = r.op_overhead
+                region = with_ops(region, ops, max_options=max_options, overhead=overhead)
+                region = with_preset_options(region, ops, overhead)
+                # A region that writes its input runs op-level on the tape only: the
+                # replay reruns it from the written input.
+                engine = "tape" if r.store_only else op_engine(r.ops, self.op_engines)
+                region = on_engine(region, engine)
+            regions.append(region)
+        return Chain(regions, tail_bytes=self.tail_bytes)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(asdict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        data = json.loads(text)
+        regions = tuple(
+            RegionProfile(**{**r, "ops": tuple(OpProfile(**o) for o in r["ops"])})
+            for r in data.pop("regions")
+        )
+        return cls(regions=regions, **data)
+
+
+OP_ENGINE_CHOICES = ("auto", "replay")
+
+
+def op_engine(ops: Sequence[Any], choice: str = "auto") -> str:
+    """The op-level engine a region's plans use. ``"auto"``: ``"tape"`` (no replay, less
+    fixed cost) when every op of the region may be recomputed from its arguments,
+    ``"replay"`` when it has a random or in-place op, whose outputs the tape would keep
+    beyond the menu's bytes. ``"replay"``: always the replay."""
+    if choice == "auto" and ops and all(o.saveable and o.recomputable for o in ops):
+        return "tape"
+    return "replay"
+
+
+def on_engine(region: Any, engine: str) -> Any:
+    return replace(region, options=tuple(replace(o, engine=engine) for o in region.options))
+
+
+def with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) -> Any:
+    """Add the named op presets (``"save-matmuls"``...) to a region's menu.
+
+    The knapsack menu is thinned to a few options spread over memory, which can drop the
+    well-known good ones (keep every matmul, recompute the pointwise ops); they are added
+    back by name, unless an option of the menu keeps no more bytes for no more cost.
+    """
+    from remat.planner.op_menu import saving_option
+    from remat.policy.treatments import OP_PRESETS
+
+    options = list(region.options)
+    total = float(sum(float(o.recompute_cost) for o in ops))
+    for preset, names in OP_PRESETS.items():
+        saved = [o for o in ops if o.name.split("#")[0].split(".")[1] in names]
+        if not saved:
+            continue
+        new = saving_option(
+            preset, saved, input_bytes=region.input_bytes, total_cost=total, overhead=overhead
+        )
+        kept, cost = new.kept_bytes, new.recompute_cost
+        inside = (
+            region.input_bytes <= kept < region.saved_with_input_bytes
+            and 0 < cost < region.rerun_cost
+        )
+        dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
+        if inside and not dominated:
+            options.append(new)
+    return replace(region, options=tuple(options))

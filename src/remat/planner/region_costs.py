@@ -1,0 +1,155 @@
+"""A region run alone, forward and backward: its transient bytes, and the fixed cost of
+op-level checkpointing on it (measured against the region run plainly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from remat.measure.tracker import MemoryTracker
+from remat.planner.op_recording import OpRecord
+from remat.planner.profile_data import op_engine
+
+__all__ = ["op_overheads", "transient_bytes"]
+
+
+_WARM_UP_PAIRS = 3
+
+
+# The tape's overhead is about 1 ms in a GPT block step of 65 ms that varies by 2-3 ms;
+# with 6 pairs, two profiles read it as 0.7 and 1.3 ms.
+_MEASURED_PAIRS = 15
+
+
+def op_overheads(
+    chosen: Sequence[tuple[str, nn.Module]],
+    records: dict[str, dict[str, Any]],
+    ops: dict[str, list[OpRecord]],
+    sync: Callable[[], None],
+    repeats: int,
+    op_engines: str = "auto",
+) -> dict[str, float]:
+    """Per region, what op-level checkpointing adds to a training step beyond recomputing
+    ops: the region run with every cacheable op's output saved on the engine its plans use
+    (so little is recomputed; the replay engine dispatches the ops twice and replays the
+    Python forward, the tape records every op) against the region run
+    plainly, forward and backward, as the median difference of alternating runs after a few
+    warm-up pairs (it is a few percent of the region's step: a difference of minima was too
+    noisy, and a fresh process pays more in its first runs). Regions of one type running the
+    same ops are measured once."""
+    from remat.policy.treatments import Ops
+
+    measured: dict[tuple[Any, ...], float] = {}
+    out = {}
+    for name, module in chosen:
+        region_ops = ops.get(name, ())
+        key = (type(module), tuple(o.name for o in region_ops))
+        writes_input = records[name].get("writes_input", False)
+        key = (*key, writes_input)
+        if region_ops and key not in measured:
+            treatment = Ops(
+                save_calls=frozenset(o.name for o in region_ops if o.saveable),
+                engine="tape" if writes_input else op_engine(region_ops, op_engines),
+            )
+            call = records[name]["call"]
+            differences = []
+            with own_gradients(module):
+                for i in range(_WARM_UP_PAIRS + max(_MEASURED_PAIRS, 2 * repeats)):
+                    plain = step_seconds(module, *call, None, sync)
+                    op_level = step_seconds(module, *call, treatment, sync)
+                    if i >= _WARM_UP_PAIRS:
+                        differences.append(op_level - plain)
+            measured[key] = max(0.0, statistics.median(differences))
+        out[name] = measured.get(key, 0.0)
+    return out
+
+
+def step_seconds(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    treatment: Any,
+    sync: Callable[[], None],
+) -> float:
+    """One forward and backward pass of ``module`` alone (under ``treatment`` if given);
+    the parameters' gradients are dropped afterwards."""
+    a, k = fresh_inputs(args, kwargs)
+    sync()
+    start = time.perf_counter()
+    out = module(*a, **k) if treatment is None else treatment.run(module, a, k)
+    outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+    if outs:
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    sync()
+    seconds = time.perf_counter() - start
+    for p in module.parameters():
+        p.grad = None
+    return seconds
+
+
+def transient_bytes(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, int]:
+    """Run the region alone, forward and backward, and return what it allocates on top of
+    its saved activations and output: (the forward's excess over what it keeps, the larger
+    of that and the backward's excess over what is live when it starts)."""
+    args, kwargs = fresh_inputs(args, kwargs)
+    # The region's own parameter gradients appear during its backward as in the real step
+    # (the later regions' ones are added by with_gradient_bytes). The parameters must keep
+    # requiring grad: without, a Linear saves no input and runs a smaller graph.
+    with own_gradients(module):
+        return excess_bytes(module, args, kwargs)
+
+
+@contextlib.contextmanager
+def own_gradients(module: nn.Module) -> Iterator[list[Tensor]]:
+    """Run the module's backward alone: its parameters' gradients start at ``None`` and
+    are put back afterwards. Yields the trainable parameters."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    stashed = [p.grad for p in trainable]
+    for p in trainable:
+        p.grad = None
+    try:
+        yield trainable
+    finally:
+        for p, g in zip(trainable, stashed):
+            p.grad = g
+
+
+def fresh_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A region's recorded inputs cut from the model's graph, to run the region alone."""
+    from torch.utils._pytree import tree_map
+
+    def fresh(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad:
+            # Not a leaf, as in the model: a region may write its input in place (an
+            # in-place ReLU), which a leaf that requires grad refuses.
+            return t.detach().requires_grad_(True).clone()
+        return t.detach() if isinstance(t, Tensor) else t
+
+    return tree_map(fresh, (args, kwargs))
+
+
+def excess_bytes(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, int]:
+
+    with MemoryTracker(timeline=False) as tracker:
+        out = module(*args, **kwargs)
+        after_forward = tracker.current_bytes
+        forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
+        outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+        grads = [torch.ones_like(t) for t in outs]
+        before_backward = tracker.current_bytes
+        if outs:
+            torch.autograd.backward(outs, grads)
+    backward_excess = tracker.peak_by_phase["backward"] - before_backward
+    return max(0, forward_excess), max(0, forward_excess, backward_excess)
