@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import remat
 from remat.bench.workloads import build_workload
 from remat.engine.checkpointing import run_checkpoint
-from remat.planner.autoplanning import measure_step_peak
 from remat.planner.profile_data import Profile
+from remat.planner.step_memory import measure_step_peak
 
 B, T, C = 2, 16, 32
 
@@ -98,7 +98,7 @@ def test_plan_predicts_within_budget_and_apply_plan_is_exact():
     prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
     plan = remat.plan(prof, "60%")
     assert plan.predicted_peak_bytes <= plan.budget_bytes
-    assert plan.apply(workload.model) is workload.model  # remat.apply_plan
+    assert remat.apply_plan(workload.model, plan) is workload.model
     assert set(remat.applied(workload.model)) <= {r.name for r in plan.regions}
     assert_same_gradients(workload, reference)
 
@@ -158,7 +158,7 @@ def test_nested_segments_across_containers_are_exact():
     choices = ["store"] * len(regions)
     choices[3] = choices[7] = "recompute"
     plan = plan_from_choices(chain, choices, [(0, 6), (0, 3), (3, 5), (7, 9)])
-    plan.apply(workload.model)
+    remat.apply_plan(workload.model, plan)
     assert remat.applied(workload.model)["block1.3"] == "segment+segment+recompute"
     assert_same_gradients(workload, reference)
 
@@ -229,7 +229,7 @@ def test_mlp_layer_plans_are_predicted_to_the_byte():
     torch.manual_seed(0)
     reference.loss().backward()
     for p in front:
-        p.apply(workload.model)
+        remat.apply_plan(workload.model, p)
         assert measure_step_peak(workload.model, workload.inputs, loss) == p.predicted_peak_bytes
         torch.manual_seed(0)
         workload.loss().backward()
@@ -282,7 +282,7 @@ def test_gpt_plans_are_predicted_to_the_byte():
         )
         assert len(front) >= 3
         for p in front:
-            p.apply(workload.model)
+            remat.apply_plan(workload.model, p)
             measured = measure_step_peak(workload.model, workload.inputs, loss)
             remat.remove(workload.model)
             assert measured <= p.predicted_peak_bytes + slack, p
@@ -447,7 +447,7 @@ def test_op_level_plans_run_on_the_tape_where_every_op_is_recomputable():
     """The tape engine keeps the outputs of random ops and of ops that write to a tensor
     (batch norm's statistics), which the op menus count as recomputed: regions with such
     ops plan on the replay engine, the others on the tape."""
-    from remat.planner.autoplanning import plan_assignments
+    from remat.planner.plan_roles import plan_assignments
 
     def engines(workload, **options):
         prof = remat.profile(workload.model, *workload.inputs, **options)

@@ -15,8 +15,10 @@ from remat.measure.tracker import (
     saved_activations,
 )
 from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
-from remat.planner.autoplanning import AutoPlan, apply_plan, autoplan, pareto, plan
+from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
+from remat.planner.plan_for_budget import pareto, plan
+from remat.planner.plan_roles import apply_plan
 from remat.planner.profile_data import Profile
 from remat.planner.profiling import profile
 from remat.policy.offloading import (

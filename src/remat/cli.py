@@ -292,7 +292,7 @@ def _plan(args: argparse.Namespace) -> int:
         check_sizes,
     )
     from remat.bench.runner import resolve_device
-    from remat.planner.autoplanning import measure_step_peak
+    from remat.planner.step_memory import measure_step_peak
 
     sizes = _sizes(args)
     try:  # everything that can be checked before the profile's minutes

@@ -1,24 +1,21 @@
 """The planner: pure functions from a chain of regions and a memory budget to a ``Plan``.
 
 ``plan_chain(chain, budget, solver=...)`` is the entry point; ``pareto(chain)`` gives the
-whole memory/compute frontier. The memory model is documented in ``planner/chain.py``.
+whole memory/compute frontier. The memory model is documented in ``planner/memory_model.py``.
+The stage's other modules work on models: profiling, planning a profile, applying a plan,
+autoplan and estimate (imported from their modules, not here: this package's top level
+stays free of torch models).
 """
 
 from __future__ import annotations
 
 from remat.planner.budget import parse_budget
-from remat.planner.chain_dp import (
-    evaluate,
-    min_peak_bytes,
-    pareto,
-    plan_from_choices,
-    simulate,
-    solve_chain,
-    store_all_peak,
-)
+from remat.planner.chain_dp import min_peak_bytes, pareto, solve_chain, store_all_peak
 from remat.planner.heuristics import every_n_plan, greedy_plan, sqrt_plan
+from remat.planner.memory_model import evaluate, plan_from_choices, simulate
 from remat.planner.op_menu import Op, knapsack_dp, knapsack_milp, solve_ops, with_ops
-from remat.planner.problem import Chain, Plan, Region, RegionOption, RegionPlan
+from remat.planner.problem import Chain, Region, RegionOption
+from remat.planner.solution import Plan, RegionPlan
 
 __all__ = [
     # problem

@@ -1,31 +1,5 @@
-"""The memory model, and the optimal planner for a chain of regions (Rotor-style DP).
-
-Memory model. Bytes are counted on top of whatever lives outside the chain (parameters, the
-loss). A plan is a sequence of *items*: a region with one of its options (``leaf``), or a
-segment of two or more regions checkpointed as one unit whose inside is again a sequence of
-items (Rotor's recursion; in PyTorch terms a nested ``checkpoint``). A sequence runs as:
-
-* forward, item by item, with ``K`` = bytes held by the items before:
-  a leaf ``i`` with option ``o`` peaks at ``K + kept(o) + out_i + tr_i`` and then holds
-  ``kept(o)``; a segment ``[a, b)`` runs its regions without saving anything, region ``j``
-  peaking at ``K + in_a + [j > a] in_j + out_j + tr_j``, and then holds ``in_a``;
-* backward, items in reverse, ``K`` = bytes held by the items before: a leaf ``i`` first
-  recomputes whatever its option did not keep, so whatever the option it peaks at
-  ``K + saved_i + out_i + tr_i`` (its ``backward_bytes``) and frees everything;
-  a segment reruns its inner sequence (forward then backward) on top of ``K``; its input,
-  held by the checkpoint, is the same storage as its first region's input, counted there.
-
-A region whose input nothing saves (``input_saved=False``: a ReLU keeps its output, not
-its input) leaves the input out of its saved bytes. Storing it keeps only those; its input
-is live during its forward, and in its backward only when a checkpoint holds it: when it
-runs with recompute or an op-level option (its own checkpoint), or when it heads a segment
-being rerun ("held" below). Its forward can then peak above its backward.
-
-So the peak is mostly reached in backward, while some region's saved activations are live
-(recomputed or not) together with everything held for the regions before it. The extra cost
-counts each leaf's ``recompute_cost`` once per run of its backward, and the regions of a
-segment once more per segment enclosing them. ``simulate`` follows these rules literally;
-the dynamic program below is derived from them and tested against exhaustive search.
+"""The optimal planner for a chain of regions (Rotor-style DP), under the memory model of
+:mod:`remat.planner.memory_model`.
 
 The DP (Beaumont et al., "Optimal checkpointing for heterogeneous chains", 2019): with
 ``C(s, t, m)`` the least extra cost to run sub-chain ``[s, t)`` forward and backward within
@@ -48,211 +22,28 @@ optimal for the rounded problem. When all sizes share a divisor that gives few e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import replace
 from functools import reduce
 from typing import TYPE_CHECKING
 
 from remat.errors import BudgetError
-from remat.planner.problem import (
-    OPS,
-    RECOMPUTE,
-    STORE,
-    Chain,
-    Plan,
-    Region,
-    RegionOption,
-    RegionPlan,
-    check_segments,
-    option_index,
-)
+from remat.planner.memory_model import items_to_plan, leaf_bytes, plan_from_choices, simulate
+from remat.planner.problem import Chain, Region
+from remat.planner.solution import Plan
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = [
-    "discretize",
-    "evaluate",
-    "min_peak_bytes",
-    "pareto",
-    "plan_from_choices",
-    "simulate",
-    "solve_chain",
-    "store_all_peak",
-]
 
-Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
+__all__ = ["discretize", "min_peak_bytes", "pareto", "solve_chain", "store_all_peak"]
+
+
 _MAX_TABLE = 25_000_000  # float64 cells of the nested DP table (200 MB)
 _NESTED_WORK = 5e8  # cell updates of the nested DP: about a second of numpy here
 _NESTED_SLOTS = 4000
+
+
 _FLAT_SLOTS = 20_000
-
-
-# ----------------------------------------------------------------------------- memory model
-def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tuple[int, int, int]:
-    """(bytes kept until its backward, forward peak, backward peak) of ``region`` run with
-    ``option`` on top of what is live; ``held``: a checkpoint around it holds its input."""
-    spare = 0 if region.input_saved else region.input_bytes  # the input, when nothing saves it
-    run = region.output_bytes + region.forward_extra_bytes
-    if option.kind == STORE:
-        extra = spare if held else 0
-        return (
-            option.kept_bytes + extra,
-            option.kept_bytes + spare + run,
-            region.backward_bytes + extra,
-        )
-    # Its own checkpoint holds the input (counted in kept) until its backward is done.
-    bwd = region.backward_bytes + spare + option.backward_extra_bytes
-    return option.kept_bytes, option.kept_bytes + run, bwd
-
-
-def simulate(
-    chain: Chain, items: Sequence[Item], base: int = 0, held: bool = False, tail: int | None = None
-) -> tuple[int, float]:
-    """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes
-    (``held``: a checkpoint holds the input of the first item, as in a segment's rerun;
-    ``tail``: bytes added between the forward and the backward, default the chain's
-    ``tail_bytes``; a segment's rerun has none)."""
-    if tail is None:
-        tail = chain.tail_bytes
-    regs = chain.regions
-    live, peak, cost, kept, needs = base, base, 0.0, [], []
-    for pos, it in enumerate(items):  # forward
-        if it[0] == "leaf":
-            r = regs[it[1]]
-            h, fwd, bwd = leaf_bytes(r, r.menu()[it[2]], held and pos == 0)
-            peak = max(peak, live + fwd)
-            needs.append(bwd)
-        else:
-            a, b = it[1], it[2]
-            for j in range(a, b):
-                r = regs[j]
-                extra = r.input_bytes if j > a else 0
-                peak = max(
-                    peak,
-                    live + regs[a].input_bytes + extra + r.output_bytes + r.forward_extra_bytes,
-                )
-                cost += r.fwd_cost
-            h = regs[a].input_bytes
-            needs.append(0)
-        live += h
-        kept.append(h)
-    peak = max(peak, live + tail)
-    for it, h, bwd in zip(reversed(items), reversed(kept), reversed(needs)):  # backward
-        live -= h
-        if it[0] == "leaf":
-            peak = max(peak, live + bwd)
-            cost += regs[it[1]].menu()[it[2]].recompute_cost
-        else:
-            p, c = simulate(chain, it[3], live, held=True, tail=0)
-            peak, cost = max(peak, p), cost + c
-    return peak, cost
-
-
-def _tree(choices: Sequence[int], segs: Sequence[tuple[int, int]], lo: int, hi: int) -> list:
-    items: list = []
-    i = lo
-    while i < hi:
-        inner = [b for a, b in segs if a == i and b <= hi and (a, b) != (lo, hi)]
-        if inner:
-            b = max(inner)
-            items.append(("seg", i, b, _tree(choices, segs, i, b)))
-            i = b
-        else:
-            items.append(("leaf", i, choices[i]))
-            i += 1
-    return items
-
-
-def _flatten(items: Sequence[Item], choices: list, segs: list) -> None:
-    for it in items:
-        if it[0] == "leaf":
-            choices[it[1]] = it[2]
-        else:
-            segs.append((it[1], it[2]))
-            _flatten(it[3], choices, segs)
-
-
-def plan_from_choices(
-    chain: Chain,
-    choices: Sequence[int | str],
-    segments: Sequence[tuple[int, int]] = (),
-    *,
-    budget_bytes: int | None = None,
-    solver: str = "manual",
-    resolution_bytes: int | None = None,
-) -> Plan:
-    """Build a ``Plan`` (with its predicted peak and extra cost) from per-region options.
-
-    Args:
-        chain: the problem.
-        choices: per region, an option name or index into ``region.menu()``.
-        segments: multi-region checkpointed segments ``(start, stop)``, properly nested.
-        budget_bytes, solver, resolution_bytes: recorded in the plan.
-    """
-    n = len(chain)
-    if len(choices) != n:
-        raise ValueError(f"choices: expected {n} entries (one per region), got {len(choices)}")
-    idx = [
-        option_index(r, c) if isinstance(c, str) else int(c) for r, c in zip(chain.regions, choices)
-    ]
-    for r, k in zip(chain.regions, idx):
-        if not 0 <= k < len(r.menu()):
-            raise ValueError(f"choices: region {r.name!r} has no option index {k}")
-    segs = check_segments(n, segments)
-    for a, b in segs:
-        if chain.regions[a].store_only:
-            raise ValueError(
-                f"segments: ({a}, {b}) starts with region {chain.regions[a].name!r}, which "
-                f"cannot be recomputed from its input ({chain.regions[a].store_only})"
-            )
-    peak, cost = simulate(chain, _tree(idx, segs, 0, n))
-    rows = []
-    for i, (r, k) in enumerate(zip(chain.regions, idx)):
-        o = r.menu()[k]
-        action = {STORE: STORE, RECOMPUTE: RECOMPUTE, OPS: OPS}[o.kind]
-        depth = sum(a <= i < b for a, b in segs)
-        rows.append(
-            RegionPlan(
-                name=r.name,
-                action=action,
-                option=o.name,
-                kept_bytes=o.kept_bytes,
-                recompute_cost=o.recompute_cost,
-                save_ops=o.save_ops,
-                depth=depth,
-                engine=o.engine,
-                note=r.store_only,
-            )
-        )
-    return Plan(
-        regions=tuple(rows),
-        segments=segs,
-        predicted_peak_bytes=peak,
-        extra_cost=cost,
-        forward_cost=chain.forward_cost,
-        budget_bytes=budget_bytes,
-        solver=solver,
-        resolution_bytes=resolution_bytes,
-    )
-
-
-def evaluate(chain: Chain, plan: Plan) -> tuple[int, float]:
-    """Re-predict a plan's (peak bytes, extra cost) on ``chain``, e.g. after ``from_json``."""
-    if [r.name for r in chain.regions] != [r.name for r in plan.regions]:
-        raise ValueError("plan: its regions do not match the chain's (names or order differ)")
-    if any(r.action == "offload" for r in plan.regions):
-        raise NotImplementedError("offload is not in the memory model yet")
-    idx = [option_index(r, p.option) for r, p in zip(chain.regions, plan.regions)]
-    segs = check_segments(len(chain), plan.segments)
-    return simulate(chain, _tree(idx, segs, 0, len(chain)))
-
-
-def _items_to_plan(chain: Chain, items, **kw) -> Plan:
-    choices: list = [0] * len(chain)
-    segs: list = []
-    _flatten(items, choices, segs)
-    return plan_from_choices(chain, choices, segs, **kw)
 
 
 # ----------------------------------------------------------------------------- discretisation
@@ -568,7 +359,7 @@ def solve_chain(
             runs.append(False)
         if np.isfinite(C[0, n if nest else 0, -1]):
             items = _reconstruct(q, C, H, C.shape[-1] - 1, nest)
-            candidates.append(_items_to_plan(chain, items, resolution_bytes=r, **kw))
+            candidates.append(items_to_plan(chain, items, resolution_bytes=r, **kw))
     if candidates:
         return min(candidates, key=lambda p: p.extra_cost)  # stable: nested wins ties
     least, items = _min_peak(chain, nested)
@@ -578,7 +369,7 @@ def solve_chain(
             min_feasible_bytes=least,
         )
     # Fits in bytes but not once rounded to the resolution: the least-memory plan fits.
-    return _items_to_plan(chain, items, solver="chain(min-memory)", budget_bytes=budget)
+    return items_to_plan(chain, items, solver="chain(min-memory)", budget_bytes=budget)
 
 
 def pareto(
@@ -598,7 +389,7 @@ def pareto(
     n = len(chain)
     top = store_all_peak(chain)
     plans = [
-        _items_to_plan(chain, _min_peak(chain, nested)[1], solver="chain", budget_bytes=None),
+        items_to_plan(chain, _min_peak(chain, nested)[1], solver="chain", budget_bytes=None),
         # store-all, which a rounded table can miss (sizes round up, the budget down)
         plan_from_choices(chain, [0] * n, solver="chain"),
     ]
@@ -615,7 +406,7 @@ def pareto(
                 prev = costs[m]
                 items = _reconstruct(q, C, H, m, nest)
                 plans.append(
-                    _items_to_plan(
+                    items_to_plan(
                         chain, items, solver="chain", budget_bytes=None, resolution_bytes=r
                     )
                 )

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 from remat.errors import BudgetError
-from remat.planner.chain_dp import plan_from_choices, simulate
-from remat.planner.problem import Chain, Plan
+from remat.planner.memory_model import plan_from_choices, simulate
+from remat.planner.problem import Chain
+from remat.planner.solution import Plan
 
 __all__ = ["every_n_plan", "greedy_plan", "sqrt_plan"]
 

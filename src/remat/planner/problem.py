@@ -9,25 +9,34 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from remat.errors import PlanError
+__all__ = [
+    "ACTIONS",
+    "Chain",
+    "Region",
+    "RegionOption",
+    "check_bytes",
+    "check_cost",
+    "option_index",
+]
 
-__all__ = ["ACTIONS", "Chain", "Plan", "Region", "RegionOption", "RegionPlan"]
 
 # What a region does with its activations between its forward and its backward.
 STORE, RECOMPUTE, OPS, OFFLOAD = "store", "recompute", "ops", "offload"
+
+
 ACTIONS = (STORE, RECOMPUTE, OPS, OFFLOAD)  # offload is reserved: no solver emits it yet
 
 
-def _check_bytes(owner: str, name: str, value: Any) -> None:
+def check_bytes(owner: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{owner}: {name} must be a non-negative int of bytes, got {value!r}")
 
 
-def _check_cost(owner: str, name: str, value: Any) -> None:
+def check_cost(owner: str, name: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value < 0:
         raise ValueError(f"{owner}: {name} must be a finite non-negative number, got {value!r}")
@@ -64,9 +73,9 @@ class RegionOption:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RegionOption: name must be a non-empty str, got {self.name!r}")
-        _check_bytes(f"option {self.name!r}", "kept_bytes", self.kept_bytes)
-        _check_cost(f"option {self.name!r}", "recompute_cost", self.recompute_cost)
-        _check_bytes(f"option {self.name!r}", "backward_extra_bytes", self.backward_extra_bytes)
+        check_bytes(f"option {self.name!r}", "kept_bytes", self.kept_bytes)
+        check_cost(f"option {self.name!r}", "recompute_cost", self.recompute_cost)
+        check_bytes(f"option {self.name!r}", "backward_extra_bytes", self.backward_extra_bytes)
         if self.kind not in (STORE, RECOMPUTE, OPS):
             raise ValueError(f"option {self.name!r}: kind must be store/recompute/ops")
         if self.engine not in ("replay", "tape"):
@@ -127,18 +136,18 @@ class Region:
         if not isinstance(self.store_only, str):
             raise ValueError(f"{owner}: store_only must be a str, got {self.store_only!r}")
 
-        _check_cost(owner, "fwd_cost", self.fwd_cost)
+        check_cost(owner, "fwd_cost", self.fwd_cost)
         if self.recompute_cost is not None:
-            _check_cost(owner, "recompute_cost", self.recompute_cost)
+            check_cost(owner, "recompute_cost", self.recompute_cost)
             if self.recompute_cost > self.fwd_cost:
                 raise ValueError(
                     f"{owner}: recompute_cost ({self.recompute_cost}) is more than the forward "
                     f"it reruns (fwd_cost={self.fwd_cost})"
                 )
         for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
-            _check_bytes(owner, attr, getattr(self, attr))
+            check_bytes(owner, attr, getattr(self, attr))
         if self.forward_transient_bytes is not None:
-            _check_bytes(owner, "forward_transient_bytes", self.forward_transient_bytes)
+            check_bytes(owner, "forward_transient_bytes", self.forward_transient_bytes)
         if not isinstance(self.input_saved, bool):
             raise ValueError(f"{owner}: input_saved must be a bool, got {self.input_saved!r}")
         if self.input_saved and self.saved_bytes < self.input_bytes:
@@ -215,7 +224,7 @@ class Chain:
     tail_bytes: int = 0
 
     def __init__(self, regions: Iterable[Region], tail_bytes: int = 0) -> None:
-        _check_bytes("Chain", "tail_bytes", tail_bytes)
+        check_bytes("Chain", "tail_bytes", tail_bytes)
         regs = tuple(Region(**r) if isinstance(r, dict) else r for r in regions)
         if not regs:
             raise ValueError("Chain: regions must not be empty")
@@ -256,246 +265,6 @@ class Chain:
         return cls.from_dict(json.loads(text))
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RegionPlan:
-    """What one region does.
-
-    Attributes:
-        name: the region's name.
-        action: ``"store"``, ``"recompute"``, ``"ops"`` (save ``save_ops``, recompute the rest)
-            or ``"offload"`` (reserved).
-        option: the name of the chosen ``RegionOption``.
-        kept_bytes: bytes it holds from its forward to its backward.
-        recompute_cost: forward work it redoes in its own backward.
-        save_ops: ops whose outputs are saved, for ``"ops"``.
-        depth: how many checkpointed multi-region segments enclose it; each one runs the
-            region's forward once more.
-        engine: the op-level engine for ``"ops"`` (``RegionOption.engine``).
-        note: why a stored region could not be checkpointed (``Region.store_only``).
-    """
-
-    name: str
-    action: str
-    option: str
-    kept_bytes: int
-    recompute_cost: float
-    save_ops: tuple[str, ...] = ()
-    depth: int = 0
-    engine: str = "replay"
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise PlanError(f"Plan region: name must be a non-empty str, got {self.name!r}")
-        owner = f"Plan region {self.name!r}"
-        if self.action not in ACTIONS:
-            raise PlanError(f"{owner}: action must be one of {ACTIONS}, got {self.action!r}")
-        if self.engine not in ("replay", "tape"):
-            raise PlanError(f"{owner}: engine must be 'replay' or 'tape', got {self.engine!r}")
-        for name in ("option", "note"):
-            if not isinstance(getattr(self, name), str):
-                raise PlanError(f"{owner}: {name} must be a str, got {getattr(self, name)!r}")
-        try:
-            _check_bytes(owner, "kept_bytes", self.kept_bytes)
-            _check_cost(owner, "recompute_cost", self.recompute_cost)
-            _check_bytes(owner, "depth", self.depth)
-        except ValueError as err:
-            raise PlanError(str(err)) from None
-        if isinstance(self.save_ops, str) or not all(isinstance(o, str) for o in self.save_ops):
-            raise PlanError(f"{owner}: save_ops must be a list of op names, got {self.save_ops!r}")
-        object.__setattr__(self, "save_ops", tuple(self.save_ops))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    """A checkpointing plan for a chain and its prediction under the memory model.
-
-    Attributes:
-        regions: one ``RegionPlan`` per region, in chain order.
-        segments: ``(start, stop)`` region ranges (stop exclusive, at least two regions) that
-            are checkpointed as one unit: only the first region's input is kept, and in
-            backward the segment is rerun following the inner regions' own plans (segments
-            may nest, Rotor-style).
-        predicted_peak_bytes: the peak the memory model predicts.
-        extra_cost: forward work recomputed, in the chain's cost unit.
-        forward_cost: the chain's total forward cost (``extra_cost / forward_cost`` is the
-            relative overhead on the forward).
-        budget_bytes: the budget planned for (``None`` for frontier points).
-        solver: which solver made it.
-        resolution_bytes: the memory resolution the solver worked at (``None``: exact).
-        meta: free-form notes for later stages (e.g. the profile it came from); not
-            compared.
-    """
-
-    regions: tuple[RegionPlan, ...]
-    segments: tuple[tuple[int, int], ...] = ()
-    predicted_peak_bytes: int
-    extra_cost: float
-    forward_cost: float
-    budget_bytes: int | None
-    solver: str
-    resolution_bytes: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        names = [r.name for r in self.regions]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise PlanError(f"Plan: regions {repeated} appear more than once")
-        try:
-            segments = check_segments(len(self.regions), self.segments)
-        except (TypeError, ValueError) as err:
-            raise PlanError(f"Plan: {err} (the plan has {len(self.regions)} regions)") from None
-        object.__setattr__(self, "segments", segments)
-
-    def apply(self, model: Any) -> Any:
-        """Apply this plan to ``model`` in place (``remat.apply_plan``) and return it."""
-        from remat.planner.autoplanning import apply_plan
-
-        return apply_plan(model, self)
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        """The option name of each region."""
-        return tuple(r.option for r in self.regions)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["segments"] = [list(s) for s in self.segments]
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """A plan from :meth:`to_dict`'s form (a loaded JSON file).
-
-        Raises:
-            PlanError: a field is missing, unknown or of the wrong kind (named).
-        """
-        _check_fields(data, "plan", _PLAN_FIELDS, _PLAN_REQUIRED)
-        if not isinstance(data["regions"], list) or not data["regions"]:
-            raise PlanError(f"plan: 'regions' must be a non-empty list, got {data['regions']!r}")
-        regions = []
-        for i, r in enumerate(data["regions"]):
-            _check_fields(r, f"plan: regions[{i}]", _REGION_FIELDS, _REGION_REQUIRED)
-            regions.append(RegionPlan(**r))
-        segments = data.get("segments", [])
-        if not isinstance(segments, list) or not all(
-            isinstance(s, list) and len(s) == 2 and all(_is_int(x) for x in s) for s in segments
-        ):
-            raise PlanError(f"plan: 'segments' must be a list of [start, stop], got {segments!r}")
-        for name in ("predicted_peak_bytes", "extra_cost", "forward_cost"):
-            value = data[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise PlanError(f"plan: {name!r} must be a number, got {value!r}")
-        if not isinstance(data.get("meta", {}), dict):
-            raise PlanError(f"plan: 'meta' must be an object, got {data['meta']!r}")
-        return cls(**{**data, "regions": tuple(regions), "segments": tuple(map(tuple, segments))})
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        """A plan from :meth:`to_json`'s text.
-
-        Raises:
-            PlanError: the text is not JSON, or a field is missing, unknown or of the wrong
-                kind (named).
-        """
-        try:
-            data = json.loads(text)
-        except (TypeError, ValueError) as err:
-            raise PlanError(f"plan: not valid JSON ({err})") from None
-        return cls.from_dict(data)
-
-    def __str__(self) -> str:
-        seg_of: dict[int, list[str]] = {}
-        for k, (a, b) in enumerate(self.segments):
-            for i in range(a, b):
-                seg_of.setdefault(i, []).append(f"S{k}")
-        rows = [("#", "region", "action", "option", "kept", "recompute", "segments")]
-        for i, r in enumerate(self.regions):
-            rows.append(
-                (
-                    str(i),
-                    r.name,
-                    f"ops ({r.engine})" if r.action == OPS else r.action,
-                    r.option,
-                    _fmt_bytes(r.kept_bytes),
-                    f"{r.recompute_cost:g}",
-                    ",".join(seg_of.get(i, ())) + (f"  ({r.note})" if r.note else ""),
-                )
-            )
-        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
-        budget = "none" if self.budget_bytes is None else _fmt_bytes(self.budget_bytes)
-        ratio = self.extra_cost / self.forward_cost if self.forward_cost else 0.0
-        lines.insert(
-            0,
-            f"Plan by {self.solver}: predicted peak {_fmt_bytes(self.predicted_peak_bytes)} "
-            f"(budget {budget}), extra cost {self.extra_cost:g} "
-            f"({ratio:.1%} of the forward)",
-        )
-        for k, (a, b) in enumerate(self.segments):
-            lines.append(f"S{k}: regions {a}..{b - 1} checkpointed as one segment")
-        return "\n".join(lines)
-
-
-_PLAN_FIELDS = (
-    "regions",
-    "segments",
-    "predicted_peak_bytes",
-    "extra_cost",
-    "forward_cost",
-    "budget_bytes",
-    "solver",
-    "resolution_bytes",
-    "meta",
-)
-_PLAN_REQUIRED = ("regions", "predicted_peak_bytes", "extra_cost", "forward_cost", "solver")
-_REGION_FIELDS = (
-    "name",
-    "action",
-    "option",
-    "kept_bytes",
-    "recompute_cost",
-    "save_ops",
-    "depth",
-    "engine",
-    "note",
-)
-_REGION_REQUIRED = ("name", "action", "option", "kept_bytes", "recompute_cost")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_fields(data: Any, what: str, fields: Sequence[str], required: Sequence[str]) -> None:
-    """Raise ``PlanError`` naming what is wrong with a JSON object's keys."""
-    if not isinstance(data, dict):
-        raise PlanError(
-            f"{what} must be a JSON object with {', '.join(map(repr, required))}, got "
-            f"{type(data).__name__} {str(data)[:40]}"
-        )
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise PlanError(f"{what}: missing field(s) {', '.join(map(repr, missing))}")
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise PlanError(
-            f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; its fields are "
-            f"{', '.join(fields)}"
-        )
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 def option_index(region: Region, name: str) -> int:
     """Index in ``region.menu()`` of the option called ``name``."""
     for k, o in enumerate(region.menu()):
@@ -503,23 +272,3 @@ def option_index(region: Region, name: str) -> int:
             return k
     valid = [o.name for o in region.menu()]
     raise ValueError(f"region {region.name!r} has no option {name!r}; it has {valid}")
-
-
-def check_segments(n: int, segments: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Validate multi-region segments: in range, two regions or more, properly nested, each
-    once (a segment listed twice would run its blocks twice)."""
-    pairs = [(int(a), int(b)) for a, b in segments]
-    twice = sorted({p for p in pairs if pairs.count(p) > 1})
-    if twice:
-        raise ValueError(f"segments: {twice} listed more than once")
-    segs = sorted(pairs, key=lambda s: (s[0], -s[1]))
-    for a, b in segs:
-        if not 0 <= a < b <= n or b - a < 2:
-            raise ValueError(
-                f"segments: ({a}, {b}) must satisfy 0 <= start, start + 2 <= stop <= {n}"
-            )
-    for i, (a, b) in enumerate(segs):
-        for c, d in segs[i + 1 :]:
-            if c < b < d:
-                raise ValueError(f"segments: ({a}, {b}) and ({c}, {d}) overlap without nesting")
-    return tuple(segs)

@@ -1,0 +1,122 @@
+"""From a profile to a plan: ``remat.plan(profile, budget)`` and ``remat.pareto(profile)``.
+
+The profile becomes the planner's chain problem; the budget, taken off what the chain does
+not model (``outside_bytes``), goes to the solver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from remat.errors import BudgetError
+from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
+from remat.planner import pareto as chain_pareto
+from remat.planner.budget import describe_bytes, looks_like_percent
+from remat.planner.profile_data import Profile
+from remat.planner.solution import Plan
+
+__all__ = ["budget_hint", "pareto", "plan", "short_repr", "split_budget"]
+
+
+def split_budget(profile: Profile, budget: Any) -> tuple[int, int]:
+    total = parse_budget(budget, baseline_bytes=profile.step_peak_bytes)
+    return total, total - profile.outside_bytes
+
+
+def _problem(profile: Any, who: str) -> Profile | Chain:
+    if not isinstance(profile, (Profile, Chain)):
+        raise TypeError(
+            f"{who}: profile must be a remat.Profile (from remat.profile(model, ...)) or a "
+            f"remat.planner.Chain, got {type(profile).__name__} {short_repr(profile)}"
+        )
+    return profile
+
+
+def short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def budget_hint(budget: Any) -> str:
+    return f" (did you mean {budget}%?)" if looks_like_percent(budget) else ""
+
+
+def plan(
+    profile: Profile | Chain,
+    budget: int | float | str,
+    *,
+    solver: str = "auto",
+    op_options: bool = True,
+    **options: Any,
+) -> Plan:
+    """The cheapest plan whose predicted training-step peak fits ``budget``.
+
+    Args:
+        profile: from :func:`remat.profile` (or a ``remat.planner.Chain``, planned as is).
+        budget: bytes, a size (``"6GiB"``, ``"300MB"``) or a percentage of the
+            un-checkpointed step's peak (``"40%"``; new bytes, parameters excluded).
+        solver: ``"auto"``/``"chain"`` (optimal DP), ``"sqrt"``, ``"every-n"``, ``"greedy"``.
+        op_options: give the chain solver each region's op-level menu.
+        **options: solver options (``resolution_bytes``, ``nested``, ``n``).
+
+    Returns:
+        A ``remat.planner.Plan``; ``predicted_peak_bytes`` includes ``outside_bytes``.
+
+    Raises:
+        TypeError: ``profile`` is neither a Profile nor a Chain, or ``budget`` has a wrong type.
+        ValueError: ``budget`` does not parse.
+        BudgetError: nothing fits; ``min_feasible_bytes`` is the smallest budget that does.
+            Its message gives the sizes in MB and as a share of the step's peak.
+    """
+    profile = _problem(profile, "remat.plan")
+    if isinstance(profile, Chain):  # a hand-made or loaded problem: plan it as it is
+        return plan_chain(profile, budget, solver=solver, **options)
+    chain = profile.to_chain(op_options=op_options and solver in ("auto", "chain"))
+    total, chain_budget = split_budget(profile, budget)
+    baseline = profile.step_peak_bytes
+    floor = profile.outside_bytes + min_peak_bytes(chain)
+    if chain_budget <= 0:
+        raise BudgetError(
+            f"remat.plan: budget {describe_bytes(total, baseline)}{budget_hint(budget)} is "
+            "below what lives outside the checkpointable regions "
+            f"({describe_bytes(profile.outside_bytes, baseline)}); the smallest feasible "
+            f"budget is {describe_bytes(floor, baseline)}",
+            min_feasible_bytes=floor,
+        )
+    try:
+        result = plan_chain(chain, chain_budget, solver=solver, **options)
+    except BudgetError as err:
+        needed = (err.min_feasible_bytes or 0) + profile.outside_bytes
+        raise BudgetError(
+            f"remat.plan: no {solver} plan fits {describe_bytes(total, baseline)}"
+            f"{budget_hint(budget)}; the smallest feasible budget is "
+            f"{describe_bytes(needed, baseline)}",
+            min_feasible_bytes=needed,
+        ) from None
+    return dataclasses.replace(
+        result,
+        budget_bytes=total,
+        predicted_peak_bytes=result.predicted_peak_bytes + profile.outside_bytes,
+        meta={
+            **result.meta,
+            "outside_bytes": profile.outside_bytes,
+            "cost_unit": profile.cost_unit,
+            "default_regions": profile.meta.get("default_regions", False),
+        },
+    )
+
+
+def pareto(profile: Profile | Chain, **options: Any) -> list[Plan]:
+    """The frontier of (predicted peak, extra cost) plans for a profile (or a chain).
+
+    Raises:
+        TypeError: ``profile`` is neither a Profile nor a Chain.
+    """
+    profile = _problem(profile, "remat.pareto")
+    if isinstance(profile, Chain):
+        return chain_pareto(profile, **options)
+    return [
+        dataclasses.replace(p, predicted_peak_bytes=p.predicted_peak_bytes + profile.outside_bytes)
+        for p in chain_pareto(profile.to_chain(), **options)
+    ]

@@ -1,0 +1,114 @@
+"""From a plan to a checkpointed model: ``remat.apply_plan(model, plan)``.
+
+Regions the plan recomputes get :class:`~remat.policy.treatments.Recompute`, op-level
+choices get :class:`~remat.policy.treatments.Ops` with the chosen calls, and multi-region
+segments become :mod:`remat.policy.segment` members (nested segments nest).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from remat.errors import PlanError
+from remat.planner.plan_for_budget import short_repr
+from remat.planner.regions import default_regions
+from remat.planner.solution import Plan
+from remat.policy.segment import segment_roles
+from remat.policy.treatments import Ops, Recompute, Treatment
+from remat.policy.wrapping import apply, remove
+
+__all__ = ["apply_plan", "plan_assignments", "remove_plan"]
+
+
+class _PlanPolicy:
+    """``remat.apply`` input built from a plan: explicit (fqn, module, treatment) roles."""
+
+    def __init__(self, assignments: list[tuple[str, nn.Module, Treatment]]) -> None:
+        self.assignments = assignments
+
+    def assign(self, model: nn.Module) -> list[tuple[str, nn.Module, Treatment]]:
+        return self.assignments
+
+
+def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, Treatment]]:
+    """The roles ``plan`` gives each module of ``model``, outermost first."""
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remat.apply_plan: model must be an nn.Module, got {short_repr(model)}")
+    if not isinstance(plan, Plan):
+        hint = " (a loaded plan JSON? remat.Plan.from_dict(it))" if isinstance(plan, dict) else ""
+        raise TypeError(
+            f"remat.apply_plan: plan must be a remat.Plan (remat.plan, remat.Plan.from_json), "
+            f"got {type(plan).__name__} {short_repr(plan)}{hint}"
+        )
+    modules = dict(model.named_modules())
+    missing = [r.name for r in plan.regions if r.name not in modules]
+    if missing:
+        raise PlanError(
+            f"remat.apply_plan: the plan names regions {missing} that {type(model).__name__} "
+            "does not have (was it made for another model?)"
+        )
+    if plan.meta.get("default_regions"):
+        _check_covers(model, plan)
+    roles: dict[str, list[Treatment]] = {r.name: [] for r in plan.regions}
+    for start, stop in sorted(plan.segments, key=lambda s: (s[0], -s[1])):
+        names = [plan.regions[i].name for i in range(start, stop)]
+        members = [(n, modules[n]) for n in names]
+        for name, _, role in segment_roles(f"{names[0]}-{names[-1]}", members):
+            roles[name].append(role)
+    for region in plan.regions:
+        if region.action == "recompute":
+            roles[region.name].append(Recompute())
+        elif region.action == "ops":
+            roles[region.name].append(
+                Ops(save_calls=frozenset(region.save_ops), engine=region.engine)
+            )
+        elif region.action != "store":
+            raise PlanError(f"remat.apply_plan: action {region.action!r} is not supported yet")
+    return [(name, modules[name], t) for name, ts in roles.items() for t in ts]
+
+
+def _check_covers(model: nn.Module, plan: Plan) -> None:
+    """A plan made from the default regions of a model covers all of this model's: a plan
+    for 4 blocks applied to 6 would silently leave 2 as they are."""
+
+    planned = [r.name for r in plan.regions]
+    here = [name for name, _ in default_regions(model)]
+    if here != planned:
+        extra = [n for n in here if n not in set(planned)]
+        raise PlanError(
+            f"remat.apply_plan: the plan was made for {len(planned)} regions "
+            f"({_names(planned)}) but {type(model).__name__} has {len(here)} "
+            f"({_names(here)}"
+            + (f"; not in the plan: {_names(extra)}" if extra else "")
+            + "). Was it made for another model? Profile and plan this one."
+        )
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place (any earlier remat policy is removed first).
+
+    Raises:
+        PlanError: the plan does not fit the model (regions it lacks, or, for a plan made
+            from a profile's default regions, regions of the model the plan leaves out);
+            the model is left as it was.
+    """
+
+    assignments = plan_assignments(model, plan)  # before anything changes: it may raise
+    remove(model)
+    if assignments:
+        apply(model, _PlanPolicy(assignments))
+    return model
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_plan` (the same as ``remat.remove``)."""
+
+    return remove(model)
