@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import remat
-from remat.engine.replay import register_module_names
+from remat.engine.region_modules import register_module_names
 
 ENGINES = ["hooks", "function"]
 

@@ -7,13 +7,8 @@ the modules that need them, never here.
 
 from remat.engine.checkpointing import CheckpointFunction, checkpoint, checkpoint_sequential
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
-from remat.measure.tracker import (
-    MemoryTracker,
-    SavedActivation,
-    SavedActivationTable,
-    TimelineEvent,
-    saved_activations,
-)
+from remat.measure.saved import SavedActivation, SavedActivationTable, saved_activations
+from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
 from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
@@ -21,28 +16,12 @@ from remat.planner.plan_for_budget import pareto, plan
 from remat.planner.plan_roles import apply_plan
 from remat.planner.profile_data import Profile
 from remat.planner.profiling import profile
-from remat.policy.offloading import (
-    CpuStore,
-    CudaPinnedStore,
-    Offload,
-    OffloadStats,
-    OffloadStore,
-    offload,
-)
+from remat.policy.offload_stores import CpuStore, CudaPinnedStore, OffloadStats, OffloadStore
+from remat.policy.offloading import Offload, offload
+from remat.policy.op_level import Ops, ops
 from remat.policy.segment import Segments, segments, sqrt
-from remat.policy.treatments import (
-    Ops,
-    Policy,
-    Recompute,
-    Selector,
-    Treatment,
-    by_name,
-    by_type,
-    every,
-    ops,
-    recompute,
-    where,
-)
+from remat.policy.selectors import Selector, by_name, by_type, every, where
+from remat.policy.treatments import Policy, Recompute, Treatment, recompute
 from remat.policy.wrapping import applied, apply, remove
 
 __version__ = "0.1.0"

@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_leaves
 from remat.engine.determinism import DETERMINISM_CHECKS
 from remat.engine.function import CheckpointFunction, checkpoint_function
 from remat.engine.hooks import Frame
-from remat.engine.replay import ForwardState, describe_fn, reachable_modules
+from remat.engine.region_modules import describe_fn, reachable_modules
+from remat.engine.replay import ForwardState
 from remat.errors import CheckpointError
 
 __all__ = ["ENGINES", "CheckpointFunction", "checkpoint", "checkpoint_sequential"]

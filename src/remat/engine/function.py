@@ -27,14 +27,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat.engine import determinism
-from remat.engine.replay import (
-    ForwardState,
-    closure_tensors,
-    describe_fn,
-    fresh_caches,
-    reachable_modules,
-    snapshot_caches,
-)
+from remat.engine.caches import fresh_caches, snapshot_caches
+from remat.engine.region_modules import closure_tensors, describe_fn, reachable_modules
+from remat.engine.replay import ForwardState
 from remat.errors import CheckpointError
 
 

@@ -38,7 +38,9 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat.engine import determinism
-from remat.engine.replay import ForwardState, closure_tensors, fresh_caches, snapshot_caches
+from remat.engine.caches import fresh_caches, snapshot_caches
+from remat.engine.region_modules import closure_tensors
+from remat.engine.replay import ForwardState
 from remat.errors import CheckpointError
 from remat.measure.versions import checked_version
 

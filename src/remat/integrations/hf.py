@@ -32,16 +32,16 @@ from typing import Any
 
 from torch import nn
 
-from remat.engine.replay import register_module_names
+from remat.engine.region_modules import register_module_names
 from remat.errors import RematError
 from remat.policy.offloading import offload as offload_treatment
+from remat.policy.selectors import as_selector
 from remat.policy.treatments import (
     Composed,
     Policy,
     Recompute,
     Treatment,
     _DefaultBlocks,
-    as_selector,
     recompute,
 )
 from remat.policy.wrapping import EXTERNAL_REGION, wrapped

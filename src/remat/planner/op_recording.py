@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from remat.engine.tape import writes_to_arguments
-from remat.policy.treatments import draws_random_numbers
+from remat.policy.op_level import draws_random_numbers
 
 __all__ = ["OpRecord", "OpRecorder", "post_hook", "pre_hook", "region_flops"]
 

@@ -1,7 +1,7 @@
 """From a plan to a checkpointed model: ``remat.apply_plan(model, plan)``.
 
 Regions the plan recomputes get :class:`~remat.policy.treatments.Recompute`, op-level
-choices get :class:`~remat.policy.treatments.Ops` with the chosen calls, and multi-region
+choices get :class:`~remat.policy.op_level.Ops` with the chosen calls, and multi-region
 segments become :mod:`remat.policy.segment` members (nested segments nest).
 """
 
@@ -15,8 +15,9 @@ from remat.errors import PlanError
 from remat.planner.plan_for_budget import short_repr
 from remat.planner.regions import default_regions
 from remat.planner.solution import Plan
+from remat.policy.op_level import Ops
 from remat.policy.segment import segment_roles
-from remat.policy.treatments import Ops, Recompute, Treatment
+from remat.policy.treatments import Recompute, Treatment
 from remat.policy.wrapping import apply, remove
 
 __all__ = ["apply_plan", "plan_assignments", "remove_plan"]

@@ -198,7 +198,7 @@ def with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) 
     back by name, unless an option of the menu keeps no more bytes for no more cost.
     """
     from remat.planner.op_menu import saving_option
-    from remat.policy.treatments import OP_PRESETS
+    from remat.policy.op_level import OP_PRESETS
 
     options = list(region.options)
     total = float(sum(float(o.recompute_cost) for o in ops))

@@ -45,7 +45,7 @@ def op_overheads(
     warm-up pairs (it is a few percent of the region's step: a difference of minima was too
     noisy, and a fresh process pays more in its first runs). Regions of one type running the
     same ops are measured once."""
-    from remat.policy.treatments import Ops
+    from remat.policy.op_level import Ops
 
     measured: dict[tuple[Any, ...], float] = {}
     out = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from remat.policy.treatments import block_lists
+from remat.policy.selectors import block_lists
 
 __all__ = ["default_regions"]
 

@@ -26,16 +26,8 @@ from torch import nn
 
 from remat.engine.checkpointing import run_checkpoint
 from remat.engine.hooks import Frame
-from remat.policy.treatments import (
-    Policy,
-    Recompute,
-    Selector,
-    Treatment,
-    _is_compiling,
-    _traceable_checkpoint,
-    block_lists,
-    sqrt_segment_length,
-)
+from remat.policy.selectors import Selector, block_lists, sqrt_segment_length
+from remat.policy.treatments import Policy, Recompute, Treatment, is_compiling, traceable_checkpoint
 
 __all__ = ["Segments", "segments", "sqrt"]
 
@@ -82,8 +74,8 @@ class SegmentMember(Treatment):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         options = self.segment.options
-        if _is_compiling():  # dynamo traces one call at a time: each block its own region
-            return _traceable_checkpoint(
+        if is_compiling():  # dynamo traces one call at a time: each block its own region
+            return traceable_checkpoint(
                 forward, args, kwargs, preserve_rng_state=options.preserve_rng_state
             )
         return run_checkpoint(

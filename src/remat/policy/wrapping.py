@@ -15,9 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from remat.engine.replay import register_module_names
+from remat.engine.region_modules import register_module_names
 from remat.errors import PlanError
-from remat.policy.treatments import Policy, Treatment, as_policy, as_selector
+from remat.policy.selectors import as_selector
+from remat.policy.treatments import Policy, Treatment, as_policy
 
 __all__ = ["EXTERNAL_REGION", "applied", "apply", "remove", "wrapped"]
 
