@@ -11,19 +11,17 @@ import torch
 from torch import nn
 
 import remat
-from remat.bench.workloads import build_workload
+from conftest import tiny_gpt
 from remat.planner import Chain, Region, plan_chain
 
 
-def tiny_gpt():
-    return build_workload(
-        "gpt", batch=2, n_layers=2, seq_len=8, d_model=16, n_heads=2, vocab_size=32
-    )
+def small():
+    return tiny_gpt(seq_len=8, d_model=16, n_heads=2, vocab_size=32)
 
 
 @pytest.fixture(scope="module")
 def profile():
-    w = tiny_gpt()
+    w = small()
     return remat.profile(w.model, *w.inputs, repeats=1)
 
 
@@ -95,14 +93,14 @@ def test_wrong_types_to_plan_pareto_and_apply_plan_name_the_argument(bad, profil
     with pytest.raises(TypeError, match=r"remat.pareto: profile must be a remat.Profile"):
         remat.pareto(bad)
     with pytest.raises(TypeError, match=r"remat.apply_plan: plan must be a remat.Plan"):
-        remat.apply_plan(tiny_gpt().model, bad)
+        remat.apply_plan(small().model, bad)
     plan = remat.plan(profile, "100%")
     with pytest.raises(TypeError, match="remat.apply_plan: model must be an nn.Module"):
         remat.apply_plan(bad, plan)
 
 
 def test_autoplan_profile_and_estimate_options_are_checked_up_front():
-    w = tiny_gpt()
+    w = small()
     with pytest.raises(ValueError, match="max_rounds must be a positive int, got 0"):
         remat.autoplan(w.model, *w.inputs, budget="50%", max_rounds=0)
     with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):

@@ -7,11 +7,34 @@ stays light.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import textwrap
 from typing import Any
+
+import torch
+
+import remat
+from remat.bench.configurations import (
+    DTYPES,
+    build_bench_workload,
+    check_budget,
+    check_model,
+    check_sizes,
+)
+from remat.bench.plots import plot_bench
+from remat.bench.runner import (
+    CONFIGS,
+    BenchOptions,
+    check_options,
+    parse_configs,
+    resolve_device,
+    run_bench,
+)
+from remat.errors import MissingExtraError
+from remat.planner.step_memory import measure_step_peak
 
 __all__ = ["main"]
 
@@ -61,7 +84,7 @@ SIZE_FLAGS = {  # flag -> size option of GPTConfig (and of hf:<arch> models)
     "seq_len": "seq_len",
     "vocab": "vocab_size",
 }
-SIZE_HELP = {  # defaults: GPTConfig's, then remat._hf_models.HF_DEFAULT_SIZES
+SIZE_HELP = {  # defaults: GPTConfig's, then remat.bench.hf_workloads.HF_DEFAULT_SIZES
     "layers": "blocks (gpt 12, hf 4)",
     "d_model": "width (gpt 256, hf 256)",
     "heads": "attention heads (gpt 8, hf 4)",
@@ -71,7 +94,6 @@ SIZE_HELP = {  # defaults: GPTConfig's, then remat._hf_models.HF_DEFAULT_SIZES
 
 
 def _parser() -> argparse.ArgumentParser:
-    from remat.bench.runner import CONFIGS
 
     listed = "\n".join(
         textwrap.fill(
@@ -165,7 +187,6 @@ def _sizes(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _version() -> str:
-    import remat
 
     return getattr(remat, "__version__", "unknown")
 
@@ -231,13 +252,6 @@ def _output_path_error(flag: str, path: str | None) -> str | None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from remat.bench.runner import (
-        BenchOptions,
-        MissingExtraError,
-        check_options,
-        parse_configs,
-        run_bench,
-    )
 
     sizes = _sizes(args)
     if sizes and not (args.model == "gpt" or args.model.startswith("hf:")):
@@ -266,8 +280,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         result.write_json(args.json)
     if args.plot:
-        from remat.bench.plots import plot_bench
-
         plot_bench(result, args.plot)
     if not args.quiet:
         _print_table(result)
@@ -278,21 +290,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    import remat
-    from remat.bench.configurations import (
-        DTYPES,
-        MissingExtraError,
-        build_bench_workload,
-        check_budget,
-        check_model,
-        check_sizes,
-    )
-    from remat.bench.runner import resolve_device
-    from remat.planner.step_memory import measure_step_peak
 
     sizes = _sizes(args)
     try:  # everything that can be checked before the profile's minutes

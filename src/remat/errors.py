@@ -6,7 +6,7 @@ failures without catching unrelated bugs. Each subclass names one stage of the p
 
 from __future__ import annotations
 
-__all__ = ["BudgetError", "CheckpointError", "PlanError", "RematError"]
+__all__ = ["BudgetError", "CheckpointError", "MissingExtraError", "PlanError", "RematError"]
 
 
 class RematError(RuntimeError):
@@ -36,3 +36,7 @@ class BudgetError(PlanError):
     def __init__(self, message: str, *, min_feasible_bytes: int | None = None) -> None:
         super().__init__(message)
         self.min_feasible_bytes = min_feasible_bytes
+
+
+class MissingExtraError(RematError, ImportError):
+    """An optional dependency is not installed; the message says which extra provides it."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from remat.bench.workloads import Workload
+from remat.errors import MissingExtraError
 
 # Small enough for a CPU run in seconds, large enough that activations dominate memory.
 HF_DEFAULT_SIZES = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 256, "vocab_size": 2048}
@@ -23,8 +24,6 @@ HF_DEFAULT_BATCH = 8
 
 def _require_transformers() -> None:
     if importlib.util.find_spec("transformers") is None:
-        from remat.bench.configurations import MissingExtraError
-
         raise MissingExtraError("hf:<arch> models need transformers: pip install 'remat[hf]'")
 
 

@@ -21,7 +21,7 @@ def plot_bench(result: BenchResult, path: str, *, dpi: int = 120) -> None:
     """Write the two-panel figure of ``result`` to ``path`` (PNG unless the suffix says else).
 
     Args:
-        result: what :func:`remat.bench.run_bench` returned (or one read back from its JSON).
+        result: what :func:`remat.bench.runner.run_bench` returned (or one read back from its JSON).
         path: output file.
         dpi: resolution.
 

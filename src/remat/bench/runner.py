@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
+import remat
 from remat.bench.configurations import (
     CONFIGS,
     DTYPES,
     BenchConfig,
-    MissingExtraError,
     check_model,
     check_sizes,
     default_config_names,
@@ -43,6 +43,7 @@ from remat.bench.configurations import (
     register_config,
 )
 from remat.bench.worker import WorkerProcess
+from remat.errors import MissingExtraError
 
 __all__ = [
     "CONFIGS",
@@ -200,7 +201,6 @@ class BenchOptions:
 
 def environment_base() -> dict[str, str]:
     """Versions and platform, the parts of :class:`Environment` known without a worker."""
-    import remat
 
     return {
         "remat_version": getattr(remat, "__version__", "unknown"),

@@ -29,6 +29,8 @@ import torch
 
 from remat.bench.configurations import CONFIGS, build_bench_workload
 from remat.bench.workloads import Workload
+from remat.errors import BudgetError
+from remat.measure.tracker import MemoryTracker
 
 TIMELINE_POINTS = 1500
 
@@ -36,7 +38,6 @@ TIMELINE_POINTS = 1500
 def classify(exc: BaseException) -> str:
     """``"oom"`` for an allocator failure (CPU or CUDA), ``"infeasible"`` for a planner
     budget that no plan meets (``auto:<budget>``), else ``"crashed"``."""
-    from remat.errors import BudgetError
 
     if isinstance(exc, BudgetError):
         return "infeasible"
@@ -80,7 +81,6 @@ def downsample(points: list[tuple[int, int]], limit: int = TIMELINE_POINTS) -> l
 
 def measure(workload: Workload, seed: int, grads_path: str) -> dict[str, Any]:
     """Memory, FLOPs, loss and gradients of one training step."""
-    from remat.measure.tracker import MemoryTracker
 
     model, device = workload.model, workload.inputs[0].device
     _zero_grads(model)
@@ -131,7 +131,7 @@ def flop_counter():
     Its ModuleTracker puts multi-grad hooks on module inputs; they raise "A leaf node was
     passed to _will_engine_execute_node but we are currently running autograd.grad()" when a
     checkpoint's backward calls ``torch.autograd.grad`` (remat.CheckpointFunction does). The
-    totals are the same: ``tests/test_bench.py`` checks it against the plain mode.
+    totals are the same: ``tests/bench/test_runner.py`` checks it against the plain mode.
     """
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -3,12 +3,12 @@
 ``checkpoint(fn, *args, **kwargs)`` returns what ``fn(*args, **kwargs)`` returns, keeping only
 what the backward pass needs to recompute the rest. Two engines:
 
-- ``"hooks"`` (default, :mod:`remat._hooks_engine`): ``saved_tensors_hooks``, like PyTorch's
+- ``"hooks"`` (default, :mod:`remat.engine.hooks`): ``saved_tensors_hooks``, like PyTorch's
   non-reentrant checkpoint. Everything autograd can do works through it.
-- ``"function"`` (:mod:`remat._function_engine`): a ``torch.autograd.Function``, the tutorial's
+- ``"function"`` (:mod:`remat.engine.function`): a ``torch.autograd.Function``, the tutorial's
   approach with its gradient bugs fixed.
 
-Both replay RNG, autocast, the default device and module buffers (:mod:`remat._replay`).
+Both replay RNG, autocast, the default device and module buffers (:mod:`remat.engine.replay`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ checks that what the region reads was not changed in place before it is recomput
 reports determinism failures with the region's name, the tensor's position and the op that
 produced it.
 
-A region may span several calls (a segment of blocks, :mod:`remat.segments`): one
+A region may span several calls (a segment of blocks, :mod:`remat.policy.segment`): one
 :class:`Frame` records each call, which of its arguments came out of an earlier call of
 the frame (recomputed, not kept) and which are the region's inputs, and backward reruns
 the calls as the model made them.

@@ -1,11 +1,8 @@
-"""From a profile to a plan, and from a plan to a checkpointed model.
+"""``remat.autoplan``: profile, plan, apply and measure, until the measured peak fits.
 
-``remat.plan(profile, budget)`` turns a :class:`remat.profile.Profile` into the planner's
-chain problem, takes off the budget what the chain does not model (``outside_bytes``), and
-solves it. ``remat.apply_plan(model, plan)`` applies it with ``remat.apply``: regions the plan
-recomputes get :class:`~remat.policies.Recompute`, op-level choices get
-:class:`~remat.policies.Ops` with the chosen calls, and multi-region segments become
-:mod:`remat.segments` heads and followers (nested segments nest).
+The chain model predicts a plan's peak; the tracker measures it. autoplan asks the solver
+again with the budget corrected by what the measurement says, and keeps the cheapest plan
+whose measured peak fits.
 """
 
 from __future__ import annotations

@@ -24,9 +24,11 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
+from remat.engine.checkpointing import checkpoint
 from remat.measure.storage import device_of, iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.measure.training_call import check_loss_fn, default_loss, training_call
+from remat.policy.wrapping import applied, apply, remove
 
 __all__ = ["EstimateReport", "estimate"]
 
@@ -198,7 +200,6 @@ def _policy_applied(model: nn.Module, policy: Any) -> Iterator[list[str]]:
     if policy is None:
         yield []
         return
-    from remat.policy.wrapping import applied, apply, remove
 
     if applied(model):
         raise ValueError(
@@ -282,10 +283,6 @@ def _checkpointed(model: nn.Module, names: list[str]) -> Iterator[None]:
     The wrapper is an instance attribute, so module hooks still fire around it and the saved
     inputs are attributed to the checkpointed module.
     """
-    from remat.engine.checkpointing import (
-        checkpoint,
-    )  # late: remat.checkpoint imports heavier things
-
     modules = dict(model.named_modules())
     patched = []
     try:

@@ -2,7 +2,7 @@
 
 Everything here is plain data with a JSON round-trip and no reference to torch modules, so a
 profile taken on one machine can be planned on another and a plan can be reviewed before it is
-applied. The memory model that gives a plan its predicted peak lives in ``planner/chain.py``.
+applied. The memory model that gives a plan its predicted peak lives in ``planner/memory_model.py``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from remat.planner.op_menu import Op, saving_option, with_ops
+from remat.planner.problem import Chain, Region
+from remat.policy.op_level import OP_PRESETS
+
 __all__ = ["OP_ENGINE_CHOICES", "OpProfile", "Profile", "RegionProfile", "op_engine"]
 
 
@@ -87,7 +91,6 @@ class RegionProfile:
 
     def to_region(self) -> Any:
         """The planner's ``Region`` (no op-level options)."""
-        from remat.planner import Region
 
         rerun = None
         if self.recompute_ops is not None and self.ops:
@@ -139,7 +142,6 @@ class Profile:
 
     def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
         """The planner's problem for these regions (op-level menus when ``op_options``)."""
-        from remat.planner import Chain, Op, with_ops
 
         regions = []
         for r in self.regions:
@@ -197,8 +199,6 @@ def with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) 
     well-known good ones (keep every matmul, recompute the pointwise ops); they are added
     back by name, unless an option of the menu keeps no more bytes for no more cost.
     """
-    from remat.planner.op_menu import saving_option
-    from remat.policy.op_level import OP_PRESETS
 
     options = list(region.options)
     total = float(sum(float(o.recompute_cost) for o in ops))

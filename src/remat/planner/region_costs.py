@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from remat.measure.tracker import MemoryTracker
 from remat.planner.op_recording import OpRecord
 from remat.planner.profile_data import op_engine
+from remat.policy.op_level import Ops
 
 __all__ = ["op_overheads", "transient_bytes"]
 
@@ -45,7 +46,6 @@ def op_overheads(
     warm-up pairs (it is a few percent of the region's step: a difference of minima was too
     noisy, and a fresh process pays more in its first runs). Regions of one type running the
     same ops are measured once."""
-    from remat.policy.op_level import Ops
 
     measured: dict[tuple[Any, ...], float] = {}
     out = {}

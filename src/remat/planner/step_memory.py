@@ -15,6 +15,8 @@ from torch.utils._pytree import tree_leaves
 
 from remat.measure.storage import iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker
+from remat.planner.chain_dp import store_all_peak
+from remat.planner.problem import Chain
 from remat.planner.profile_data import RegionProfile
 
 __all__ = [
@@ -194,6 +196,5 @@ def saved_union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tu
 
 
 def store_all_peak_of(profiles: Sequence[RegionProfile], tail: int) -> int:
-    from remat.planner import Chain, store_all_peak
 
     return store_all_peak(Chain([p.to_region() for p in profiles], tail_bytes=tail))

@@ -1,7 +1,7 @@
 """Offload saved activations to host memory instead of recomputing them.
 
-``remat.offload()`` is a :class:`~remat.policies.Treatment`: inside each selected region the
-tensors autograd saves for backward go to a *store* during forward and come back during
+``remat.offload()`` is a :class:`~remat.policy.treatments.Treatment`: inside each selected
+region the tensors autograd saves for backward go to a *store* during forward and come back during
 backward, so nothing is recomputed. The unit of offloading is a storage, not a tensor: views
 of one storage (``q``, ``k``, ``v`` split from one ``qkv``) are copied once, and every saved
 tensor comes back with its exact dtype, size, strides and offset, so backward runs the same

@@ -99,7 +99,7 @@ class Ops(Treatment):
       would shift those of every random op after it.
     - ``"tape"``: no re-run. The forward records how to compute each unsaved op's outputs
       again, and each saved tensor backward needs is recomputed alone, from the kept
-      outputs, when it is unpacked (``remat._tape_engine``). It skips the replay's fixed
+      outputs, when it is unpacked (``remat.engine.tape``). It skips the replay's fixed
       cost (about 2 ms per transformer block on a CPU) and recomputes only what backward
       reads. Outputs of random ops and of ops that write to a tensor are always kept
       there, since they cannot be recomputed from their arguments, so a region with

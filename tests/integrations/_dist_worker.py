@@ -1,4 +1,5 @@
-"""One rank of the distributed tests: ``python tests/_dist_worker.py RANK WORLD INIT_FILE OUT``.
+"""One rank of the distributed tests:
+``python tests/integrations/_dist_worker.py RANK WORLD INIT_FILE OUT``.
 
 Trains the tiny GPT below for a few SGD steps under each case of :data:`CASES` (DDP
 variants, FSDP2) with remat applied, and saves every step's loss and full gradients to

@@ -9,23 +9,14 @@ import torch
 from torch import nn
 
 import remat
-from remat.bench.workloads import build_workload
+from conftest import tiny_gpt
 
 B, T, C = 2, 16, 32
 BLOCK_INPUT = B * T * C * 4
 
 
 def gpt(layers=9, dropout=0.1):
-    return build_workload(
-        "gpt",
-        batch=B,
-        n_layers=layers,
-        seq_len=T,
-        d_model=C,
-        n_heads=4,
-        vocab_size=64,
-        dropout=dropout,
-    )
+    return tiny_gpt(batch=B, n_layers=layers, seq_len=T, d_model=C, dropout=dropout)
 
 
 def grads(workload):

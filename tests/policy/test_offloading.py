@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import remat
+from conftest import tiny_gpt
 from remat import CpuStore, MemoryTracker
 from remat.bench.workloads import build_workload
 
@@ -31,7 +32,7 @@ BLOCKS = remat.by_name("block1", "block2", "block3")
 # Saved inside the MLP's blocks, unique storages: block1 x, h1, out1; block2 h2, out2 (its
 # input is out1); block3 h3 (its input is out2, its last Linear's input is h3 again).
 MLP_OFFLOADED = F32 * B * (IN + 3 * HID + 2 * WID)
-BENCH = Path(__file__).parents[1] / "benchmarks" / "gpu_offload.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "gpu_offload.py"
 
 
 def mlp():
@@ -39,7 +40,7 @@ def mlp():
 
 
 def gpt(dropout: float = 0.0):
-    return build_workload("gpt", batch=2, dropout=dropout, **GPT_SIZES)
+    return tiny_gpt(dropout=dropout, **GPT_SIZES)
 
 
 def grads_of(workload, *, backwards: int = 1) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import remat
-from remat.bench.workloads import build_workload
+from conftest import tiny_gpt
 
 pytestmark = [
     pytest.mark.slow,
@@ -58,9 +58,7 @@ def train(model, loss_of, params, seed: int):
 
 
 def gpt():
-    return build_workload(
-        "gpt", batch=2, n_layers=2, seq_len=8, d_model=16, n_heads=2, vocab_size=32, dropout=0.1
-    )
+    return tiny_gpt(seq_len=8, d_model=16, n_heads=2, vocab_size=32, dropout=0.1)
 
 
 def test_remat_apply_model_compiles_and_trains():
@@ -88,10 +86,10 @@ HF_CASES = {
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_hf_enabled_model_compiles_and_trains(case):
     pytest.importorskip("transformers")
+    from test_hf import IDS, build, train_step
     from torch._inductor.compile_fx import compile_fx
 
     import remat.integrations.hf as hf
-    from test_hf import IDS, build, train_step
 
     arch, policy = HF_CASES[case]
     reference = build(arch, "sdpa")

@@ -1,6 +1,6 @@
 """remat under torch.distributed: DDP and FSDP2 with 2 gloo processes on CPU.
 
-Two ``tests/_dist_worker.py`` processes train a tiny GPT (dropout on) for two SGD steps per
+Two ``_dist_worker.py`` processes train a tiny GPT (dropout on) for two SGD steps per
 case with remat applied; every step's loss and full gradients must equal a single-process
 run that computes both ranks' batches with the same dropout seeds and averages their
 gradients. With two ranks the average ``(g0 + g1) / 2`` is the same float computation in
@@ -14,10 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _dist_worker as worker
 import pytest
 import torch
-
-import _dist_worker as worker
 
 pytestmark = pytest.mark.distributed
 

@@ -10,23 +10,15 @@ import torch
 from torch import nn
 
 import remat
-from remat.bench.workloads import Block, build_workload
+from conftest import tiny_gpt
+from remat.bench.workloads import Block
 
 B, T, C, LAYERS = 2, 16, 32, 4
 BLOCK_INPUT = B * T * C * 4  # one (B, T, C) float32 tensor
 
 
 def gpt(dropout: float = 0.1):
-    return build_workload(
-        "gpt",
-        batch=B,
-        n_layers=LAYERS,
-        seq_len=T,
-        d_model=C,
-        n_heads=4,
-        vocab_size=64,
-        dropout=dropout,
-    )
+    return tiny_gpt(batch=B, n_layers=LAYERS, seq_len=T, d_model=C, dropout=dropout)
 
 
 def grads_of(workload, seed=3):

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
-from remat.bench.workloads import Block, build_workload
+from conftest import tiny_gpt
+from remat.bench.workloads import Block
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 SAVE_SETS = {
@@ -76,10 +77,7 @@ def test_gradients_equal_uncheckpointed(case, save):
 
 
 def _gpt(dropout=0.0, layers=2):
-    return build_workload(
-        "gpt", batch=2, n_layers=layers, seq_len=16, d_model=32, n_heads=4, vocab_size=64,
-        dropout=dropout,
-    )  # fmt: skip
+    return tiny_gpt(n_layers=layers, dropout=dropout)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
+from conftest import tiny_gpt
 from remat.bench.workloads import build_workload
 from remat.engine.checkpointing import run_checkpoint
 from remat.planner.profile_data import Profile
@@ -21,9 +22,7 @@ B, T, C = 2, 16, 32
 
 
 def small_gpt(**sizes):
-    options = dict(batch=B, n_layers=4, seq_len=T, d_model=C, n_heads=4, vocab_size=64)
-    options.update(sizes)
-    return build_workload("gpt", **options)
+    return tiny_gpt(**{"batch": B, "n_layers": 4, "seq_len": T, "d_model": C, **sizes})
 
 
 def loss_of(workload):
