@@ -146,10 +146,11 @@ def test_profile_bad_input():
 def test_nested_segments_across_containers_are_exact():
     """Segments nest (Rotor) and may cross the model's own containers (block1.2 .. block2.1
     of the MLP): heads run their segment, followers of an outer segment hand back its output
-    while the runner of a nested one still gets the real work done."""
+    while the runner of a nested one still gets the real work done. Out-of-place ReLUs: an
+    in-place one writes its input, so it can neither be recomputed nor start a segment."""
     from remat.planner import plan_from_choices
 
-    workload, reference = build_workload("mlp", batch=64), build_workload("mlp", batch=64)
+    workload, reference = (build_workload("mlp", batch=64, inplace=False) for _ in range(2))
     loss = loss_of(workload)
     regions = [n for n, _ in workload.model.named_modules() if n.count(".") == 1]
     prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss, regions=regions)
@@ -195,16 +196,18 @@ def test_named_presets_join_a_thinned_menu():
     assert menu["save-matmuls"].recompute_cost == 1.5
 
 
-def mlp_workloads(batch):
-    return build_workload("mlp", batch=batch), build_workload("mlp", batch=batch)
+def mlp_workloads(batch, inplace=True):
+    return tuple(build_workload("mlp", batch=batch, inplace=inplace) for _ in range(2))
 
 
-def test_profile_opens_sequentials_and_marks_unsaved_inputs():
+@pytest.mark.parametrize("inplace", [True, False], ids=["ReLU(inplace)", "ReLU()"])
+def test_profile_opens_sequentials_and_marks_unsaved_inputs(inplace):
     """The tutorial MLP has no block list: its Sequential blocks open into their layers. A
     ReLU's input (the Linear's output) is saved by nobody; its output is saved by the next
     Linear as that Linear's input, counted there, and needed once more in the ReLU's own
-    backward, so it joins the ReLU's transient."""
-    workload = build_workload("mlp", batch=64)
+    backward, so it joins the ReLU's transient. An in-place ReLU's output is its input,
+    rewritten: counted once, in the next Linear, not twice."""
+    workload = build_workload("mlp", batch=64, inplace=inplace)
     prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_of(workload))
     by_name = {r.name: r for r in prof.regions}
     assert list(by_name) == [f"block{b}.{i}" for b, n in ((1, 4), (2, 4), (3, 3)) for i in range(n)]
@@ -217,10 +220,11 @@ def test_profile_opens_sequentials_and_marks_unsaved_inputs():
     assert Profile.from_json(prof.to_json()) == prof
 
 
-def test_mlp_layer_plans_are_predicted_to_the_byte():
+@pytest.mark.parametrize("inplace", [True, False], ids=["ReLU(inplace)", "ReLU()"])
+def test_mlp_layer_plans_are_predicted_to_the_byte(inplace):
     """Every plan on the MLP's frontier (nested segments across its Sequentials, ReLUs
     stored or recomputed) measures exactly its predicted peak, gradients unchanged."""
-    workload, reference = mlp_workloads(1024)
+    workload, reference = mlp_workloads(1024, inplace)
     loss = loss_of(workload)
     prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss)
     front = remat.pareto(prof)

@@ -175,11 +175,13 @@ def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
     consumer's saved bytes, so each such tensor is counted once, there, and not in the
     producer's.
     """
-    return [
-        (rec["saved"].keys() & set().union(*(r["input"][0] for r in recs[i + 1 :])))
-        - rec["input"][0]
-        for i, rec in enumerate(recs)
-    ]
+    handed = []
+    for i, rec in enumerate(recs):
+        later = set().union(*(r["input"][0] for r in recs[i + 1 :]))
+        # An in-place region (ReLU(inplace=True)) hands on its own input, rewritten.
+        passed_through = rec["input"][0] & rec["output"][0]
+        handed.append((rec["saved"].keys() & later) - (rec["input"][0] - passed_through))
+    return handed
 
 
 def saved_union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tuple[int, bool]:
@@ -188,7 +190,7 @@ def saved_union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tu
     Linear's output before it, is freed once the ReLU has run, so the ReLU's saved bytes
     leave it out. What it ``handed`` on to a later region is counted there."""
     keys, _ = rec["input"]  # keys exclude pre-existing inputs
-    saved_inputs = {k for k in keys if k in rec["saved"] or k in received}
+    saved_inputs = {k for k in keys if (k in rec["saved"] or k in received) and k not in handed}
     own = sum(v for k, v in rec["saved"].items() if k not in keys and k not in handed)
     # Part of a several-tensor input saved: counted, and the whole input held on top when a
     # checkpoint holds it (an overcount, on the safe side).
