@@ -138,18 +138,40 @@ def fresh_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return tree_map(fresh, (args, kwargs))
 
 
+class _SeedGradients(torch.autograd.Function):
+    """A scalar whose backward hands each output a gradient of ones made inside the
+    autograd engine: freed once the region's last op has used it, as the gradient coming
+    from the rest of the model is in a real step. Gradients held by the caller would stay
+    live through the whole backward and count a block ending in a Linear one output too
+    many."""
+
+    @staticmethod
+    def forward(ctx: Any, *outs: Tensor) -> Tensor:
+        ctx.specs = [(o.shape, o.dtype, o.device) for o in outs]
+        return outs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.ones(shape, dtype=dt, device=dev) for shape, dt, dev in ctx.specs)
+
+
 def excess_bytes(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[int, int]:
-
+    """(forward excess, backward excess): the backward's counted beyond the output's
+    gradient, which the memory model adds itself (``Region.backward_bytes``)."""
     with MemoryTracker(timeline=False) as tracker:
         out = module(*args, **kwargs)
         after_forward = tracker.current_bytes
         forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
-        grads = [torch.ones_like(t) for t in outs]
-        before_backward = tracker.current_bytes
+        grad_bytes = sum(t.numel() * t.element_size() for t in outs)
         if outs:
-            torch.autograd.backward(outs, grads)
-    backward_excess = tracker.peak_by_phase["backward"] - before_backward
+            seed = _SeedGradients.apply(*outs)
+            start = torch.ones_like(seed)
+            before_backward = tracker.current_bytes
+            torch.autograd.backward(seed, start)
+            backward_excess = tracker.peak_by_phase["backward"] - before_backward - grad_bytes
+        else:
+            backward_excess = 0
     return max(0, forward_excess), max(0, forward_excess, backward_excess)
