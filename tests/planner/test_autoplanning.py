@@ -644,3 +644,35 @@ def test_profile_and_autoplan_refuse_a_model_in_eval_mode():
         remat.profile(workload.model, *workload.inputs)
     with pytest.raises(remat.PlanError, match="eval mode"):
         remat.autoplan(workload.model, *workload.inputs, budget="50%")
+
+
+class _Gapped(nn.Module):
+    """Block 2's input is made between blocks 1 and 2, not handed on by block 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16)) for _ in range(4)
+        )
+
+    def forward(self, x):
+        x = self.blocks[1](self.blocks[0](x)) * 0.5
+        return self.blocks[3](self.blocks[2](x))
+
+
+def test_no_planned_segment_spans_code_between_blocks_and_every_plan_is_exact():
+    """remat's segments carry on only through their own calls' outputs, so a segment over
+    blocks 1-2 would run as two regions and keep more than planned: the profile marks block 2
+    and every frontier plan measures its prediction to the byte."""
+    torch.manual_seed(0)
+    model, x = _Gapped(), torch.randn(256, 16)
+    loss = lambda out: out.square().mean()  # noqa: E731
+    prof = remat.profile(model, x, loss_fn=loss)
+    assert [bool(r.segment_break) for r in prof.regions] == [False, False, True, False]
+    assert "'blocks.1'" in prof.regions[2].segment_break
+    front = remat.pareto(prof)
+    assert any(p.segments for p in front)
+    for p in front:
+        assert not any(a < 2 < b for a, b in p.segments)
+        remat.apply_plan(model, p)
+        assert measure_step_peak(model, (x,), loss) == p.predicted_peak_bytes

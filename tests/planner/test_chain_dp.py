@@ -29,6 +29,7 @@ from remat.planner import (
     store_all_peak,
 )
 from remat.planner.chain_dp import discretize
+from remat.planner.memory_model import plan_from_choices
 
 
 def random_chain(
@@ -375,3 +376,39 @@ def test_table_size_limit_counts_the_second_table():
 
     assert _tables(chain(True), nested=True) == 1 and _tables(chain(False), nested=True) == 2
     assert _slots(49, True, 10**6, tables=2) < _slots(49, True, 10**6, tables=1)
+
+
+def _chain_with_break(at: int | None, n: int = 6) -> Chain:
+    return Chain(
+        [
+            Region(
+                name=f"r{i}",
+                fwd_cost=1.0,
+                input_bytes=10,
+                saved_bytes=40,
+                output_bytes=10,
+                segment_break="its input is made between" if i == at else "",
+            )
+            for i in range(n)
+        ]
+    )
+
+
+def _crosses(segments, at: int) -> bool:
+    return any(a < at < b for a, b in segments)
+
+
+def test_no_plan_has_a_segment_across_a_segment_break():
+    """A region whose input the model makes between the regions ends every segment before
+    it: the DP's frontier, its least-memory plan, sqrt and a hand-made plan alike."""
+    free = pareto(_chain_with_break(None))
+    assert any(_crosses(p.segments, 3) for p in free)  # without the break, they do cross
+    chain = _chain_with_break(3)
+    front = pareto(chain)
+    assert front and not any(_crosses(p.segments, 3) for p in front)
+    least = min_peak_bytes(chain)
+    assert least > min_peak_bytes(_chain_with_break(None))
+    assert min(p.predicted_peak_bytes for p in front) == least
+    assert not _crosses(sqrt_plan(chain, segment=6).segments, 3)
+    with pytest.raises(ValueError, match="crosses region 'r3'"):
+        plan_from_choices(chain, [0] * 6, [(1, 5)])

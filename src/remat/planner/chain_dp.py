@@ -150,10 +150,17 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
 def _segment_ends(chain: Chain) -> list[int]:
     """Per start ``s``, the largest stop a segment from ``s`` may have: ``s`` itself (none)
     when region ``s`` cannot be recomputed from its input (``store_only``: it writes it),
-    else the chain's end. Inside a segment such a region is fine: its input is recomputed,
+    else the first later region a segment cannot carry on into (``segment_break``), else
+    the chain's end. Inside a segment a store-only region is fine: its input is recomputed,
     and its write with it."""
     n = len(chain)
-    return [s if r.store_only else n for s, r in enumerate(chain.regions)]
+    ends, next_break = [n] * n, n
+    for s in range(n - 1, -1, -1):
+        r = chain.regions[s]
+        ends[s] = s if r.store_only else next_break
+        if r.segment_break:
+            next_break = s
+    return ends
 
 
 def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -> list:

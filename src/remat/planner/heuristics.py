@@ -6,6 +6,7 @@ Each returns a ``Plan`` with the same predicted peak and extra cost accounting a
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from remat.errors import BudgetError
@@ -46,17 +47,26 @@ def sqrt_plan(chain: Chain, budget_bytes: int | None = None, *, segment: int | N
     choices = [0] * n
     segments = []
     for a in range(0, n - size, size):  # every segment but the last
-        # A segment cannot start with a region that writes its input (store_only): it
-        # starts at the next one.
-        start = next((i for i in range(a, a + size) if not chain.regions[i].store_only), None)
-        if start is None:
-            continue
-        if a + size - start == 1:
-            choices[start] = 1  # recompute
-        else:
-            segments.append((start, a + size))
+        for start, stop in _runs(chain, a, a + size):
+            if stop - start == 1:
+                choices[start] = 1  # recompute
+            else:
+                segments.append((start, stop))
     plan = plan_from_choices(chain, choices, segments, budget_bytes=budget_bytes, solver="sqrt")
     return _check(plan, budget_bytes, "sqrt")
+
+
+def _runs(chain: Chain, a: int, b: int) -> list[tuple[int, int]]:
+    """``[a, b)`` as segments may run: cut before each region a segment cannot carry on
+    into (``segment_break``), and each piece started at its first region that can be
+    recomputed from its input (not ``store_only``: one that writes its input)."""
+    cuts = [a, *(i for i in range(a + 1, b) if chain.regions[i].segment_break), b]
+    runs = []
+    for lo, hi in itertools.pairwise(cuts):
+        start = next((i for i in range(lo, hi) if not chain.regions[i].store_only), None)
+        if start is not None:
+            runs.append((start, hi))
+    return runs
 
 
 def every_n_plan(chain: Chain, budget_bytes: int | None = None, *, n: int | None = None) -> Plan:

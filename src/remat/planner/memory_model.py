@@ -159,6 +159,13 @@ def plan_from_choices(
                 f"segments: ({a}, {b}) starts with region {chain.regions[a].name!r}, which "
                 f"cannot be recomputed from its input ({chain.regions[a].store_only})"
             )
+        inside = next((i for i in range(a + 1, b) if chain.regions[i].segment_break), None)
+        if inside is not None:
+            r = chain.regions[inside]
+            raise ValueError(
+                f"segments: ({a}, {b}) crosses region {r.name!r}, which a segment cannot "
+                f"carry on into ({r.segment_break})"
+            )
     peak, cost = simulate(chain, plan_tree(idx, segs, 0, n))
     rows = []
     for i, (r, k) in enumerate(zip(chain.regions, idx)):

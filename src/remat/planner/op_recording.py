@@ -5,6 +5,7 @@ its ops (dispatch mode) and their times, through forward pre/post hooks.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,14 @@ def pre_hook(name, stack, records, exclude, sync):
             rec["input_versions"] = [
                 (t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
             ]
+            # Which regions' outputs it takes, as tensor objects: a remat segment carries on
+            # into a call only through the very tensors its calls returned.
+            rec["takes_output_of"] = {
+                other
+                for other, r in records.items()
+                for ref in r.get("output_refs", ())
+                if any(ref() is t for t, _ in rec["input_versions"])
+            }
         rec["start"] = time.perf_counter()
         stack.append(name)
 
@@ -123,7 +132,11 @@ def post_hook(name, stack, records, exclude, sync):
         sync()
         rec = records[name]
         rec["times"].append(time.perf_counter() - rec["start"])
-        rec.setdefault("output", storage_bytes(output, exclude))
+        if "output" not in rec:
+            rec["output"] = storage_bytes(output, exclude)
+            rec["output_refs"] = [
+                weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)
+            ]
         versions = rec.pop("input_versions", ())
         if any(t._version != v for t, v in versions):  # checkpointing it would raise
             rec["writes_input"] = True

@@ -115,6 +115,12 @@ class Region:
             is never recomputed alone and never starts a segment; inside a segment it is
             fine (its input is recomputed, and the write with it), and its op-level options
             run on the tape. Plan tables say why.
+        segment_break: why a segment cannot carry on into this region from the one before
+            (``""``: it can). The model makes this region's input outside the regions (``x
+            = block(x) * scale``) instead of handing it the previous region's output, so a
+            segment's region ends there (remat's segments carry on only through outputs of
+            their own calls), and a plan whose segment crosses it would keep more than the
+            chain model says.
     """
 
     name: str
@@ -128,13 +134,15 @@ class Region:
     forward_transient_bytes: int | None = None
     recompute_cost: float | None = None
     store_only: str = ""
+    segment_break: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Region: name must be a non-empty str, got {self.name!r}")
         owner = f"region {self.name!r}"
-        if not isinstance(self.store_only, str):
-            raise ValueError(f"{owner}: store_only must be a str, got {self.store_only!r}")
+        for attr in ("store_only", "segment_break"):
+            if not isinstance(getattr(self, attr), str):
+                raise ValueError(f"{owner}: {attr} must be a str, got {getattr(self, attr)!r}")
 
         check_cost(owner, "fwd_cost", self.fwd_cost)
         if self.recompute_cost is not None:

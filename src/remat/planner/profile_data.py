@@ -67,6 +67,8 @@ class RegionProfile:
             ``"writes its input in place"`` for an ``nn.ReLU(inplace=True)`` region, whose
             recomputation would start from the written input (``planner.Region``). Its
             op-level options run on the tape, which copies what it holds before a write.
+        segment_break: why a segment cannot carry on into it from the region before
+            (``""``: it can): its input is not an output of that region (``planner.Region``).
     """
 
     name: str
@@ -83,6 +85,7 @@ class RegionProfile:
     recompute_ops: int | None = None
     op_overhead: float = 0.0
     store_only: str = ""
+    segment_break: str = ""
 
     @property
     def rerun_ops(self) -> tuple[OpProfile, ...]:
@@ -107,6 +110,7 @@ class RegionProfile:
             forward_transient_bytes=self.forward_transient_bytes,
             recompute_cost=rerun,
             store_only=self.store_only,
+            segment_break=self.segment_break,
         )
 
 

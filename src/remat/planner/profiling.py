@@ -50,6 +50,18 @@ from remat.planner.step_memory import (
 __all__ = ["profile"]
 
 
+def _segment_break(chosen: list[tuple[str, Any]], records: dict[str, Any], i: int) -> str:
+    """Why a segment cannot carry on into region ``i`` (``""``: it can): none of its inputs
+    is an output of region ``i - 1`` (code between them makes its input, ``x = block(x) *
+    scale``, or it takes the model's input)."""
+    if i == 0:
+        return ""
+    before = chosen[i - 1][0]
+    if before in records[chosen[i][0]].get("takes_output_of", ()):
+        return ""
+    return f"its input is not an output of {before!r}: the model makes it between them"
+
+
 def profile(
     model: nn.Module,
     *inputs: Any,
@@ -221,6 +233,7 @@ def _profile(
                 recompute_ops=rec.get("rerun_ops", 0),
                 op_overhead=overheads.get(name, 0.0),
                 store_only="writes its input in place" if rec.get("writes_input") else "",
+                segment_break=_segment_break(chosen, records, i),
                 ops=tuple(
                     OpProfile(
                         name=o.name,
