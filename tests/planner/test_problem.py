@@ -145,8 +145,12 @@ def test_plan_prints_a_table():
     text = str(plan)
     lines = text.splitlines()
     assert lines[0].startswith("Plan by x: predicted peak 14 B (budget 30 B)")
-    assert lines[1].split() == ["#", "region", "action", "option", "kept", "recompute", "segments"]
+    header = ["#", "region", "action", "option", "kept", "recompute", "keeps", "segments"]
+    assert lines[1].split() == header
     assert lines[3].split()[:5] == ["1", "b", "ops", "(replay)", "keep-mm"]
+    # the ops it keeps by their short names, the recomputation as a share of the forward
+    assert lines[3].split()[-1] == "mm" and "%" in lines[2]
+    assert "MiB" not in text
     tape = dataclasses.replace(plan.regions[1], engine="tape")
     tape_plan = dataclasses.replace(plan, regions=(plan.regions[0], tape, plan.regions[2]))
     assert str(tape_plan).splitlines()[3].split()[2:4] == ["ops", "(tape)"]

@@ -102,6 +102,7 @@ def plan(
             **result.meta,
             "outside_bytes": profile.outside_bytes,
             "cost_unit": profile.cost_unit,
+            "forward_flops": sum(r.flops for r in profile.regions),
             "default_regions": profile.meta.get("default_regions", False),
         },
     )

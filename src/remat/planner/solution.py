@@ -166,7 +166,8 @@ class Plan:
         for k, (a, b) in enumerate(self.segments):
             for i in range(a, b):
                 seg_of.setdefault(i, []).append(f"S{k}")
-        rows = [("#", "region", "action", "option", "kept", "recompute", "segments")]
+        forward = self.forward_cost or 0.0
+        rows = [("#", "region", "action", "option", "kept", "recompute", "keeps", "segments")]
         for i, r in enumerate(self.regions):
             rows.append(
                 (
@@ -175,23 +176,56 @@ class Plan:
                     f"ops ({r.engine})" if r.action == OPS else r.action,
                     r.option,
                     _fmt_bytes(r.kept_bytes),
-                    f"{r.recompute_cost:g}",
+                    _share(r.recompute_cost, forward) if r.recompute_cost else "-",
+                    _keeps(r),
                     ",".join(seg_of.get(i, ())) + (f"  ({r.note})" if r.note else ""),
                 )
             )
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
         budget = "none" if self.budget_bytes is None else _fmt_bytes(self.budget_bytes)
-        ratio = self.extra_cost / self.forward_cost if self.forward_cost else 0.0
         lines.insert(
             0,
             f"Plan by {self.solver}: predicted peak {_fmt_bytes(self.predicted_peak_bytes)} "
-            f"(budget {budget}), extra cost {self.extra_cost:g} "
-            f"({ratio:.1%} of the forward)",
+            f"(budget {budget}), extra compute {_share(self.extra_cost, forward)} of the "
+            f"forward{_measured(self.extra_cost, forward, self.meta)}",
         )
+        lines.append("kept: held from the region's forward to its backward (1 MB = 10^6 B)")
+        lines.append("recompute: the region's recomputation, as a share of the whole forward")
         for k, (a, b) in enumerate(self.segments):
             lines.append(f"S{k}: regions {a}..{b - 1} checkpointed as one segment")
         return "\n".join(lines)
+
+
+def _share(cost: float, forward: float) -> str:
+    return f"{cost / forward:.1%}" if forward else f"{cost:g}"
+
+
+def _measured(extra: float, forward: float, meta: dict[str, Any]) -> str:
+    """The costs in their unit, where they were measured: seconds (and the FLOPs counted)."""
+    if meta.get("cost_unit") != "seconds":
+        return ""
+    flops = meta.get("forward_flops")
+    counted = f", {flops / 1e9:.3g} GFLOP" if flops else ""
+    return f" ({extra * 1e3:.3g} ms of {forward * 1e3:.3g} ms measured{counted})"
+
+
+def _short_op(name: str) -> str:
+    """``aten.addmm.default#0`` -> ``addmm#0``."""
+    op, sep, call = name.partition("#")
+    parts = op.split(".")
+    if parts[0] in ("aten", "prims") and len(parts) > 1:
+        parts = parts[1:]
+    if len(parts) > 1 and parts[-1] == "default":
+        parts = parts[:-1]
+    return ".".join(parts) + sep + call
+
+
+def _keeps(r: RegionPlan) -> str:
+    """What a region keeps for backward, in words."""
+    if r.action == OPS:
+        return ", ".join(map(_short_op, r.save_ops)) or "input only"
+    return {"store": "all it saves", "recompute": "input only"}.get(r.action, r.action)
 
 
 _PLAN_FIELDS = (
@@ -249,7 +283,8 @@ def _check_fields(data: Any, what: str, fields: Sequence[str], required: Sequenc
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Decimal units (MB = 10^6 B), as ``remat bench`` and ``remat plan`` print them."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
