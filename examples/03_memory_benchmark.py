@@ -6,12 +6,18 @@ with ``remat.MemoryTracker``, which counts tensor storages exactly on any device
 the input are included, as in the tutorial's ``torch.cuda.max_memory_allocated`` figures. On a
 GPU the allocator's own peaks are printed beside it.
 
-Configurations:
+Blocks 1–2 are checkpointed as ONE region, as in the tutorial
+(``checkpoint(self._checkpoint_layers, x)`` with ``x`` requiring grad): only the region's input
+is kept. Configurations:
   none            the plain model
-  torch           blocks 1–2 under torch.utils.checkpoint(use_reentrant=False)
-  remat           blocks 1–2 under remat.checkpoint
-  reentrant-bug   torch.utils.checkpoint(use_reentrant=True) with an input that does not
-                  require grad: less memory, but blocks 1–2 then get NO gradients
+  torch           blocks 1–2 as one region under torch.utils.checkpoint(use_reentrant=False)
+  torch-reentrant the same with use_reentrant=True (the tutorial's call; fine here, since x
+                  requires grad)
+  remat           blocks 1–2 as one region under remat.checkpoint
+  per-block       block 1 and block 2 checkpointed separately: block 1's output (3072 x 700
+                  floats, 8.6 MB) is kept as block 2's input
+  reentrant-bug   reentrant checkpoint with an input that does not require grad: less
+                  memory, but blocks 1–2 then get NO gradients
 
 Run: python examples/03_memory_benchmark.py [--batch 3072] [--device cpu|cuda] [--json out.json]
 """
@@ -30,7 +36,7 @@ import torch.utils.checkpoint as tuc
 import remat
 from remat.bench.workloads import build_workload
 
-CONFIGS = ("none", "torch", "remat", "reentrant-bug")
+CONFIGS = ("none", "torch", "torch-reentrant", "remat", "per-block", "reentrant-bug")
 MB = 1e6
 
 
@@ -38,16 +44,21 @@ def measure(config: str, batch: int, device: str) -> dict:
     """One configuration's figures, in bytes (run in a fresh process)."""
     w = build_workload("mlp", batch=batch, device=device)
     model, (x,) = w.model, w.inputs
+    x.requires_grad_(config != "reentrant-bug")  # the tutorial's input requires grad
+
+    def checkpoint_layers(x: torch.Tensor) -> torch.Tensor:  # the tutorial's blocks 1–2
+        return model.block2(model.block1(x))
 
     def run_blocks(x: torch.Tensor) -> torch.Tensor:
         if config == "none":
             return model(x)
         if config == "remat":
+            h = remat.checkpoint(checkpoint_layers, x)
+        elif config == "per-block":
             h = remat.checkpoint(model.block2, remat.checkpoint(model.block1, x))
         else:
-            reentrant = config == "reentrant-bug"
-            h = tuc.checkpoint(model.block1, x, use_reentrant=reentrant)
-            h = tuc.checkpoint(model.block2, h, use_reentrant=reentrant)
+            reentrant = config in ("torch-reentrant", "reentrant-bug")
+            h = tuc.checkpoint(checkpoint_layers, x, use_reentrant=reentrant)
         return model.block3(h)
 
     with warnings.catch_warnings():
@@ -95,12 +106,12 @@ def main() -> None:
         results.append(json.loads(out.strip().splitlines()[-1]))
 
     cuda = args.device.startswith("cuda")
-    head = f"{'config':<14} {'forward peak MB':>16} {'saved MB':>10} {'grads':>6}"
+    head = f"{'config':<16} {'forward peak MB':>16} {'saved MB':>10} {'grads':>6}"
     print(f"TutorialMLP, batch {args.batch}, float32, {args.device} (forward, weights + input)")
     print(head + (f" {'cuda alloc MB':>14} {'cuda reserved MB':>17}" if cuda else ""))
     for r in results:
         line = (
-            f"{r['config']:<14} {r['forward_peak'] / MB:>16.2f} {r['saved'] / MB:>10.2f} "
+            f"{r['config']:<16} {r['forward_peak'] / MB:>16.2f} {r['saved'] / MB:>10.2f} "
             f"{r['params_with_grad']:>6}"
         )
         if cuda:

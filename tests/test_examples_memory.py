@@ -40,11 +40,22 @@ def test_03_memory_benchmark(tmp_path: Path) -> None:
     path = tmp_path / "mem.json"
     out = run("03_memory_benchmark.py", "--batch", "32", "--device", "cpu", "--json", str(path))
     results = {r["config"]: r for r in json.loads(path.read_text())["results"]}
-    assert set(results) == {"none", "torch", "remat", "reentrant-bug"}
-    # the two correct checkpoint implementations hold exactly the same bytes
-    assert results["torch"]["forward_peak"] == results["remat"]["forward_peak"]
-    assert results["torch"]["saved"] == results["remat"]["saved"]
+    assert set(results) == {
+        "none",
+        "torch",
+        "torch-reentrant",
+        "remat",
+        "per-block",
+        "reentrant-bug",
+    }
+    # blocks 1-2 as one region: every correct implementation holds exactly the same bytes
+    for name in ("torch-reentrant", "remat"):
+        assert results[name]["forward_peak"] == results["torch"]["forward_peak"]
+        assert results[name]["saved"] == results["torch"]["saved"]
+        assert results[name]["params_with_grad"] == "12/12"
     assert results["remat"]["forward_peak"] < results["none"]["forward_peak"]
+    # per block, block 1's output (32 x 700 floats) is kept as block 2's input
+    assert results["per-block"]["saved"] - results["remat"]["saved"] == 32 * 700 * 4
     assert results["reentrant-bug"]["params_with_grad"] == "4/12"
     assert all(r["cuda_max_allocated"] is None for r in results.values())
     assert f"{results['none']['forward_peak'] / 1e6:.2f}" in out

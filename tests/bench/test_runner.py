@@ -28,7 +28,7 @@ from remat.bench.runner import (
 from remat.bench.worker import classify, downsample, flop_counter
 from remat.bench.workloads import build_workload
 
-GOOD = ["tutorial", "tutorial-function", "remat", "all-blocks"]
+GOOD = ["tutorial", "tutorial-function", "remat", "per-block", "all-blocks"]
 B = 16  # batch of the real runs: small, so weights dominate and workers start fast
 
 
@@ -195,12 +195,18 @@ def test_run_bench_rows_and_reference(mlp_run):
 def test_run_bench_saved_bytes_and_flops_are_exact(mlp_run):
     rows = {r.name: r for r in mlp_run.configs}
     f32 = 4
-    # Checkpointing blocks 1-2 stops saving the ReLU output inside each (B x 512); all-blocks
-    # also block3's. Block inputs stay saved: they are the checkpoints.
-    for name in ("tutorial", "tutorial-function", "remat"):
-        assert rows["none"].saved_bytes - rows[name].saved_bytes == 2 * B * 512 * f32
-        # Recomputation: the forward of blocks 1-2 once more (2 FLOPs per multiply-add).
-        blocks12 = 3000 * 512 + 512 * 700 + 700 * 512 + 512 * 700
+    # Blocks 1-2 as one region (the tutorial's) keep only block 1's input: the ReLU output
+    # inside each block (B x 512) and block 1's output, block 2's input (B x 700), are not
+    # saved. Per block, block 2's input is kept as its checkpoint; all-blocks also drops
+    # block3's ReLU output. Recomputation: the forward of blocks 1-2 once more (2 FLOPs per
+    # multiply-add).
+    blocks12 = 3000 * 512 + 512 * 700 + 700 * 512 + 512 * 700
+    for name in ("tutorial", "tutorial-function", "remat", "per-block"):
+        kept_input = 700 if name == "per-block" else 0
+        assert (
+            rows["none"].saved_bytes - rows[name].saved_bytes
+            == B * (2 * 512 + 700 - kept_input) * f32
+        )
         assert rows[name].extra_flops == 2 * B * blocks12
     assert rows["none"].saved_bytes - rows["all-blocks"].saved_bytes == 3 * B * 512 * f32
 

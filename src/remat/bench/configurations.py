@@ -1,15 +1,18 @@
-"""The configurations ``remat bench`` compares, and the workloads it runs them on.
+"""The configurations ``remat bench`` compares (the models it runs them on:
+:mod:`remat.bench.model_choice`).
 
 A configuration is a :class:`BenchConfig` in :data:`CONFIGS`: a name and a function that wraps
 the workload's model in place, inside the worker process. Adding one (including a
 parameterised one such as ``auto:40%``, which receives ``"40%"``) is one ``register_config``.
-``remat`` and ``all-blocks`` go through ``remat.apply`` (see :func:`policy_config`); the
-``tutorial*`` ones wrap blocks the tutorial's way, by replacing ``forward`` on the instance.
+``tutorial``, ``tutorial-function`` and ``remat`` run blocks 1..n-1 as ONE region, the
+tutorial's way (by replacing ``forward`` on the instances); ``per-block``, ``all-blocks`` and
+the other policies go through ``remat.apply`` (see :func:`policy_config`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,14 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.bench.workloads import MODEL_NAMES, Workload
+import remat
+from remat.bench.workloads import Workload
 
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
 # --------------------------------------------------------------------------------------------
 # Configurations: how each one wraps the model. A new configuration is one `register_config`.
 
@@ -123,27 +121,58 @@ def _wrap_blocks(workload: Workload, names: tuple[str, ...], make) -> None:
         wrap_forward(workload.model.get_submodule(name), make)
 
 
-def _torch_checkpoint(reentrant: bool):
-    def make(forward):
-        def wrapped(*args, **kwargs):
-            from torch.utils.checkpoint import checkpoint
-
-            fn = functools.partial(forward, **kwargs) if kwargs else forward
-            return checkpoint(fn, *args, use_reentrant=reentrant)
-
-        return wrapped
-
-    return make
+def _chained(out: Any) -> Any:
+    """What the next block takes from a block's output: the output, or its first item."""
+    return out[0] if isinstance(out, tuple) else out
 
 
-def _remat_function(forward):
-    def wrapped(*args, **kwargs):
-        import remat
+def _run_chain(forwards: list[Callable[..., Any]], x: Any, *args: Any, **kwargs: Any) -> Any:
+    out = x
+    for forward in forwards:
+        out = forward(_chained(out), *args, **kwargs)
+    return out
 
-        fn = functools.partial(forward, **kwargs) if kwargs else forward
-        return remat.CheckpointFunction.apply(fn, *args)
 
-    return wrapped
+def _as_one_region(workload: Workload, names: tuple[str, ...], region: Callable[..., Any]):
+    """Run the blocks ``names``, which the model calls one after the other (with the same
+    other arguments: a mask, positions), as ONE checkpointed region, as the tutorial does
+    (``checkpoint(self._checkpoint_layers, x)``): the first block's call runs them all
+    under ``region(run, x, *args, **kwargs)``, and each later block, called on the output it
+    has already computed, hands it back."""
+    modules = [workload.model.get_submodule(n) for n in names]
+    # A partial over the original bound forwards: the function engine finds the modules.
+    run = functools.partial(_run_chain, [m.forward for m in modules])
+    done: dict[str, Any] = {}
+
+    def first(x: Any, *args: Any, **kwargs: Any) -> Any:
+        done["out"] = region(run, x, *args, **kwargs)
+        return done["out"]
+
+    def hand_back(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if "out" not in done or x is not _chained(done["out"]):
+            raise RuntimeError(
+                f"blocks {', '.join(names)} as one region: the model must call them one after "
+                f"the other, each on the one before's output, and "
+                f"{type(workload.model).__name__}.forward does something in between; "
+                "per-block or all-blocks checkpoint them separately"
+            )
+        return done["out"]
+
+    modules[0].forward = first
+    for module in modules[1:]:
+        module.forward = hand_back
+
+
+def _torch_region(reentrant: bool) -> Callable[..., Any]:
+    def region(run: Callable[..., Any], x: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        if reentrant:  # the reentrant form takes no keyword arguments
+            run = functools.partial(run, **kwargs) if kwargs else run
+            return checkpoint(run, x, *args, use_reentrant=True)
+        return checkpoint(run, x, *args, use_reentrant=False, **kwargs)
+
+    return region
 
 
 def policy_config(
@@ -166,7 +195,6 @@ def policy_config(
     """
 
     def apply(workload: Workload, arg: str | None) -> None:
-        import remat
 
         remat.apply(workload.model, policy(workload, arg))
 
@@ -174,28 +202,24 @@ def policy_config(
 
 
 def _blocks(names: tuple[str, ...]):
-    import remat
 
     # Exact qualified names (no glob characters in block names).
     return remat.by_name(*names)
 
 
 def _ops(preset: str, engine: str = "replay"):
-    import remat
 
     return remat.ops(preset, engine=engine)
 
 
 def _sqrt():
-    import remat
 
     return remat.sqrt()
 
 
 def _offload(workload: Workload):
-    import remat
 
-    on_cpu = workload.inputs[0].device.type == "cpu"
+    on_cpu = workload.device.type == "cpu"
     return remat.offload(store=remat.CpuStore() if on_cpu else None)
 
 
@@ -217,14 +241,38 @@ def _check_auto(arg: str | None) -> None:
 
 
 def _auto(workload: Workload, arg: str | None) -> None:
-    import remat
 
     remat.autoplan(
-        workload.model,
-        *workload.inputs,
-        budget=arg,
-        loss_fn=lambda out: workload.loss_fn(out, workload.targets),
+        workload.model, *workload.inputs, budget=arg, loss_fn=workload.loss_of, **workload.kwargs
     )
+
+
+def load_plan_file(path: str | None) -> remat.Plan:
+    """The plan saved at ``path``: ``Plan.to_json``'s file or ``remat plan --json``'s report.
+
+    Raises:
+        ValueError: no path, no such file, or not a plan (the field at fault named).
+    """
+    if not path:
+        raise ValueError("configuration plan:<path.json> needs a file, e.g. plan:plan.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as err:
+        raise ValueError(f"configuration plan:{path}: cannot read it ({err.strerror})") from None
+    except ValueError as err:
+        raise ValueError(f"configuration plan:{path}: not JSON ({err})") from None
+    if isinstance(data, dict) and "regions" not in data and "plan" in data:
+        data = data["plan"]  # remat plan --json writes {"plan": ..., "step_peak_bytes": ...}
+    try:
+        return remat.Plan.from_dict(data)
+    except (remat.PlanError, TypeError) as err:
+        raise ValueError(f"configuration plan:{path}: {err}") from None
+
+
+def _apply_plan_file(workload: Workload, arg: str | None) -> None:
+
+    remat.apply_plan(workload.model, load_plan_file(arg))
 
 
 def _crash(workload: Workload, arg: str | None) -> None:
@@ -253,17 +301,26 @@ for _config in (
     ),
     BenchConfig(
         name="tutorial",
-        description="blocks 1..n-1 with torch.utils.checkpoint (use_reentrant=False)",
-        apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _torch_checkpoint(False)),
+        description="blocks 1..n-1 as one region with torch.utils.checkpoint "
+        "(use_reentrant=False), the tutorial's checkpoint(self._checkpoint_layers, x)",
+        apply=lambda w, a: _as_one_region(w, checkpointed_blocks(w), _torch_region(False)),
     ),
     BenchConfig(
         name="tutorial-function",
-        description="blocks 1..n-1 with remat.CheckpointFunction.apply",
-        apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _remat_function),
+        description="blocks 1..n-1 as one region with remat.CheckpointFunction.apply",
+        apply=lambda w, a: _as_one_region(
+            w, checkpointed_blocks(w), remat.CheckpointFunction.apply
+        ),
+    ),
+    BenchConfig(
+        name="remat",
+        description="blocks 1..n-1 as one region with remat.checkpoint",
+        apply=lambda w, a: _as_one_region(w, checkpointed_blocks(w), remat.checkpoint),
     ),
     policy_config(
-        "remat",
-        "blocks 1..n-1 with remat.checkpoint (remat.apply)",
+        "per-block",
+        "blocks 1..n-1, each its own region, with remat.checkpoint (remat.apply): each "
+        "block's input is kept",
         lambda w, a: _blocks(checkpointed_blocks(w)),
     ),
     policy_config(
@@ -273,9 +330,10 @@ for _config in (
     ),
     BenchConfig(
         name="tutorial-reentrant",
-        description="reentrant torch.utils.checkpoint on blocks 1..n-1: the tutorial's bug "
-        "(mlp: block inputs without requires_grad, blocks 1-2 get no gradients: FAIL)",
-        apply=lambda w, a: _wrap_blocks(w, checkpointed_blocks(w), _torch_checkpoint(True)),
+        description="reentrant torch.utils.checkpoint on blocks 1..n-1 as one region: the "
+        "tutorial's bug (mlp: the input does not require grad, blocks 1-2 get no gradients: "
+        "FAIL)",
+        apply=lambda w, a: _as_one_region(w, checkpointed_blocks(w), _torch_region(True)),
         default=False,
     ),
     policy_config(
@@ -317,76 +375,17 @@ for _config in (
         check_arg=_check_auto,
     ),
     BenchConfig(
+        name="plan",
+        description="a saved plan applied with remat.apply_plan: plan:plan.json (remat plan "
+        "--json's file, or Plan.to_json's)",
+        apply=_apply_plan_file,
+        takes_arg=True,
+        default=False,
+        check_arg=load_plan_file,
+    ),
+    BenchConfig(
         name="_crash", description="test: worker dies", apply=_crash, hidden=True, takes_arg=True
     ),
     BenchConfig(name="_oom", description="test: allocation fails", apply=_oom, hidden=True),
 ):
     register_config(_config)
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency is not installed; the message says which extra provides it."""
-
-
-def check_model(name: str) -> None:
-    """Validate a ``--model`` value before any worker starts.
-
-    Raises:
-        ValueError: unknown model or Hugging Face architecture (the message lists valid ones).
-        MissingExtraError: ``hf:<arch>`` without transformers installed.
-    """
-    if name in MODEL_NAMES:
-        return
-    if name.startswith("hf:"):
-        from remat.bench.hf_workloads import check_arch
-
-        check_arch(name[3:])
-        return
-    raise ValueError(
-        f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}, "
-        "hf:<arch> (e.g. hf:gpt2, hf:llama)"
-    )
-
-
-def check_sizes(model: str, sizes: dict[str, int]) -> None:
-    """Raise ``ValueError`` for model sizes that cannot build, before any worker starts."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"size option {name}={value!r} must be a positive integer")
-    if model == "gpt":
-        from remat.bench.workloads import GPTConfig
-
-        defaults = {"d_model": GPTConfig.d_model, "n_heads": GPTConfig.n_heads}
-    elif model.startswith("hf:"):
-        from remat.bench.hf_workloads import HF_DEFAULT_SIZES as defaults
-    else:
-        if sizes:
-            raise ValueError(
-                f"size options {sorted(sizes)} apply to gpt and hf:<arch>, not {model!r}"
-            )
-        return
-    d_model, heads = (sizes.get(k, defaults[k]) for k in ("d_model", "n_heads"))
-    if d_model % heads:
-        raise ValueError(
-            f"--d-model {d_model} is not divisible by --heads {heads}: every head gets "
-            "d_model / heads features"
-        )
-
-
-def build_bench_workload(
-    model: str, *, batch: int | None, device: str, dtype: str, seed: int, sizes: dict[str, int]
-) -> Workload:
-    """Build the workload ``remat bench`` runs: a demo model or ``hf:<arch>``."""
-    if model.startswith("hf:"):
-        from remat.bench.hf_workloads import build_hf_workload
-
-        return build_hf_workload(
-            model[3:], batch=batch, device=device, dtype=DTYPES[dtype], seed=seed, **sizes
-        )
-    from remat.bench.workloads import build_workload
-
-    if sizes and model != "gpt":
-        raise ValueError(f"size options {sorted(sizes)} apply to gpt and hf:<arch>, not {model!r}")
-    return build_workload(
-        model, batch=batch, device=device, dtype=DTYPES[dtype], seed=seed, **sizes
-    )
