@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,17 @@ import torch
 from remat.bench.runner import SCHEMA
 from remat.cli import main
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_LLAMA = {  # a local config.json, as hf:./config.json reads it
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_GPT = ["--model", "gpt", "--layers", "2", "--d-model", "32", "--heads", "2"]
 TINY_GPT += ["--seq-len", "16", "--vocab", "64", "--batch", "2"]
@@ -294,8 +307,18 @@ HELP_EXAMPLES = sorted(
 @pytest.mark.parametrize("argv", HELP_EXAMPLES, ids=" ".join)
 def test_every_example_in_every_help_runs(argv, tmp_path, monkeypatch, capsys):
     """Each example does what its help says: exit 0, except the reentrant bug (1) and CUDA
-    without a GPU (2, one line)."""
+    without a GPU (2, one line). The files they name are there: the example factory, a local
+    config.json, and for plan:plan.json the plan the plan example writes."""
     monkeypatch.chdir(tmp_path)  # the examples write their JSON and plots here
+    (tmp_path / "examples").mkdir()
+    shutil.copy(EXAMPLES / "08_my_model.py", tmp_path / "examples")
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    if "remat,plan:plan.json" in argv:
+        model = argv[argv.index("--model") + 1]
+        [make_plan] = [
+            e for e in HELP_EXAMPLES if e[0] == "plan" and "plan.json" in e and model in e
+        ]
+        assert main(list(make_plan)) == 0
     code = main(list(argv))
     err = capsys.readouterr().err
     if "tutorial-reentrant" in argv:

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 import remat
-from remat.bench.configurations import (
+from remat.bench.configurations import check_budget
+from remat.bench.model_choice import (
     DTYPES,
     build_bench_workload,
-    check_budget,
     check_model,
-    check_sizes,
+    check_model_options,
 )
 from remat.bench.plots import plot_bench
 from remat.bench.runner import (
@@ -33,6 +33,8 @@ from remat.bench.runner import (
     resolve_device,
     run_bench,
 )
+from remat.bench.table import print_table
+from remat.bench.user_models import parse_model_args
 from remat.errors import MissingExtraError
 from remat.planner.step_memory import measure_step_peak
 
@@ -60,6 +62,9 @@ examples:
   remat bench --model hf:gpt2 --json gpt2.json --plot gpt2.png
   remat bench --model convnet --device cuda --dtype bfloat16
   remat bench --configs tutorial-reentrant      shows the reentrant bug: exits 1
+  remat bench --model examples/08_my_model.py:build --model-arg layers=6
+  remat bench --model hf:./config.json --model-arg num_key_value_heads=2 --configs remat
+  remat bench --model examples/08_my_model.py:build --configs remat,plan:plan.json
 
 exit status: 0 when every configuration matches none's loss and gradients (a configuration
 that runs out of memory, or an auto:<budget> no plan meets, is a result, not a failure); 1
@@ -71,11 +76,18 @@ examples:
   remat plan --model gpt --budget 40%
   remat plan --model gpt --layers 48 --budget 2GiB --json plan.json
   remat plan --model gpt --budget 45% --solver sqrt --verify
+  remat plan --model examples/08_my_model.py:build --budget 50% --verify --json plan.json
 
 exit status: 0 when a plan fits (and, with --verify, its measured peak fits and its gradients
 equal the un-checkpointed model's); 1 when no plan fits or the check fails; 2 for bad
 arguments.
 """
+
+MODEL_HELP = (
+    "{default}; also mlp, gpt, convnet; hf:<arch> (a transformers model type: hf:gpt2, "
+    "hf:llama) or hf:./config.json; your own: path/to/file.py:factory or "
+    "package.module:factory, where factory(**model_args) returns (model, inputs[, loss_fn])"
+)
 
 SIZE_FLAGS = {  # flag -> size option of GPTConfig (and of hf:<arch> models)
     "layers": "n_layers",
@@ -124,9 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=BENCH_EPILOG.format(configs=listed),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument(
-        "--model", default="mlp", help="mlp (default), gpt, convnet, or hf:<arch> (hf:gpt2...)"
-    )
+    bench.add_argument("--model", default="mlp", help=MODEL_HELP.format(default="default mlp"))
     bench.add_argument("--configs", help="comma-separated configurations (default: the set above)")
     bench.add_argument("--batch", type=int, help="batch size (default: the model's)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -152,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=PLAN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    plan.add_argument("--model", default="gpt", help="gpt (default), mlp, convnet, hf:<arch>")
+    plan.add_argument("--model", default="gpt", help=MODEL_HELP.format(default="default gpt"))
     plan.add_argument(
         "--budget",
         required=True,
@@ -173,6 +183,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_size_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-arg",
+        dest="model_args",
+        action="append",
+        metavar="KEY=VALUE",
+        help="repeatable: an option of your factory (layers=4), or a config field of an "
+        "hf:<arch> model (num_key_value_heads=2); values are Python literals or strings",
+    )
     sizes = parser.add_argument_group("model sizes (gpt and hf:<arch>)")
     for flag in SIZE_FLAGS:
         sizes.add_argument(
@@ -262,6 +280,7 @@ def _bench(args: argparse.Namespace) -> int:
             return _error(problem)
     try:
         options = BenchOptions(
+            model_args=parse_model_args(args.model_args),
             model=args.model,
             configs=parse_configs(args.configs),
             batch=args.batch,
@@ -282,7 +301,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_bench(result, args.plot)
     if not args.quiet:
-        _print_table(result)
+        print_table(result)
     for row in result.configs:
         if row.status in ("FAIL", "crashed"):
             print(f"remat bench: {row.name}: {row.status}: {row.error}", file=sys.stderr)
@@ -294,7 +313,8 @@ def _plan(args: argparse.Namespace) -> int:
     sizes = _sizes(args)
     try:  # everything that can be checked before the profile's minutes
         check_model(args.model)
-        check_sizes(args.model, sizes)
+        model_args = parse_model_args(args.model_args)
+        check_model_options(args.model, batch=args.batch, sizes=sizes, model_args=model_args)
         check_budget(args.budget, "--budget")
         if args.dtype not in DTYPES:
             raise ValueError(f"--dtype {args.dtype}: valid dtypes are {', '.join(DTYPES)}")
@@ -319,12 +339,13 @@ def _plan(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             seed=args.seed,
             sizes=sizes,
+            model_args=model_args,
         )
 
     try:
         workload = build()
         loss_fn = _loss_of(workload)
-        prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_fn)
+        prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_fn, **workload.kwargs)
         chosen = remat.plan(prof, args.budget, solver=args.solver)
     except remat.BudgetError as e:
         print(f"remat plan: {e}", file=sys.stderr)
@@ -334,11 +355,10 @@ def _plan(args: argparse.Namespace) -> int:
         return 2
     print(chosen)
     print(
-        f"un-checkpointed step peak {prof.step_peak_bytes / 1e6:.1f} MB; planned peak "
-        f"{chosen.predicted_peak_bytes / 1e6:.1f} MB (the head and loss add "
-        f"{prof.tail_bytes / 1e6:.1f} MB after the blocks; {prof.outside_bytes / 1e6:.1f} MB "
-        f"unexplained); extra cost {chosen.extra_cost / (chosen.forward_cost or 1):.1%}"
-        " of the blocks' forward"
+        f"un-checkpointed step peak {prof.step_peak_bytes / 1e6:.2f} MB; planned peak "
+        f"{chosen.predicted_peak_bytes / 1e6:.2f} MB (the head and loss add "
+        f"{prof.tail_bytes / 1e6:.2f} MB after the blocks; {prof.outside_bytes / 1e6:.2f} MB "
+        "unexplained)"
     )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "step_peak_bytes": prof.step_peak_bytes}
     status = 0
@@ -347,7 +367,7 @@ def _plan(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         reference.loss().backward()
         remat.apply_plan(workload.model, chosen)
-        measured = measure_step_peak(workload.model, workload.inputs, loss_fn)
+        measured = measure_step_peak(workload.model, workload.inputs, loss_fn, **workload.kwargs)
         torch.manual_seed(args.seed)
         workload.loss().backward()
         diff = max(
@@ -365,8 +385,9 @@ def _plan(args: argparse.Namespace) -> int:
             same = False
         fits = measured <= chosen.budget_bytes
         print(
-            f"measured peak {measured / 1e6:.1f} MB ({'within' if fits else 'OVER'} the budget "
-            f"{chosen.budget_bytes / 1e6:.1f} MB); max |gradient difference| {diff:.1e}"
+            f"measured peak {measured / 1e6:.2f} MB ({'within' if fits else 'OVER'} the budget "
+            f"{chosen.budget_bytes / 1e6:.2f} MB; predicted {chosen.predicted_peak_bytes / 1e6:.2f}"
+            f" MB); max |gradient difference| {diff:.1e}"
         )
         report["verify"] = {"measured_peak_bytes": measured, "max_grad_diff": diff}
         status = 0 if fits and same else 1
@@ -377,7 +398,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _loss_of(workload: Any) -> Any:
-    return lambda out: workload.loss_fn(out, workload.targets)
+    return workload.loss_of
 
 
 def _run_with_progress(run_bench: Any, options: Any) -> Any:
@@ -392,82 +413,6 @@ def _run_with_progress(run_bench: Any, options: Any) -> Any:
             bar.update(task, completed=done, total=total, description=what)
 
         return run_bench(options, progress=progress)
-
-
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.1f}"
-
-
-def _print_table(result: Any) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    env = result.environment
-    title = (
-        f"remat bench: {env.model}, {env.parameters or 0:,} params, batch {env.batch}, "
-        f"{env.dtype}, {env.device_name}, {env.steps} rounds"
-    )
-    cuda = any(r.cuda_max_allocated_bytes is not None for r in result.configs)
-    caption = (
-        "fwd/step MB: peak live memory in the forward pass / the whole training step "
-        "(parameters, inputs, gradients included); saved MB: kept for backward; "
-        + ("cuda/rsrvd MB: the CUDA allocator's max allocated/reserved; " if cuda else "")
-        + "ms: median step time over the interleaved rounds; ×none: its ratio to none's; "
-        "+GFLOP: recomputation; "
-        "Δgrad: max |gradient - none's|"
-    )
-    table = Table(
-        title=title,
-        caption=caption,
-        title_justify="left",
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    headers = ["config", "fwd MB", "step MB", "saved MB"]
-    headers += ["cuda MB", "rsrvd MB"] if cuda else []
-    headers += ["ms", "×none", "+GFLOP", "Δgrad", "status"]
-    for i, h in enumerate(headers):
-        table.add_column(
-            h,
-            justify="left" if i == 0 or h == "status" else "right",
-            min_width=max(len(r.name) for r in result.configs) if i == 0 else None,
-        )
-    for r in result.configs:
-        row = [r.name, _mb(r.forward_peak_bytes), _mb(r.step_peak_bytes), _mb(r.saved_bytes)]
-        if cuda:
-            row += [_mb(r.cuda_max_allocated_bytes), _mb(r.cuda_max_reserved_bytes)]
-        row += [
-            "-" if r.median_step_s is None else f"{r.median_step_s * 1e3:.1f}",
-            "-" if r.time_ratio is None else f"{r.time_ratio:.2f}",
-            "-" if r.extra_flops is None else f"{r.extra_flops / 1e9:+.2f}",
-            "-"
-            if r.max_grad_diff is None
-            else f"{r.max_grad_diff:.1e}"
-            if r.max_grad_diff
-            else "0",
-            _status(r),
-        ]
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # piped or captured: rich would assume 80 columns
-        console = Console(width=130)
-    console.print(table)
-
-
-def _status(r: Any) -> str:
-    if r.status == "ok":
-        # grads_match None: none did not finish, so there was nothing to compare with.
-        return "[green]ok[/green]" if r.grads_match else "[yellow]ok, unchecked[/yellow]"
-    if r.status == "FAIL":
-        what = [
-            w for w, ok in (("gradients", r.grads_match), ("buffers", r.buffers_match)) if not ok
-        ]
-        return f"[bold red]FAIL[/bold red]: {' and '.join(what) or 'loss'} differ"
-    # oom / crashed: the row still appears, with the reason.
-    return f"[yellow]{r.status}[/yellow]: {r.error}"
 
 
 if __name__ == "__main__":

@@ -33,15 +33,13 @@ import torch
 import remat
 from remat.bench.configurations import (
     CONFIGS,
-    DTYPES,
     BenchConfig,
-    check_model,
-    check_sizes,
     default_config_names,
     parse_configs,
     policy_config,
     register_config,
 )
+from remat.bench.model_choice import DTYPES, check_model, check_model_options, effective_sizes
 from remat.bench.worker import WorkerProcess
 from remat.errors import MissingExtraError
 
@@ -53,6 +51,7 @@ __all__ = [
     "ConfigResult",
     "Environment",
     "MissingExtraError",
+    "NOISY_SPREAD",
     "check_options",
     "compare_grads",
     "compare_tensors",
@@ -61,9 +60,17 @@ __all__ = [
     "policy_config",
     "register_config",
     "run_bench",
+    "time_spread",
 ]
 
 SCHEMA = "remat.bench/1"
+NOISY_SPREAD = 2.0  # a repeat this many times the median: the machine was busy
+
+
+def time_spread(times: list[float]) -> float:
+    """``max(times) / median(times)``: 1.0 for steady repeats."""
+    median = statistics.median(times)
+    return max(times) / median if median > 0 else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +95,7 @@ class Environment:
     steps: int
     warmup: int
     seed: int
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -109,6 +117,8 @@ class ConfigResult:
         cuda_max_reserved_bytes: ``torch.cuda.max_memory_reserved`` over the step (CUDA only).
         step_times_s: one training step's wall time per timed round.
         median_step_s: the median of ``step_times_s``.
+        time_spread: the largest repeat over the median, ``max(step_times_s) / median``; above
+            :data:`NOISY_SPREAD` the machine was busy and the time columns are not a result.
         time_ratio: ``median_step_s`` over ``none``'s.
         flops: FLOPs of one training step (``FlopCounterMode``), recomputation included.
         extra_flops: ``flops`` minus ``none``'s: the price of recomputation.
@@ -135,6 +145,7 @@ class ConfigResult:
     cuda_max_reserved_bytes: int | None = None
     step_times_s: list[float] = field(default_factory=list)
     median_step_s: float | None = None
+    time_spread: float | None = None
     time_ratio: float | None = None
     flops: int | None = None
     extra_flops: int | None = None
@@ -154,6 +165,11 @@ class BenchResult:
 
     environment: Environment
     configs: list[ConfigResult]
+
+    @property
+    def noisy(self) -> list[str]:
+        """Configurations with a repeat more than :data:`NOISY_SPREAD` times their median."""
+        return [c.name for c in self.configs if (c.time_spread or 0) > NOISY_SPREAD]
 
     @property
     def failed(self) -> list[str]:
@@ -185,6 +201,8 @@ class BenchOptions:
         warmup: untimed rounds before them.
         sizes: model size options (``n_layers``, ``d_model``, ``n_heads``, ``seq_len``,
             ``vocab_size``) for gpt and hf models.
+        model_args: config fields of an ``hf:<arch>`` model, or the options of a user's
+            ``file.py:factory`` (``--model-arg k=v``).
         seed: seeds weights, data and every step's RNG.
     """
 
@@ -197,6 +215,7 @@ class BenchOptions:
     warmup: int = 1
     sizes: dict[str, int] = field(default_factory=dict)
     seed: int = 0
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 def environment_base() -> dict[str, str]:
@@ -239,7 +258,9 @@ def check_options(options: BenchOptions) -> tuple[list[str], str]:
     """
     names = parse_configs(",".join(options.configs or []))
     check_model(options.model)
-    check_sizes(options.model, options.sizes)
+    check_model_options(
+        options.model, batch=options.batch, sizes=options.sizes, model_args=options.model_args
+    )
     if options.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {options.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
     if options.steps < 1 or options.warmup < 0:
@@ -325,7 +346,8 @@ def run_bench(
         model=options.model,
         parameters=info.get("parameters"),
         batch=info.get("batch", options.batch),
-        sizes=dict(options.sizes),
+        sizes=effective_sizes(options.model, options.sizes),
+        model_args=dict(options.model_args),
         steps=options.steps,
         warmup=options.warmup,
         seed=options.seed,
@@ -395,6 +417,7 @@ def _compare(results: list[ConfigResult], grads_paths: dict[str, str]) -> None:
     for r in results:
         if r.step_times_s:
             r.median_step_s = statistics.median(r.step_times_s)
+            r.time_spread = time_spread(r.step_times_s)
     ref = results[0]
     measured = ref.status == "ok" and os.path.exists(grads_paths[ref.name])
     reference = torch.load(grads_paths[ref.name], weights_only=True) if measured else None

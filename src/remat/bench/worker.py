@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from remat.bench.configurations import CONFIGS, build_bench_workload
+from remat.bench.configurations import CONFIGS
+from remat.bench.model_choice import build_bench_workload
 from remat.bench.workloads import Workload
 from remat.errors import BudgetError
 from remat.measure.tracker import MemoryTracker
@@ -82,10 +83,10 @@ def downsample(points: list[tuple[int, int]], limit: int = TIMELINE_POINTS) -> l
 def measure(workload: Workload, seed: int, grads_path: str) -> dict[str, Any]:
     """Memory, FLOPs, loss and gradients of one training step."""
 
-    model, device = workload.model, workload.inputs[0].device
+    model, device = workload.model, workload.device
     _zero_grads(model)
     _sync(device)
-    with MemoryTracker(module=model, count_existing=(model, *workload.inputs)) as t:
+    with MemoryTracker(module=model, count_existing=(model, *workload.tensors)) as t:
         loss = _step(workload, seed)
     _sync(device)
     timeline = [(i, e.live_bytes) for i, e in enumerate(t.timeline)]
@@ -143,7 +144,7 @@ def flop_counter():
 
 def timed_step(workload: Workload, seed: int) -> float:
     """Wall time of one training step, in seconds."""
-    device = workload.inputs[0].device
+    device = workload.device
     _sync(device)
     start = time.perf_counter()
     _step(workload, seed)
@@ -153,6 +154,8 @@ def timed_step(workload: Workload, seed: int) -> float:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
+    # The parent's import path too: a --model package.module:factory it found is found here.
+    sys.path.extend(p for p in spec.get("sys_path", ()) if p not in sys.path)
     # Keep the protocol on the original stdout; stray prints from models go to stderr.
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -175,6 +178,7 @@ def main(argv: list[str]) -> int:
             dtype=spec["dtype"],
             seed=spec["seed"],
             sizes=spec["sizes"],
+            model_args=spec["model_args"],
         )
         keys = list(workload.model.state_dict())
         base, _, arg = spec["config"].partition(":")
@@ -182,11 +186,11 @@ def main(argv: list[str]) -> int:
         if list(workload.model.state_dict()) != keys:
             raise RuntimeError(f"configuration {spec['config']!r} changed the state_dict keys")
         workload.model.train()
-        device = workload.inputs[0].device
+        device = workload.device
         send(
             ok=True,
             parameters=sum(p.numel() for p in workload.model.parameters()),
-            batch=int(workload.inputs[0].shape[0]),
+            batch=workload.batch,
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         )
     except Exception as exc:
@@ -227,7 +231,9 @@ class WorkerProcess:
             "dtype": options.dtype,
             "seed": options.seed,
             "sizes": options.sizes,
+            "model_args": options.model_args,
             "grads_path": self.grads_path,
+            "sys_path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
         }
         # Run from this source tree even when remat is not installed.
         src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
