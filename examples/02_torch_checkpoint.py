@@ -1,10 +1,12 @@
 """The tutorial's 3-block MLP with blocks 1–2 under ``torch.utils.checkpoint``.
 
-Blocks 1 and 2 drop their activations in forward and recompute them in backward; block 3
-runs normally. The script checks that loss and every gradient equal the un-checkpointed
-model's (bitwise on CPU float32: the same kernels run in the same order), and shows the
-classic pitfall of the old default ``use_reentrant=True``: when the block's input does not
-require grad, the checkpointed blocks' parameters silently get no gradient.
+Blocks 1 and 2 run as ONE checkpointed region, as in the tutorial
+(``checkpoint(self._checkpoint_layers, x)``): they drop their activations in forward, only
+block 1's input is kept, and both are recomputed in backward; block 3 runs normally. The
+script checks that loss and every gradient equal the un-checkpointed model's (bitwise on
+CPU float32: the same kernels run in the same order), and shows the classic pitfall of the
+old default ``use_reentrant=True``: when the region's input does not require grad, the
+checkpointed blocks' parameters silently get no gradient.
 
 Run: python examples/02_torch_checkpoint.py [--batch 3072] [--device cpu|cuda]
 """
@@ -25,8 +27,11 @@ from remat.bench.workloads import TutorialMLP, build_workload
 def forward(model: TutorialMLP, x: torch.Tensor, *, checkpointed: bool, reentrant: bool = False):
     if not checkpointed:
         return model(x)
-    h = tuc.checkpoint(model.block1, x, use_reentrant=reentrant)
-    h = tuc.checkpoint(model.block2, h, use_reentrant=reentrant)
+
+    def checkpoint_layers(t: torch.Tensor) -> torch.Tensor:  # the tutorial's _checkpoint_layers
+        return model.block2(model.block1(t))
+
+    h = tuc.checkpoint(checkpoint_layers, x, use_reentrant=reentrant)
     return model.block3(h)
 
 

@@ -4,8 +4,9 @@ The tutorial registers a forward hook on every layer and prints whether its outp
 grad. With blocks 1–2 under the old reentrant ``torch.utils.checkpoint``, their layers run
 under ``no_grad`` and print ``False``: a hint that no graph (and no activation) is kept there,
 but it says nothing about how many bytes are. ``remat.saved_activations`` answers that: per
-module, the bytes autograd keeps for backward, with and without blocks 1–2 checkpointed
-(here with ``remat.checkpoint``; a checkpointed block keeps only its input).
+module, the bytes autograd keeps for backward, with and without blocks 1–2 checkpointed as
+one region, as the tutorial does (here with ``remat.checkpoint``: the region keeps only block
+1's input).
 
 Run: python examples/04_verify_with_hooks.py [--batch 3072]
 """
@@ -13,7 +14,6 @@ Run: python examples/04_verify_with_hooks.py [--batch 3072]
 from __future__ import annotations
 
 import argparse
-import functools
 import warnings
 
 import torch
@@ -21,6 +21,16 @@ import torch.utils.checkpoint as tuc
 
 import remat
 from remat.bench.workloads import TutorialMLP, build_workload
+
+
+class CheckpointedMLP(TutorialMLP):
+    """The tutorial's checkpointed model: blocks 1-2 as one region, then block 3."""
+
+    def _checkpoint_layers(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block3(remat.checkpoint(self._checkpoint_layers, x))
 
 
 def hook_check(model: TutorialMLP, x: torch.Tensor) -> None:
@@ -37,9 +47,8 @@ def hook_check(model: TutorialMLP, x: torch.Tensor) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reentrant checkpoint warns about the input
-            h = tuc.checkpoint(model.block1, x, use_reentrant=True)
-            h = tuc.checkpoint(model.block2, h, use_reentrant=True)
-            model.block3(h)
+            blocks_1_2 = lambda t: model.block2(model.block1(t))  # noqa: E731
+            model.block3(tuc.checkpoint(blocks_1_2, x, use_reentrant=True))
     finally:
         for handle in handles:
             handle.remove()
@@ -58,11 +67,10 @@ def main() -> None:
     print(f"\nremat.saved_activations, no checkpointing (batch {batch}):")
     print(remat.saved_activations(model, x))
 
-    for name in ("block1", "block2"):  # checkpoint the blocks' forward, hooks still fire
-        block = model.get_submodule(name)
-        block.forward = functools.partial(remat.checkpoint, block.forward)
-    print("\nremat.saved_activations, blocks 1-2 under remat.checkpoint:")
-    print(remat.saved_activations(model, x))
+    checkpointed = CheckpointedMLP()
+    checkpointed.load_state_dict(model.state_dict())
+    print("\nremat.saved_activations, blocks 1-2 as one region under remat.checkpoint:")
+    print(remat.saved_activations(checkpointed, x))
 
 
 if __name__ == "__main__":

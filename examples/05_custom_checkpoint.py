@@ -6,10 +6,11 @@ blocks are not inputs of that Function, so they silently receive no gradient, an
 input batch does not require grad nothing in those blocks is trained at all.
 
 This script runs the tutorial's 3-block MLP (3000→512→700, 700→512→700, 700→512→10,
-batch 3072) three ways — without checkpointing, with the tutorial's Function on blocks 1–2,
-and with ``remat.CheckpointFunction`` on blocks 1–2 — and compares the loss and every
-parameter gradient with the un-checkpointed model. remat's must match bitwise; the
-tutorial's misses the gradients of blocks 1–2. Exits non-zero if remat's does not match.
+batch 3072) three ways — without checkpointing, with the tutorial's Function on blocks 1–2
+as one region (``checkpoint(self._checkpoint_layers, x)``), and with
+``remat.CheckpointFunction`` on the same region — and compares the loss and every parameter
+gradient with the un-checkpointed model. remat's must match bitwise; the tutorial's misses
+the gradients of blocks 1–2. Exits non-zero if remat's does not match.
 
 Run: ``python examples/05_custom_checkpoint.py [--batch 3072]``
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 
 import torch
@@ -46,15 +48,19 @@ class TutorialCheckpointFunction(torch.autograd.Function):
         return (None, *(next(grads) if x.requires_grad else None for x in inputs))
 
 
+def checkpoint_layers(model: TutorialMLP, x: torch.Tensor) -> torch.Tensor:
+    """The tutorial's ``_checkpoint_layers``: blocks 1-2, checkpointed as one region."""
+    return model.block2(model.block1(x))
+
+
 def train_step(model: TutorialMLP, x: torch.Tensor, y: torch.Tensor, how: str) -> torch.Tensor:
+    region = functools.partial(checkpoint_layers, model)  # self._checkpoint_layers
     if how == "none":
-        h = model.block2(model.block1(x))
+        h = region(x)
     elif how == "tutorial":
-        h = TutorialCheckpointFunction.apply(model.block1, x)
-        h = TutorialCheckpointFunction.apply(model.block2, h)
+        h = TutorialCheckpointFunction.apply(region, x)
     else:  # remat: the same call, with remat's Function
-        h = remat.CheckpointFunction.apply(model.block1, x)
-        h = remat.CheckpointFunction.apply(model.block2, h)
+        h = remat.CheckpointFunction.apply(region, x)
     loss = torch.nn.functional.cross_entropy(model.block3(h), y)
     loss.backward()
     return loss.detach()
