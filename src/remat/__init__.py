@@ -1,6 +1,6 @@
 """remat: activation checkpointing (rematerialization) for PyTorch.
 
-The public API, grouped by pipeline stage (see DESIGN.md): engine, measure, apply,
+The public API, grouped by pipeline stage (see ARCHITECTURE.md): engine, measure, apply,
 errors. Heavy optional dependencies (matplotlib, rich, transformers) are imported lazily by
 the modules that need them, never here.
 """

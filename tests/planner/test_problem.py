@@ -154,6 +154,10 @@ def test_plan_prints_a_table():
     tape = dataclasses.replace(plan.regions[1], engine="tape")
     tape_plan = dataclasses.replace(plan, regions=(plan.regions[0], tape, plan.regions[2]))
     assert str(tape_plan).splitlines()[3].split()[2:4] == ["ops", "(tape)"]
+    sdpa = "aten._scaled_dot_product_flash_attention_for_cpu.default#0"
+    kept = dataclasses.replace(tape, save_ops=(sdpa, "aten.addmm.default#1"))
+    kept_plan = dataclasses.replace(plan, regions=(plan.regions[0], kept, plan.regions[2]))
+    assert str(kept_plan).splitlines()[3].endswith("sdpa#0, addmm#1")
     assert "S0: regions 0..1" in str(plan_from_choices(three(), [0, 0, 0], [(0, 2)]))
 
 

@@ -211,13 +211,16 @@ def _measured(extra: float, forward: float, meta: dict[str, Any]) -> str:
 
 
 def _short_op(name: str) -> str:
-    """``aten.addmm.default#0`` -> ``addmm#0``."""
+    """``aten.addmm.default#0`` -> ``addmm#0``; every scaled-dot-product attention kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``...) -> ``sdpa``."""
     op, sep, call = name.partition("#")
     parts = op.split(".")
     if parts[0] in ("aten", "prims") and len(parts) > 1:
         parts = parts[1:]
     if len(parts) > 1 and parts[-1] == "default":
         parts = parts[:-1]
+    if "scaled_dot_product" in parts[0]:
+        parts = ["sdpa", *parts[1:]]
     return ".".join(parts) + sep + call
 
 
