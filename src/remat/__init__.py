@@ -16,6 +16,7 @@ from remat.planner.plan_for_budget import pareto, plan
 from remat.planner.plan_roles import apply_plan
 from remat.planner.profile_data import Profile
 from remat.planner.profiling import profile
+from remat.planner.targets import TARGETS, Target
 from remat.policy.offload_stores import CpuStore, CudaPinnedStore, OffloadStats, OffloadStore
 from remat.policy.offloading import Offload, offload
 from remat.policy.op_level import Ops, ops
@@ -72,6 +73,8 @@ __all__ = [
     "RegionOption",
     "apply_plan",
     "autoplan",
+    "TARGETS",
+    "Target",
     "pareto",
     "parse_budget",
     "plan",

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from remat.engine.tape import writes_to_arguments
+from remat.planner.targets import Target, bytes_moved, op_flops
 from remat.policy.op_level import draws_random_numbers
 
 __all__ = ["OpRecord", "OpRecorder", "post_hook", "pre_hook", "region_flops"]
@@ -50,9 +51,15 @@ class OpRecorder(TorchDispatchMode):
     shift the random numbers of the ops after it) nor for in-place ops and the outputs they
     modify (the cache would hand back a changed tensor)."""
 
-    def __init__(self, current: Callable[[], str | None], timed: bool, sync: Callable[[], None]):
+    def __init__(
+        self,
+        current: Callable[[], str | None],
+        timed: bool,
+        sync: Callable[[], None],
+        target: Target | None = None,
+    ):
         super().__init__()
-        self.current, self.timed, self.sync = current, timed, sync
+        self.current, self.timed, self.sync, self.target = current, timed, sync, target
         self.ops: dict[str, list[OpRecord]] = {}
         self.counts: dict[str, dict[str, int]] = {}
         # storage key -> (region, op record) of the op whose output lives there now. A key
@@ -75,6 +82,13 @@ class OpRecorder(TorchDispatchMode):
         if self.timed:
             self.sync()
         elapsed = time.perf_counter() - start
+        if self.target is not None:  # predicted, not measured
+            dtype = next(
+                (t.dtype for t in tree_leaves((out, args)) if isinstance(t, Tensor)),
+                torch.float32,
+            )
+            moved = bytes_moved(args, kwargs or {}, out)
+            elapsed = self.target.op_seconds(op_flops(func, args, kwargs or {}, out), moved, dtype)
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
                   if isinstance(t, Tensor)}  # fmt: skip
         keys, nbytes = storage_bytes(out, inputs)

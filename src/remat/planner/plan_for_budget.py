@@ -103,6 +103,7 @@ def plan(
             "outside_bytes": profile.outside_bytes,
             "cost_unit": profile.cost_unit,
             "forward_flops": sum(r.flops for r in profile.regions),
+            **({"target": profile.meta["target"]} if "target" in profile.meta else {}),
             "default_regions": profile.meta.get("default_regions", False),
         },
     )

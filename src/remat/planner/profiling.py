@@ -46,6 +46,7 @@ from remat.planner.step_memory import (
     store_all_peak_of,
     with_gradient_bytes,
 )
+from remat.planner.targets import Target, get_target
 
 __all__ = ["profile"]
 
@@ -69,6 +70,7 @@ def profile(
     regions: Sequence[str] | None = None,
     repeats: int = 3,
     op_engines: str = "auto",
+    target: str | Target | None = None,
     **kwargs: Any,
 ) -> Profile:
     """Profile ``model`` on ``inputs`` for :func:`remat.plan`.
@@ -85,6 +87,11 @@ def profile(
             replay where a random or in-place op cannot) or ``"replay"`` (everywhere: the
             choice for regions whose parameters are freed between forward and backward
             outside autograd's view). Op-level overheads are measured on these engines.
+        target: the device to plan for (``"h100"``, ``"a100"``, ``"cpu"``..., or a
+            :class:`~remat.planner.targets.Target`): costs are the ops' predicted seconds
+            there (roofline: FLOPs or bytes, plus launch) instead of measured ones, so a
+            model on the meta device is planned for a GPU this machine does not have.
+            ``None``: measured times (FLOPs plus bytes on meta).
         **kwargs: keyword inputs of the model.
 
     Returns:
@@ -96,7 +103,8 @@ def profile(
     Raises:
         TypeError: ``model`` is not a module; ``repeats``, ``loss_fn`` or ``regions`` has a
             wrong type.
-        ValueError: ``repeats`` below 1, ``op_engines`` not ``"auto"`` or ``"replay"``.
+        ValueError: ``repeats`` below 1, ``op_engines`` not ``"auto"`` or ``"replay"``, an
+            unknown ``target``.
         PlanError: a region name does not exist or a region never ran, or the model is in
             eval mode.
     """
@@ -116,9 +124,10 @@ def profile(
         raise ValueError(
             f"remat.profile: op_engines={op_engines!r} is not one of {', '.join(OP_ENGINE_CHOICES)}"
         )
+    device = None if target is None else get_target(target)
     require_train_mode(model, "remat.profile")
     with state_kept(model), training_call(model):
-        return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines)
+        return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
 
 
 def _profile(
@@ -129,6 +138,7 @@ def _profile(
     regions: Sequence[str] | None,
     repeats: int,
     op_engines: str = "auto",
+    target: Target | None = None,
 ) -> Profile:
     named = dict(model.named_modules())
     if regions is None:
@@ -174,7 +184,8 @@ def _profile(
         return t
 
     try:
-        recorder = OpRecorder(lambda: stack[-1] if stack else None, not on_meta, sync)
+        timed = not on_meta and target is None
+        recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
             loss = loss_of(model(*inputs, **kwargs))
         grad_order = GradientOrder()
@@ -183,14 +194,14 @@ def _profile(
         model.zero_grad(set_to_none=True)
         for rec in records.values():
             rec["times"].clear()
-        for _ in range(0 if on_meta else repeats):
+        for _ in range(repeats if timed else 0):
             with torch.no_grad():
                 model(*inputs, **kwargs)
         flops = region_flops(model, chosen, inputs, kwargs)
         overheads = (
-            {}
-            if on_meta
-            else op_overheads(chosen, records, recorder.ops, sync, repeats, op_engines)
+            op_overheads(chosen, records, recorder.ops, sync, repeats, op_engines)
+            if timed
+            else {}  # on meta or predicted: the engines' Python time is not modelled
         )
     finally:
         for h in handles:
@@ -211,7 +222,10 @@ def _profile(
         moved = sum(rec["saved"][k] for k in handed[i])
         forward_transient, transient = transient_bytes(module, *rec["call"])
         ops = recorder.ops.get(name, [])
-        if on_meta:
+        if target is not None:  # predicted seconds on the target
+            cost = sum(o.seconds for o in ops)
+            op_costs = [o.seconds for o in ops]
+        elif on_meta:
             cost = float(flops.get(name, 0) + sum(o.output_bytes for o in ops))
             op_costs = [float(o.output_bytes) for o in ops]  # FLOPs per op are not broken out
         else:
@@ -254,7 +268,7 @@ def _profile(
     return Profile(
         regions=tuple(profiles),
         tail_bytes=tail,
-        cost_unit="flops+bytes" if on_meta else "seconds",
+        cost_unit="flops+bytes" if on_meta and target is None else "seconds",
         device=str(device),
         step_peak_bytes=step_peak,
         outside_bytes=max(0, step_peak - chain_peak),
@@ -262,5 +276,9 @@ def _profile(
         op_engines=op_engines,
         # The default discovery can be repeated on a model a plan is applied to, to tell a
         # plan made for another model (fewer blocks) from one for this model.
-        meta={"model": type(model).__name__, "default_regions": regions is None},
+        meta={
+            "model": type(model).__name__,
+            "default_regions": regions is None,
+            **({} if target is None else {"target": target.name}),
+        },
     )

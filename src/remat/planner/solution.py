@@ -207,7 +207,8 @@ def _measured(extra: float, forward: float, meta: dict[str, Any]) -> str:
         return ""
     flops = meta.get("forward_flops")
     counted = f", {flops / 1e9:.3g} GFLOP" if flops else ""
-    return f" ({extra * 1e3:.3g} ms of {forward * 1e3:.3g} ms measured{counted})"
+    how = f"predicted on {meta['target']}" if meta.get("target") else "measured"
+    return f" ({extra * 1e3:.3g} ms of {forward * 1e3:.3g} ms {how}{counted})"
 
 
 def _short_op(name: str) -> str:
