@@ -36,7 +36,10 @@ from remat.bench.runner import (
 from remat.bench.table import print_table
 from remat.bench.user_models import parse_model_args
 from remat.errors import MissingExtraError
+from remat.planner.budget import looks_like_percent, parse_budget
 from remat.planner.step_memory import measure_step_peak
+from remat.planner.targets import TARGETS, get_target
+from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
 
 __all__ = ["main"]
 
@@ -77,6 +80,9 @@ examples:
   remat plan --model gpt --layers 48 --budget 2GiB --json plan.json
   remat plan --model gpt --budget 45% --solver sqrt --verify
   remat plan --model examples/08_my_model.py:build --budget 50% --verify --json plan.json
+  remat plan --model gpt --layers 24 --device meta --target h100 --budget 40%
+  remat plan --model gpt --dtype bfloat16 --device meta --target l4 --optimizer adamw --budget 1GB
+  remat plan --target list
 
 exit status: 0 when a plan fits (and, with --verify, its measured peak fits and its gradients
 equal the un-checkpointed model's); 1 when no plan fits or the check fails; 2 for bad
@@ -165,15 +171,28 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default="gpt", help=MODEL_HELP.format(default="default gpt"))
     plan.add_argument(
         "--budget",
-        required=True,
-        help="bytes, a size (300MB, 6GiB) or a percentage of the un-checkpointed step's peak",
+        help="required: bytes, a size (300MB, 6GiB) or a percentage of the un-checkpointed "
+        "step's peak",
     )
     plan.add_argument(
         "--solver", default="auto", help="auto (optimal chain DP), sqrt, every-n, greedy"
     )
     plan.add_argument("--verify", action="store_true", help="apply, measure, check gradients")
     plan.add_argument("--batch", type=int, help="batch size (default: the model's)")
-    plan.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    plan.add_argument(
+        "--device",
+        help="cpu, cuda or meta (no memory used; with --target) (default: cuda when available)",
+    )
+    plan.add_argument(
+        "--target",
+        help="the device to plan for: h100, h200, a100, l4, rtx4090, cpu (measured here); "
+        "costs become its predicted seconds; 'list' prints the targets",
+    )
+    plan.add_argument(
+        "--optimizer",
+        help="adamw, adam, sgd-momentum, sgd: count the parameters, optimizer state and (bf16/"
+        "fp16) fp32 master weights in the budget, which is then the device's whole memory",
+    )
     plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
     plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
     _add_size_flags(plan)
@@ -310,6 +329,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
 
+    if args.target == "list":
+        return _list_targets()
     sizes = _sizes(args)
     try:  # everything that can be checked before the profile's minutes
         check_model(args.model)
@@ -327,8 +348,21 @@ def _plan(args: argparse.Namespace) -> int:
         problem = _output_path_error("--json", args.json)
         if problem is not None:
             raise ValueError(problem)
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError, MissingExtraError) as e:
+        device = "meta" if args.device == "meta" else resolve_device(args.device)
+        if device == "meta" and args.verify:
+            raise ValueError("--verify runs the model: it needs --device cpu or cuda, not meta")
+        target = None if args.target is None else get_target(args.target)
+        if args.optimizer is not None:
+            OPTIMIZER_STATE_BYTES[args.optimizer]
+            if looks_like_percent(args.budget) or args.budget.strip().endswith("%"):
+                raise ValueError(
+                    f"--budget {args.budget} with --optimizer: give the device's memory in "
+                    "bytes (80GiB), which parameters, optimizer state and activations share"
+                )
+    except KeyError:
+        known = ", ".join(OPTIMIZER_STATE_BYTES)
+        return _error(f"--optimizer {args.optimizer}: known optimizers are {known}", "plan")
+    except (ValueError, TypeError, RuntimeError, MissingExtraError) as e:
         return _error(str(e), "plan")
 
     def build() -> Any:
@@ -345,8 +379,22 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         workload = build()
         loss_fn = _loss_of(workload)
-        prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss_fn, **workload.kwargs)
-        chosen = remat.plan(prof, args.budget, solver=args.solver)
+        prof = remat.profile(
+            workload.model, *workload.inputs, loss_fn=loss_fn, target=target, **workload.kwargs
+        )
+        budget, resident = args.budget, None
+        if args.optimizer is not None:  # the step's new bytes get what the state leaves
+            resident = training_state(workload.model, args.optimizer)
+            inputs = sum(t.numel() * t.element_size() for t in workload.tensors)
+            left = parse_budget(args.budget) - resident.total - inputs
+            print(_state_line(resident, inputs, left))
+            if left < 1:
+                raise remat.BudgetError(
+                    f"--budget {args.budget}: the parameters, optimizer state and inputs alone "
+                    f"take {(resident.total + inputs) / 1e6:.2f} MB"
+                )
+            budget = left
+        chosen = remat.plan(prof, budget, solver=args.solver)
     except remat.BudgetError as e:
         print(f"remat plan: {e}", file=sys.stderr)
         return 1
@@ -360,6 +408,13 @@ def _plan(args: argparse.Namespace) -> int:
         f"{prof.tail_bytes / 1e6:.2f} MB after the blocks; {prof.outside_bytes / 1e6:.2f} MB "
         "unexplained)"
     )
+    if resident is not None:
+        whole = chosen.predicted_peak_bytes + resident.total + inputs
+        print(
+            f"predicted peak per device {whole / 1e6:.2f} MB: the plan's "
+            f"{chosen.predicted_peak_bytes / 1e6:.2f} MB on top of "
+            f"{(resident.total + inputs) / 1e6:.2f} MB of parameters, optimizer state and inputs"
+        )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "step_peak_bytes": prof.step_peak_bytes}
     status = 0
     if args.verify:
@@ -395,6 +450,26 @@ def _plan(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return status
+
+
+def _state_line(state: Any, inputs: int, left: int) -> str:
+    return (
+        f"training state ({state.optimizer}): parameters {state.parameters / 1e6:.2f} MB, fp32 "
+        f"master weights {state.master_weights / 1e6:.2f} MB, optimizer state "
+        f"{state.optimizer_state / 1e6:.2f} MB, inputs {inputs / 1e6:.2f} MB; the step's "
+        f"activations and gradients get {left / 1e6:.2f} MB"
+    )
+
+
+def _list_targets() -> int:
+    for t in TARGETS.values():
+        rates = ", ".join(f"{k} {v / 1e12:g}" for k, v in t.flops_per_s.items())
+        print(
+            f"{t.name:<8} {t.memory_bytes / 1e9:g} GB, {t.memory_bandwidth / 1e12:g} TB/s, "
+            f"TFLOP/s {rates}; host {t.host_bandwidth / 1e9:g} GB/s\n         {t.source}"
+        )
+    print("cpu      this machine, measured when used (a matmul, a large copy, a small op)")
+    return 0
 
 
 def _loss_of(workload: Any) -> Any:
