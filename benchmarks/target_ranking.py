@@ -1,6 +1,6 @@
 """Does the target cost model rank plans as the machine does?
 
-The 12-block GPT is profiled on the meta device for ``target="cpu"`` (this CPU's measured
+The 12-block GPT is profiled on the meta device for ``target_device="cpu"`` (this CPU's measured
 matmul FLOP/s, copy bandwidth and per-op time: nothing is timed on the model itself), and the
 planner's frontier is taken from that profile. Each plan on it (at most ``--plans``, spread
 over the frontier) is then applied to a real CPU copy of the model and its training step
@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     meta = build_workload("gpt", device="meta", n_layers=args.layers)
-    prof = remat.profile(meta.model, *meta.inputs, loss_fn=meta.loss_of, target="cpu")
+    prof = remat.profile(meta.model, *meta.inputs, loss_fn=meta.loss_of, target_device="cpu")
     plans = spread(remat.pareto(prof), args.plans)
 
     base = build_workload("gpt", n_layers=args.layers)

@@ -380,7 +380,11 @@ def _plan(args: argparse.Namespace) -> int:
         workload = build()
         loss_fn = _loss_of(workload)
         prof = remat.profile(
-            workload.model, *workload.inputs, loss_fn=loss_fn, target=target, **workload.kwargs
+            workload.model,
+            *workload.inputs,
+            loss_fn=loss_fn,
+            target_device=target,
+            **workload.kwargs,
         )
         budget, resident = args.budget, None
         if args.optimizer is not None:  # the step's new bytes get what the state leaves

@@ -1,5 +1,5 @@
 """Planning for a device this machine does not have: the roofline cost model, the targets
-table, ``remat.profile(..., target=)`` on meta and on CPU, the training state in a budget."""
+table, ``remat.profile(..., target_device=)`` on meta and on CPU, the training state in a budget."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_meta_and_cpu_profiles_for_a_target_agree_to_the_byte_and_the_second(mod
     """Predicted costs depend on shapes only, so the meta profile is the CPU one."""
     cpu, meta = (build_workload(model, batch=16, device=d) for d in ("cpu", "meta"))
     a, b = (
-        remat.profile(w.model, *w.inputs, loss_fn=w.loss_of, target="h100") for w in (cpu, meta)
+        remat.profile(w.model, *w.inputs, loss_fn=w.loss_of, target_device="h100")
+        for w in (cpu, meta)
     )
     assert a.meta["target"] == b.meta["target"] == "h100" and a.cost_unit == "seconds"
     fields = ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes", "input_saved")
@@ -80,7 +81,7 @@ def test_a_linear_costs_its_roofline_time_on_the_target():
     layer = nn.Sequential(nn.Linear(3000, 512), nn.Linear(512, 10)).to("meta")
     x = torch.empty(64, 3000, device="meta")
     h100 = TARGETS["h100"]
-    prof = remat.profile(layer, x, target=h100)
+    prof = remat.profile(layer, x, target_device=h100)
     flops = 2 * 64 * 3000 * 512
     moved = 4 * (64 * 3000 + 512 * 3000 + 512 + 64 * 512)  # x, weight, bias, output
     expected = max(flops / h100.flops_per_s["float32"], moved / h100.memory_bandwidth)
@@ -109,3 +110,21 @@ def test_plan_for_a_target_on_meta_with_the_training_state(capsys):
     assert whole <= 400
     assert main(["plan", "--target", "list"]) == 0
     assert "h100" in capsys.readouterr().out
+
+
+class _Regression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x, *, target):
+        for layer in self.layers:
+            x = layer(x).tanh()
+        return (x - target).square().mean()
+
+
+def test_a_model_input_named_target_is_the_models():
+    """``target_device`` is the option, so a model's own ``target=`` input reaches it."""
+    model, x, y = _Regression(), torch.randn(4, 8), torch.randn(4, 8)
+    prof = remat.profile(model, x, target=y, target_device="a100")
+    assert prof.meta["target"] == "a100" and len(prof.regions) == 3

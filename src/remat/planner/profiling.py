@@ -70,7 +70,7 @@ def profile(
     regions: Sequence[str] | None = None,
     repeats: int = 3,
     op_engines: str = "auto",
-    target: str | Target | None = None,
+    target_device: str | Target | None = None,
     **kwargs: Any,
 ) -> Profile:
     """Profile ``model`` on ``inputs`` for :func:`remat.plan`.
@@ -87,12 +87,13 @@ def profile(
             replay where a random or in-place op cannot) or ``"replay"`` (everywhere: the
             choice for regions whose parameters are freed between forward and backward
             outside autograd's view). Op-level overheads are measured on these engines.
-        target: the device to plan for (``"h100"``, ``"a100"``, ``"cpu"``..., or a
+        target_device: the device to plan for (``"h100"``, ``"a100"``, ``"cpu"``..., or a
             :class:`~remat.planner.targets.Target`): costs are the ops' predicted seconds
             there (roofline: FLOPs or bytes, plus launch) instead of measured ones, so a
             model on the meta device is planned for a GPU this machine does not have.
             ``None``: measured times (FLOPs plus bytes on meta).
-        **kwargs: keyword inputs of the model.
+        **kwargs: keyword inputs of the model (a model input may be named ``target``: the
+            option is ``target_device`` so that it cannot take its place).
 
     Returns:
         A :class:`Profile`.
@@ -104,7 +105,7 @@ def profile(
         TypeError: ``model`` is not a module; ``repeats``, ``loss_fn`` or ``regions`` has a
             wrong type.
         ValueError: ``repeats`` below 1, ``op_engines`` not ``"auto"`` or ``"replay"``, an
-            unknown ``target``.
+            unknown ``target_device``.
         PlanError: a region name does not exist or a region never ran, or the model is in
             eval mode.
     """
@@ -124,7 +125,7 @@ def profile(
         raise ValueError(
             f"remat.profile: op_engines={op_engines!r} is not one of {', '.join(OP_ENGINE_CHOICES)}"
         )
-    device = None if target is None else get_target(target)
+    device = None if target_device is None else get_target(target_device)
     require_train_mode(model, "remat.profile")
     with state_kept(model), training_call(model):
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)

@@ -5,7 +5,7 @@ bytes read and written / memory bandwidth) + launch``: a matmul is bound by the 
 cores, a pointwise op or a norm by memory, and every kernel pays a launch. FLOPs come from
 ``torch.utils.flop_counter``'s formulas (matmuls, convolutions, attention), bytes from the
 op's tensor arguments and outputs, so the model works on the meta device: ``remat.profile(
-model, *inputs, target="h100")`` plans for a GPU this machine does not have.
+model, *inputs, target_device="h100")`` plans for a GPU this machine does not have.
 
 The figures are the vendors' published dense (no sparsity) peaks; ``cpu`` is measured on
 the spot. ``Target(...)`` with your own figures works everywhere a name does.
@@ -32,7 +32,7 @@ class Target:
     """A device's peak rates, for predicted op times.
 
     Attributes:
-        name: what ``target=`` and ``--target`` accept.
+        name: what ``target_device=`` and ``--target`` accept.
         flops_per_s: peak dense FLOP/s per dtype name (``"float32"``, ``"bfloat16"``...);
             a dtype not listed gets the ``"float32"`` rate.
         memory_bandwidth: device memory bytes per second.
