@@ -419,6 +419,14 @@ def _plan(args: argparse.Namespace) -> int:
             f"{chosen.predicted_peak_bytes / 1e6:.2f} MB on top of "
             f"{(resident.total + inputs) / 1e6:.2f} MB of parameters, optimizer state and inputs"
         )
+    if target is not None:
+        # The backward taken as twice the forward: a matmul's backward is two matmuls.
+        plain = 3 * chosen.forward_cost
+        print(
+            f"predicted step time on {target.name} {(plain + chosen.extra_cost) * 1e3:.3g} ms "
+            f"(the blocks' forward, twice that for the backward, and the recomputation): "
+            f"{chosen.extra_cost / plain if plain else 0:.1%} over no checkpointing"
+        )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "step_peak_bytes": prof.step_peak_bytes}
     status = 0
     if args.verify:

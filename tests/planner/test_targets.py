@@ -106,6 +106,7 @@ def test_plan_for_a_target_on_meta_with_the_training_state(capsys):
     assert main([*argv, "--dtype", "bfloat16", "--optimizer", "adamw", "--budget", "400MB"]) == 0
     out = capsys.readouterr().out
     assert "predicted on l4" in out and "training state (adamw)" in out
+    assert "predicted step time on l4" in out and "over no checkpointing" in out
     whole = float(out.split("predicted peak per device ")[1].split(" MB")[0])
     assert whole <= 400
     assert main(["plan", "--target", "list"]) == 0
