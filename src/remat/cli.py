@@ -36,9 +36,10 @@ from remat.bench.runner import (
 from remat.bench.table import print_table
 from remat.bench.user_models import parse_model_args
 from remat.errors import MissingExtraError
+from remat.measure.storage import unique_storage_bytes
 from remat.planner.budget import looks_like_percent, parse_budget
 from remat.planner.step_memory import measure_step_peak
-from remat.planner.targets import TARGETS, get_target
+from remat.planner.targets import describe_targets, get_target
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
 
 __all__ = ["main"]
@@ -330,7 +331,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
 
     if args.target == "list":
-        return _list_targets()
+        print(describe_targets())
+        return 0
     sizes = _sizes(args)
     try:  # everything that can be checked before the profile's minutes
         check_model(args.model)
@@ -353,15 +355,14 @@ def _plan(args: argparse.Namespace) -> int:
             raise ValueError("--verify runs the model: it needs --device cpu or cuda, not meta")
         target = None if args.target is None else get_target(args.target)
         if args.optimizer is not None:
-            OPTIMIZER_STATE_BYTES[args.optimizer]
+            if args.optimizer not in OPTIMIZER_STATE_BYTES:
+                known = ", ".join(OPTIMIZER_STATE_BYTES)
+                raise ValueError(f"--optimizer {args.optimizer}: known optimizers are {known}")
             if looks_like_percent(args.budget) or args.budget.strip().endswith("%"):
                 raise ValueError(
                     f"--budget {args.budget} with --optimizer: give the device's memory in "
                     "bytes (80GiB), which parameters, optimizer state and activations share"
                 )
-    except KeyError:
-        known = ", ".join(OPTIMIZER_STATE_BYTES)
-        return _error(f"--optimizer {args.optimizer}: known optimizers are {known}", "plan")
     except (ValueError, TypeError, RuntimeError, MissingExtraError) as e:
         return _error(str(e), "plan")
 
@@ -378,7 +379,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     try:
         workload = build()
-        loss_fn = _loss_of(workload)
+        loss_fn = workload.loss_of
         prof = remat.profile(
             workload.model,
             *workload.inputs,
@@ -389,9 +390,9 @@ def _plan(args: argparse.Namespace) -> int:
         budget, resident = args.budget, None
         if args.optimizer is not None:  # the step's new bytes get what the state leaves
             resident = training_state(workload.model, args.optimizer)
-            inputs = sum(t.numel() * t.element_size() for t in workload.tensors)
+            inputs = unique_storage_bytes(workload.tensors)
             left = parse_budget(args.budget) - resident.total - inputs
-            print(_state_line(resident, inputs, left))
+            print(resident.describe(inputs, left))
             if left < 1:
                 raise remat.BudgetError(
                     f"--budget {args.budget}: the parameters, optimizer state and inputs alone "
@@ -462,30 +463,6 @@ def _plan(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return status
-
-
-def _state_line(state: Any, inputs: int, left: int) -> str:
-    return (
-        f"training state ({state.optimizer}): parameters {state.parameters / 1e6:.2f} MB, fp32 "
-        f"master weights {state.master_weights / 1e6:.2f} MB, optimizer state "
-        f"{state.optimizer_state / 1e6:.2f} MB, inputs {inputs / 1e6:.2f} MB; the step's "
-        f"activations and gradients get {left / 1e6:.2f} MB"
-    )
-
-
-def _list_targets() -> int:
-    for t in TARGETS.values():
-        rates = ", ".join(f"{k} {v / 1e12:g}" for k, v in t.flops_per_s.items())
-        print(
-            f"{t.name:<8} {t.memory_bytes / 1e9:g} GB, {t.memory_bandwidth / 1e12:g} TB/s, "
-            f"TFLOP/s {rates}; host {t.host_bandwidth / 1e9:g} GB/s\n         {t.source}"
-        )
-    print("cpu      this machine, measured when used (a matmul, a large copy, a small op)")
-    return 0
-
-
-def _loss_of(workload: Any) -> Any:
-    return workload.loss_of
 
 
 def _run_with_progress(run_bench: Any, options: Any) -> Any:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["TARGETS", "Target", "get_target", "measure_cpu_target", "op_flops"]
+__all__ = ["TARGETS", "Target", "describe_targets", "get_target", "measure_cpu_target", "op_flops"]
 
 TERA = 1e12
 
@@ -195,6 +195,19 @@ def measure_cpu_target() -> Target:
         source="measured on this machine: a 1024x1024 float32 matmul, a 32 MiB copy, one "
         "8-element add (best of several)",
     )
+
+
+def describe_targets() -> str:
+    """The table ``remat plan --target list`` prints: each target's figures and source."""
+    lines = []
+    for t in TARGETS.values():
+        rates = ", ".join(f"{k} {v / 1e12:g}" for k, v in t.flops_per_s.items())
+        lines.append(
+            f"{t.name:<8} {t.memory_bytes / 1e9:g} GB, {t.memory_bandwidth / 1e12:g} TB/s, "
+            f"TFLOP/s {rates}; host {t.host_bandwidth / 1e9:g} GB/s\n         {t.source}"
+        )
+    lines.append("cpu      this machine, measured when used (a matmul, a large copy, a small op)")
+    return "\n".join(lines)
 
 
 def _best_of(fn: Any, repeats: int = 5) -> float:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from remat.measure.storage import unique_storage_bytes
+
 __all__ = ["OPTIMIZER_STATE_BYTES", "TrainingState", "training_state"]
 
 # Bytes of optimizer state per trainable parameter element: AdamW keeps two fp32 moments
@@ -42,6 +44,15 @@ class TrainingState:
     def total(self) -> int:
         return self.parameters + self.master_weights + self.optimizer_state
 
+    def describe(self, inputs: int, left: int) -> str:
+        """One line: the state, the inputs, and what the step's new bytes get (``left``)."""
+        return (
+            f"training state ({self.optimizer}): parameters {self.parameters / 1e6:.2f} MB, "
+            f"fp32 master weights {self.master_weights / 1e6:.2f} MB, optimizer state "
+            f"{self.optimizer_state / 1e6:.2f} MB, inputs {inputs / 1e6:.2f} MB; the step's "
+            f"activations and gradients get {left / 1e6:.2f} MB"
+        )
+
 
 def training_state(model: nn.Module, optimizer: str = "adamw") -> TrainingState:
     """The parameters, master weights and optimizer state of ``model`` trained with
@@ -58,7 +69,7 @@ def training_state(model: nn.Module, optimizer: str = "adamw") -> TrainingState:
     trainable = [p for p in params if p.requires_grad]
     low = (torch.bfloat16, torch.float16)
     return TrainingState(
-        parameters=sum(p.numel() * p.element_size() for p in params),
+        parameters=unique_storage_bytes(params),
         master_weights=sum(4 * p.numel() for p in trainable if p.dtype in low),
         optimizer_state=sum(OPTIMIZER_STATE_BYTES[optimizer] * p.numel() for p in trainable),
         optimizer=optimizer,
