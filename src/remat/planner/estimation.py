@@ -6,9 +6,10 @@ nothing is allocated. The model's parameters and buffers are swapped for fake co
 duration of the step (the model is restored untouched afterwards), so models far larger than
 this machine can be measured: a Llama-70B-shaped model built on meta takes seconds.
 
-Caveat: ops dispatch as on the parameters' device. A model built on ``meta`` runs meta
-kernels, e.g. ``scaled_dot_product_attention`` falls back to the math kernel and saves the
-attention matrix, which flash attention on a GPU would not.
+Ops dispatch as on the parameters' device. A model built on ``meta`` runs meta kernels:
+``scaled_dot_product_attention`` falls back to the math kernel and saves the attention
+matrix, and dropout keeps its mask in the input's dtype. ``target_device="h100"`` runs
+those ops as the target's kernels would (flash attention, one-byte dropout masks).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from remat.engine.checkpointing import checkpoint
 from remat.measure.storage import device_of, iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.measure.training_call import check_loss_fn, default_loss, training_call
+from remat.planner.target_kernels import target_kernels
+from remat.planner.targets import Target, get_target
 from remat.policy.wrapping import applied, apply, remove
 
 __all__ = ["EstimateReport", "estimate"]
@@ -99,6 +102,7 @@ def estimate(
     loss_fn: Callable[[Any], Tensor] | None = None,
     timeline: bool = False,
     policy: Any = None,
+    target_device: str | Target | None = None,
     **kwargs: Any,
 ) -> EstimateReport:
     """Measure one training step of ``model`` on fake tensors, allocating nothing.
@@ -114,7 +118,12 @@ def estimate(
         timeline: keep the tracker's per-op timeline in the report.
         policy: a ``remat.apply`` policy (``remat.every(1)``, ``remat.ops("save-matmuls")``,
             ...) applied for the estimate only; an alternative to ``checkpoint_modules``.
-        **kwargs: keyword inputs of ``model`` (tensors become fake copies too).
+        target_device: count what the target's kernels keep (``"h100"``: CUDA's one-byte
+            dropout masks, flash or memory-efficient attention; ``"cpu"``: the CPU's flash
+            attention), as :func:`remat.planner.target_kernels.target_kernels` describes.
+            ``None``: the kernels of the model's device (math attention on meta).
+        **kwargs: keyword inputs of ``model`` (tensors become fake copies too; a model
+            input may be named ``target``).
 
     Returns:
         An :class:`EstimateReport`.
@@ -140,6 +149,7 @@ def estimate(
     if policy is not None and checkpoint_modules is not None:
         raise ValueError("estimate: pass either policy= or checkpoint_modules=, not both")
     check_loss_fn(loss_fn, "estimate")
+    target = None if target_device is None else get_target(target_device)
     names = _select(model, checkpoint_modules)
 
     # Fake copies of every parameter and buffer (same device, no data): gradients land on
@@ -168,6 +178,7 @@ def estimate(
         _policy_applied(model, policy) as policy_regions,
         fake,
         torch.enable_grad(),
+        target_kernels(target),
         tracker,
     ):
         out = model(*fake_inputs, **fake_kwargs)

@@ -46,6 +46,7 @@ from remat.planner.step_memory import (
     store_all_peak_of,
     with_gradient_bytes,
 )
+from remat.planner.target_kernels import target_kernels
 from remat.planner.targets import Target, get_target
 
 __all__ = ["profile"]
@@ -90,8 +91,10 @@ def profile(
         target_device: the device to plan for (``"h100"``, ``"a100"``, ``"cpu"``..., or a
             :class:`~remat.planner.targets.Target`): costs are the ops' predicted seconds
             there (roofline: FLOPs or bytes, plus launch) instead of measured ones, so a
-            model on the meta device is planned for a GPU this machine does not have.
-            ``None``: measured times (FLOPs plus bytes on meta).
+            model on the meta device is planned for a GPU this machine does not have. On
+            meta, dropout and attention also keep what the target's kernels keep
+            (:mod:`remat.planner.target_kernels`). ``None``: measured times (FLOPs plus
+            bytes on meta).
         **kwargs: keyword inputs of the model (a model input may be named ``target``: the
             option is ``target_device`` so that it cannot take its place).
 
@@ -127,7 +130,7 @@ def profile(
         )
     device = None if target_device is None else get_target(target_device)
     require_train_mode(model, "remat.profile")
-    with state_kept(model), training_call(model):
+    with state_kept(model), training_call(model), target_kernels(device):
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
 
 

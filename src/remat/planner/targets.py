@@ -41,6 +41,8 @@ class Target:
         host_bandwidth: bytes per second between device and host memory, one direction
             (offloading).
         source: where the figures come from.
+        kernels: whose kernels run there, ``"cuda"`` or ``"cpu"``: on meta, dropout and
+            attention keep for backward what those kernels keep (``target_kernels``).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Target:
     launch_s: float = 5e-6
     host_bandwidth: float = 0.0
     source: str = ""
+    kernels: str = "cuda"
 
     def __post_init__(self) -> None:
         if not self.flops_per_s or any(v <= 0 for v in self.flops_per_s.values()):
@@ -58,6 +61,8 @@ class Target:
             raise ValueError(f"Target {self.name!r}: flops_per_s needs a 'float32' rate")
         if self.memory_bandwidth <= 0 or self.memory_bytes <= 0 or self.launch_s < 0:
             raise ValueError(f"Target {self.name!r}: bandwidth and memory must be positive")
+        if self.kernels not in ("cuda", "cpu"):
+            raise ValueError(f"Target {self.name!r}: kernels must be 'cuda' or 'cpu'")
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         """The peak FLOP/s for ``dtype`` (the float32 rate for a dtype not listed)."""
@@ -194,6 +199,7 @@ def measure_cpu_target() -> Target:
         host_bandwidth=2 * big.nbytes / copy,
         source="measured on this machine: a 1024x1024 float32 matmul, a 32 MiB copy, one "
         "8-element add (best of several)",
+        kernels="cpu",
     )
 
 
