@@ -38,13 +38,13 @@ def measure(s: int, b: int, h: int, a: int) -> list[dict]:
             got = remat.estimate(layer, x, checkpoint_modules=core, target_device=target)
             rows.append(
                 {
-                    "s": s, "b": b, "h": h, "a": a,
+                    **{"s": s, "b": b, "h": h, "a": a},
                     "recompute": "attention core" if recompute else "none",
                     "target": target or "meta kernels",
                     "paper_bytes": paper,
                     "remat_bytes": got.saved_bytes,
                     "ratio": got.saved_bytes / paper,
-                }  # fmt: skip
+                }
             )
     return rows
 

@@ -11,10 +11,11 @@ Two ops keep different tensors for backward depending on the device, and on the 
   memory-efficient kernel (a mask, or float32), which keep the output and a float32
   log-sum-exp per query row; the CPU runs its own flash kernel without dropout.
 
-:func:`target_kernels`, for tensors without data only, calls the kernel the target would: ``native_dropout`` for a CUDA target, and the SDPA
-backend PyTorch's own selection picks there (for a CUDA target, the flash, efficient and
-math rules of ``sdp_utils.cpp`` for sm80 and newer; for the CPU, ``torch._fused_sdp_choice``
-itself). Tensors with data run unchanged: what they keep is measured, not predicted.
+:func:`target_kernels`, for tensors without data only, calls the kernel the target
+would: ``native_dropout`` for a CUDA target, and the SDPA backend PyTorch's own selection
+picks there (for a CUDA target, the flash, efficient and math rules of ``sdp_utils.cpp``
+for sm80 and newer; for the CPU, ``torch._fused_sdp_choice`` itself). Tensors with data run
+unchanged: what they keep is measured, not predicted.
 
 Not modelled: cuDNN attention, which recent PyTorch prefers on sm90 with a new cuDNN (it
 keeps what flash keeps: the output and a float32 statistic per query row); head dims that
