@@ -38,6 +38,7 @@ from remat.bench.user_models import parse_model_args
 from remat.errors import MissingExtraError
 from remat.measure.storage import unique_storage_bytes
 from remat.planner.budget import looks_like_percent, parse_budget
+from remat.planner.sharding import shard_profile, sharded_state
 from remat.planner.step_memory import measure_step_peak
 from remat.planner.targets import describe_targets, get_target
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
@@ -194,6 +195,10 @@ def _parser() -> argparse.ArgumentParser:
         help="adamw, adam, sgd-momentum, sgd: count the parameters, optimizer state and (bf16/"
         "fp16) fp32 master weights in the budget, which is then the device's whole memory",
     )
+    plan.add_argument(
+        "--world-size", type=int, default=1, help="plan one rank of FSDP2 over N ranks "
+        "(with --optimizer): state and gradients sharded, two regions gathered in flight",
+    )  # fmt: skip
     plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
     plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
     _add_size_flags(plan)
@@ -363,6 +368,8 @@ def _plan(args: argparse.Namespace) -> int:
                     f"--budget {args.budget} with --optimizer: give the device's memory in "
                     "bytes (80GiB), which parameters, optimizer state and activations share"
                 )
+        if args.world_size < 1 or (args.world_size > 1 and args.optimizer is None):
+            raise ValueError(f"--world-size {args.world_size}: a positive count, with --optimizer")
     except (ValueError, TypeError, RuntimeError, MissingExtraError) as e:
         return _error(str(e), "plan")
 
@@ -387,9 +394,13 @@ def _plan(args: argparse.Namespace) -> int:
             target_device=target,
             **workload.kwargs,
         )
+        prof = shard_profile(prof, workload.model, args.world_size)
         budget, resident = args.budget, None
         if args.optimizer is not None:  # the step's new bytes get what the state leaves
             resident = training_state(workload.model, args.optimizer)
+            if args.world_size > 1:
+                regions = [r.name for r in prof.regions]
+                resident = sharded_state(resident, workload.model, regions, args.world_size)
             inputs = unique_storage_bytes(workload.tensors)
             left = parse_budget(args.budget) - resident.total - inputs
             print(resident.describe(inputs, left))
@@ -416,7 +427,8 @@ def _plan(args: argparse.Namespace) -> int:
     if resident is not None:
         whole = chosen.predicted_peak_bytes + resident.total + inputs
         print(
-            f"predicted peak per device {whole / 1e6:.2f} MB: the plan's "
+            f"predicted peak per {'rank' if args.world_size > 1 else 'device'} "
+            f"{whole / 1e6:.2f} MB: the plan's "
             f"{chosen.predicted_peak_bytes / 1e6:.2f} MB on top of "
             f"{(resident.total + inputs) / 1e6:.2f} MB of parameters, optimizer state and inputs"
         )

@@ -174,7 +174,9 @@ def build_hf_workload(
             if isinstance(getattr(default, key, None), int):
                 overrides[key] = 0
     model_config = AutoConfig.for_model(model_type, **{**fields, **overrides, **(config or {})})
-    with torch.random.fork_rng(devices=[]):
+    # On meta the model is built there (a 70B-shaped one in seconds, nothing allocated)
+    on_meta = torch.device(device).type == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if on_meta else "cpu"):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(model_config)
     gen = torch.Generator().manual_seed(seed)

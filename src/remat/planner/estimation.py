@@ -33,7 +33,7 @@ from remat.planner.target_kernels import target_kernels
 from remat.planner.targets import Target, get_target
 from remat.policy.wrapping import applied, apply, remove
 
-__all__ = ["EstimateReport", "estimate"]
+__all__ = ["EstimateReport", "estimate", "faked_meta_model"]
 
 ModuleFilter = Iterable[str] | Callable[[nn.Module, str], bool]
 
@@ -203,6 +203,29 @@ def estimate(
         checkpointed=tuple(names) + tuple(policy_regions),
         timeline=tracker.timeline,
     )
+
+
+@contextlib.contextmanager
+def faked_meta_model(
+    model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Run a model on meta under ``FakeTensorMode``: its parameters, buffers and the inputs
+    become fake copies (restored afterwards), so that models that branch on data can tell
+    they are traced (transformers' masks call ``.all()``, which meta tensors cannot answer).
+    Yields the fake inputs; a model not on meta runs as it is."""
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        yield inputs, kwargs
+        return
+    # Meta tensors a loss function closes over (targets) are converted as they come.
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    params = {
+        id(p): nn.Parameter(fake.from_tensor(p).detach(), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
+    to_fake = lambda x: fake.from_tensor(x) if isinstance(x, Tensor) else x  # noqa: E731
+    with _swapped(model, params, buffers), fake:
+        yield tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from remat.measure.training_call import (
     require_train_mode,
     training_call,
 )
+from remat.planner.estimation import faked_meta_model
 from remat.planner.op_recording import OpRecorder, post_hook, pre_hook, region_flops
 from remat.planner.profile_data import OP_ENGINE_CHOICES, OpProfile, Profile, RegionProfile
 from remat.planner.region_costs import op_overheads, transient_bytes
@@ -130,7 +131,12 @@ def profile(
         )
     device = None if target_device is None else get_target(target_device)
     require_train_mode(model, "remat.profile")
-    with state_kept(model), training_call(model), target_kernels(device):
+    with (
+        state_kept(model),
+        training_call(model),
+        target_kernels(device),
+        faked_meta_model(model, inputs, kwargs) as (inputs, kwargs),
+    ):
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
 
 

@@ -1,0 +1,119 @@
+"""One rank of FSDP2 (``fully_shard`` on each region, then on the model) over N ranks.
+
+What changes against one device, per rank:
+
+- Parameters, fp32 master weights and optimizer state are sharded: 1/N of each. Under
+  mixed precision (bf16 parameters, fp32 master weights) FSDP2's ``MixedPrecisionPolicy``
+  keeps only the fp32 shard, which is the master, and casts to bf16 as it gathers.
+- A region's parameters are gathered in full while it runs: the one running and the one
+  prefetched (FSDP2 prefetches one unit ahead, forward and backward), so at most the two
+  largest units at once. The root unit (embedding, final norm, head: the parameters in no
+  region) stays gathered through the step, as FSDP2 does not reshard the root after forward.
+- Gradients: a region's are reduce-scattered right after its backward, so while region i
+  runs backward, the regions after it hold 1/N of theirs; the root's, produced first (the
+  head) and finished last (the embedding), stay whole until the end.
+
+Activations are unchanged: every rank runs the whole model on its own micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from remat.planner.profile_data import Profile
+from remat.planner.step_memory import store_all_peak_of
+from remat.planner.training_state import TrainingState
+
+__all__ = ["ShardedState", "shard_profile", "sharded_state"]
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _grad_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def _check(world_size: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+
+
+def shard_profile(profile: Profile, model: nn.Module, world_size: int) -> Profile:
+    """``profile`` as one FSDP rank sees it: the gradients of the regions after the one in
+    backward are 1/N of theirs (the profile counts them whole)."""
+    _check(world_size)
+    if world_size == 1:
+        return profile
+    modules = dict(model.named_modules())
+    own = [_grad_bytes(modules[r.name]) for r in profile.regions]
+    regions, later = [], 0
+    for region, own_bytes in zip(reversed(profile.regions), reversed(own)):
+        freed = later - later // world_size  # reduce-scattered after their backward
+        regions.append(replace(region, transient_bytes=region.transient_bytes - freed))
+        later += own_bytes
+    regions.reverse()
+    chain_peak = store_all_peak_of(regions, profile.tail_bytes)
+    return replace(
+        profile,
+        regions=tuple(regions),
+        step_peak_bytes=chain_peak + profile.outside_bytes,
+        meta={**profile.meta, "world_size": world_size},
+    )
+
+
+@dataclass(frozen=True)
+class ShardedState:
+    """The training state held by one rank of FSDP over ``world_size`` ranks, in bytes.
+
+    Attributes:
+        shards: 1/N of the parameters, master weights and optimizer state (the fp32 master
+            shard is the parameter under mixed precision).
+        gathered: parameters gathered in full: the root unit's and the two largest regions'.
+        world_size: N.
+        state: the whole (unsharded) training state it was divided from.
+    """
+
+    shards: int
+    gathered: int
+    world_size: int
+    state: TrainingState
+
+    @property
+    def total(self) -> int:
+        return self.shards + self.gathered
+
+    def describe(self, inputs: int, left: int) -> str:
+        """One line: what each rank holds, and what the step's new bytes get (``left``)."""
+        s = self.state
+        return (
+            f"training state ({s.optimizer}, FSDP over {self.world_size} ranks): parameters "
+            f"{s.parameters / 1e6:.2f} MB, fp32 master weights {s.master_weights / 1e6:.2f} MB, "
+            f"optimizer state {s.optimizer_state / 1e6:.2f} MB in all; per rank its shards "
+            f"{self.shards / 1e6:.2f} MB, gathered parameters (the root unit and two regions in "
+            f"flight) {self.gathered / 1e6:.2f} MB, inputs {inputs / 1e6:.2f} MB; the step's "
+            f"activations and gradients get {left / 1e6:.2f} MB"
+        )
+
+
+def sharded_state(
+    state: TrainingState, model: nn.Module, regions: list[str], world_size: int
+) -> ShardedState:
+    """Divide ``state`` over ``world_size`` FSDP ranks, each region one unit."""
+    _check(world_size)
+    modules = dict(model.named_modules())
+    units = sorted((_param_bytes(modules[r]) for r in regions), reverse=True)
+    inside = {id(p) for r in regions for p in modules[r].parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    n = world_size
+    # trainable bf16/fp16 parameters (2 bytes, master 4 bytes): their fp32 shard stands for both
+    low_precision = state.master_weights // 2
+    return ShardedState(
+        shards=-(-(state.total - low_precision) // n) if n > 1 else state.total,
+        gathered=root + sum(units[:2]) if n > 1 else 0,
+        world_size=n,
+        state=state,
+    )
