@@ -77,7 +77,8 @@ class OpRecorder(TorchDispatchMode):
         region = self.current()
         start = time.perf_counter() if self.timed and region else 0.0
         out = func(*args, **(kwargs or {}))
-        if region is None:
+        # prim.device and the like: metadata queries a FakeTensor dispatches, not kernels
+        if region is None or getattr(func, "namespace", "") == "prim":
             return out
         if self.timed:
             self.sync()
