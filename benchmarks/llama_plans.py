@@ -65,7 +65,9 @@ def plan_rows(name: str, world_size: int, seq_len: int) -> dict:
         "full": plan_from_choices(chain, ["recompute"] * n),
         "selective": plan_from_choices(chain, ["save-matmuls"] * n),
     }
-    if left > 0:
+    if left <= 0:
+        plans["remat"] = f"no plan: the state alone takes {resident / GB:.1f} GB per rank"
+    else:
         try:
             plans["remat"] = remat.plan(prof, left)
         except remat.BudgetError as e:
