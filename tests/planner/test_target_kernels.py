@@ -114,3 +114,28 @@ def test_tensors_with_data_run_their_own_kernels():
     torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
     torch.testing.assert_close(attn, F.scaled_dot_product_attention(q, k, v))
     assert F.dropout.__module__ == "torch.nn.functional"  # put back
+
+
+def test_a_meta_model_is_profiled_on_fake_tensors_with_inputs_from_the_cpu():
+    """Models that branch on data (``.all()``, ``.item()``) can tell they are traced, and
+    ``input_ids`` made on the CPU go to meta with the model, as in ``estimate``."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x):
+            from torch._subclasses.fake_tensor import is_fake
+
+            if not is_fake(x) and bool((x > 0).all()):  # meta tensors cannot answer this
+                x = x * 2
+            for layer in self.layers:
+                x = layer(x).tanh()
+            return x
+
+    with torch.device("meta"):
+        model = Branchy()
+    prof = remat.profile(model, torch.randn(4, 8), target_device="h100")
+    assert [r.name for r in prof.regions] == ["layers.0", "layers.1"]
+    assert all(p.is_meta and not type(p).__name__.startswith("Fake") for p in model.parameters())

@@ -213,7 +213,8 @@ def faked_meta_model(
     become fake copies (restored afterwards), so that models that branch on data can tell
     they are traced (transformers' masks call ``.all()``, which meta tensors cannot answer).
     Yields the fake inputs; a model not on meta runs as it is."""
-    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+    meta = next((t for t in (*model.parameters(), *model.buffers()) if t.is_meta), None)
+    if meta is None:
         yield inputs, kwargs
         return
     # Meta tensors a loss function closes over (targets) are converted as they come.
@@ -223,7 +224,10 @@ def faked_meta_model(
         for p in model.parameters()
     }
     buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
-    to_fake = lambda x: fake.from_tensor(x) if isinstance(x, Tensor) else x  # noqa: E731
+
+    def to_fake(x: Any) -> Any:  # input_ids made on the CPU go to meta with the model
+        return _on_device(fake, fake.from_tensor(x), meta.device) if isinstance(x, Tensor) else x
+
     with _swapped(model, params, buffers), fake:
         yield tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
 
