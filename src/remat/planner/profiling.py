@@ -11,6 +11,9 @@
 3. the un-checkpointed training step under :class:`remat.MemoryTracker`, whose peak calibrates
    what the chain model does not see (embedding, head, loss, gradients being produced).
 
+A model on the meta device runs on fake copies of its parameters (``FakeTensorMode``, as in
+``remat.estimate``), so models that ask their tensors for values (transformers' masks) run.
+
 Candidate regions are, by default, the children of the model's repeated-block lists (the
 ``blocks`` of a GPT, the ``layers`` of a Llama); a model without such a list is a chain of
 its direct children.
