@@ -157,11 +157,7 @@ def estimate(
     # dispatch as on the real device (sdpa picks the same kernel) and models that branch on
     # data can tell they are being traced (transformers checks for fake tensors).
     fake = FakeTensorMode(allow_non_fake_inputs=False)
-    params = {
-        id(p): nn.Parameter(fake.from_tensor(p).detach(), requires_grad=p.requires_grad)
-        for p in model.parameters()
-    }
-    buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
+    params, buffers = _fake_state(fake, model)
     fake_inputs = tuple(_to_fake_input(fake, x, i, dtype, device) for i, x in enumerate(inputs))
     fake_kwargs = tree_map(
         lambda x: _on_device(fake, fake.from_tensor(x), device) if isinstance(x, Tensor) else x,
@@ -219,17 +215,25 @@ def faked_meta_model(
         return
     # Meta tensors a loss function closes over (targets) are converted as they come.
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    params = {
-        id(p): nn.Parameter(fake.from_tensor(p).detach(), requires_grad=p.requires_grad)
-        for p in model.parameters()
-    }
-    buffers = {id(b): fake.from_tensor(b) for b in model.buffers()}
+    params, buffers = _fake_state(fake, model)
 
     def to_fake(x: Any) -> Any:  # input_ids made on the CPU go to meta with the model
         return _on_device(fake, fake.from_tensor(x), meta.device) if isinstance(x, Tensor) else x
 
     with _swapped(model, params, buffers), fake:
         yield tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
+
+
+def _fake_state(
+    fake: FakeTensorMode, model: nn.Module
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Fake copies of the model's parameters and buffers, keyed by ``id()`` of the originals
+    (tied weights stay tied), for :func:`_swapped`."""
+    params = {
+        id(p): nn.Parameter(fake.from_tensor(p).detach(), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    return params, {id(b): fake.from_tensor(b) for b in model.buffers()}
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from remat.measure.storage import unique_storage_bytes
 from remat.planner.profile_data import Profile
 from remat.planner.step_memory import store_all_peak_of
 from remat.planner.training_state import TrainingState
@@ -29,12 +30,8 @@ from remat.planner.training_state import TrainingState
 __all__ = ["ShardedState", "shard_profile", "sharded_state"]
 
 
-def _param_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def _grad_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return unique_storage_bytes(p for p in module.parameters() if p.requires_grad)
 
 
 def _check(world_size: int) -> None:
@@ -105,9 +102,9 @@ def sharded_state(
     """Divide ``state`` over ``world_size`` FSDP ranks, each region one unit."""
     _check(world_size)
     modules = dict(model.named_modules())
-    units = sorted((_param_bytes(modules[r]) for r in regions), reverse=True)
+    units = sorted((unique_storage_bytes(modules[r].parameters()) for r in regions), reverse=True)
     inside = {id(p) for r in regions for p in modules[r].parameters()}
-    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    root = unique_storage_bytes(p for p in model.parameters() if id(p) not in inside)
     n = world_size
     # trainable bf16/fp16 parameters (2 bytes, master 4 bytes): their fp32 shard stands for both
     low_precision = state.master_weights // 2
