@@ -250,11 +250,14 @@ def test_a_signal_ends_bench_at_once_in_one_line_leaving_nothing_behind(tmp_path
     import time
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}
+    # Ctrl-C at a terminal: SIGINT at its default in remat. A suite started in the
+    # background of a non-interactive shell inherits SIGINT ignored, and passes that on.
     proc = subprocess.Popen(
         [sys.executable, "-m", "remat", "bench", *SMALL_GPT, "--steps", "50", "--quiet"],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while len(_bench_children(proc.pid)) < 2 and time.monotonic() < deadline:
