@@ -180,8 +180,11 @@ def test_originals_are_freed_and_the_store_holds_exactly_the_offloaded_bytes() -
     assert all(ref() is None for ref in refs)  # copied out and dropped
     assert policy.stats.bytes_held == MLP_OFFLOADED
     assert mt.saved_bytes == 0  # nothing left for autograd outside the store
-    # Same live bytes, except the model input: the user still holds it and the store a copy.
-    assert mt.current_bytes == mt_plain.current_bytes + F32 * B * IN
+    # The device lost what moved, except the model input, which the user still holds; the
+    # store's buffers are host memory, counted apart.
+    assert mt.current_bytes == mt_plain.current_bytes - MLP_OFFLOADED + F32 * B * IN
+    assert mt.host_bytes == mt.host_peak_bytes == MLP_OFFLOADED
+    assert mt_plain.host_peak_bytes == 0
     out.sum().backward()
     assert policy.stats.bytes_held == 0
 

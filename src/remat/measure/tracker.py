@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from remat.errors import RematError
 from remat.measure.storage import iter_tensors, storage_of, tensors_of
 from remat.measure.versions import Versioned, checked_version
 
-__all__ = ["MemoryTracker", "TimelineEvent"]
+__all__ = ["MemoryTracker", "TimelineEvent", "host_memory"]
 
 
 OUTSIDE = "<outside>"  # allocated while no module of the tracked model ran (e.g. the loss)
@@ -53,6 +53,22 @@ class TimelineEvent:
     module: str
     phase: str
     live_bytes: int
+
+
+_host = threading.local()
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Storages made inside are host memory apart from the device's (an offload store's
+    buffers): trackers count them in ``host_bytes``, not in ``peak_bytes``. On a CPU model
+    they are the same physical memory; the split shows what offloading would free."""
+    before = getattr(_host, "on", False)
+    _host.on = True
+    try:
+        yield
+    finally:
+        _host.on = before
 
 
 def _phase() -> str:
@@ -109,6 +125,9 @@ class MemoryTracker:
         timeline: list of :class:`TimelineEvent`.
         cuda_max_allocated, cuda_max_reserved: the CUDA allocator's own peaks (its peak stats
             are reset on entry); ``None`` when nothing tracked lives on CUDA.
+        host_bytes, host_peak_bytes: live and peak bytes of storages made inside
+            :func:`host_memory` (offload stores' host buffers), which the other figures
+            leave out.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` or ``count_existing`` holds other things.
@@ -157,7 +176,10 @@ class MemoryTracker:
         self.timeline: list[TimelineEvent] = []
         self.cuda_max_allocated: int | None = None
         self.cuda_max_reserved: int | None = None
+        self.host_bytes = 0
+        self.host_peak_bytes = 0
         self._live: dict[int, int] = {}  # storage key -> bytes
+        self._host_live: dict[int, int] = {}  # the same, host buffers (host_memory)
         self._finalizers: list[weakref.finalize] = []
         self._held: dict[int, list] = {}  # storage key -> [holders, bytes, modules]
         self._not_activations: set[int] = set()  # parameter and buffer storages
@@ -260,10 +282,19 @@ class MemoryTracker:
         self.current_bytes += nbytes
         self._finalizers.append(weakref.finalize(st, self._on_free, key))
 
+    def _add_host_storage(self, st: torch.UntypedStorage) -> None:
+        key, nbytes = st._cdata, st.nbytes()
+        self._host_live[key] = nbytes
+        self.host_bytes += nbytes
+        self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+        self._finalizers.append(weakref.finalize(st, self._on_free, key))
+
     def _on_free(self, key: int) -> None:
         with self._lock:
             if self._active and key in self._live:
                 self.current_bytes -= self._live.pop(key)
+            elif self._active and key in self._host_live:
+                self.host_bytes -= self._host_live.pop(key)
 
     def start_window(self) -> None:
         """Start ``window_peak_bytes`` over: from now on, the highest live total since this
@@ -292,12 +323,17 @@ class MemoryTracker:
                 if st is None:
                     continue
                 key = st._cdata
+                if key in self._host_live:
+                    continue
                 if key in self._live:
                     grown = st.nbytes() - self._live[key]  # resize_ or out= resizing
                     self._live[key] += grown
                     self.current_bytes += grown
                 elif key not in inputs:
-                    self._add_storage(st)
+                    if getattr(_host, "on", False):
+                        self._add_host_storage(st)
+                    else:
+                        self._add_storage(st)
             self._update_peaks(phase)
             if self._record_timeline:
                 self.timeline.append(
@@ -378,5 +414,6 @@ class MemoryTracker:
             "saved_bytes_by_module": dict(self.saved_bytes_by_module),
             "cuda_max_allocated": self.cuda_max_allocated,
             "cuda_max_reserved": self.cuda_max_reserved,
+            "host_peak_bytes": self.host_peak_bytes,
             "timeline_events": len(self.timeline),
         }

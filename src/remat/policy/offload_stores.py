@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from remat.errors import RematError
+from remat.measure.tracker import host_memory
 
 __all__ = ["CpuStore", "CudaPinnedStore", "OffloadStats", "OffloadStore"]
 
@@ -74,7 +75,8 @@ class _HostPool:
             return self.free[nbytes].pop()
         stats.buffers_allocated += 1
         stats.bytes_allocated += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        with host_memory():  # a tracker counts it apart from the device's memory
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
 
     def release(self, buf: Tensor) -> None:
         self.free[buf.numel()].append(buf)
