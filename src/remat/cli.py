@@ -446,7 +446,8 @@ def _plan(args: argparse.Namespace) -> int:
         reference = build()
         torch.manual_seed(args.seed)
         reference.loss().backward()
-        remat.apply_plan(workload.model, chosen)
+        on_cpu = workload.device.type == "cpu"  # a GPU plan's offload copies to a CpuStore
+        remat.apply_plan(workload.model, chosen, offload_store=remat.CpuStore() if on_cpu else None)
         measured = measure_step_peak(workload.model, workload.inputs, loss_fn, **workload.kwargs)
         torch.manual_seed(args.seed)
         workload.loss().backward()

@@ -8,6 +8,7 @@ model; the DP must find the same least extra cost at every budget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import random
 from math import comb
@@ -412,3 +413,49 @@ def test_no_plan_has_a_segment_across_a_segment_break():
     assert not _crosses(sqrt_plan(chain, segment=6).segments, 3)
     with pytest.raises(ValueError, match="crosses region 'r3'"):
         plan_from_choices(chain, [0] * 6, [(1, 5)])
+
+
+def _offload_kind(chain: Chain, item) -> bool:
+    return item[0] == "leaf" and chain.regions[item[1]].menu()[item[2]].kind == "offload"
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_dp_with_offload_equals_exhaustive_search_of_the_plans_it_searches(seed):
+    """Offload on the menu (random transfer costs, inputs saved or not, a tail): the
+    solver's best equals the best of the nested plans without offload and of every flat
+    plan (offload is searched without segments), at every budget."""
+    rng = random.Random(9000 + seed)
+    base = random_chain(rng, rng.randint(1, 6), unsaved=0.3, tail=seed % 2 == 1)
+    regions = [
+        dataclasses.replace(r, offload_cost=rng.choice([0.0, rng.uniform(0, 6)]))
+        if rng.random() < 0.7 else r
+        for r in base.regions
+    ]  # fmt: skip
+    chain = Chain(regions, tail_bytes=base.tail_bytes)
+    nested = [
+        items for items in nested_plans(chain, 0, len(chain))
+        if not any(_offload_kind(chain, it) for it in items)
+        and not _has_offload_inside(chain, items)
+    ]  # fmt: skip
+    scored = [simulate(chain, items) for items in [*nested, *flat_plans(chain)]]
+    lo, hi = min(p for p, _ in scored), max(p for p, _ in scored)
+    for budget in range(max(1, lo - 1), hi + 2):
+        best = min((c for p, c in scored if p <= budget), default=None)
+        if best is None:
+            with pytest.raises(BudgetError):
+                solve_chain(chain, budget, resolution_bytes=1)
+            continue
+        plan = solve_chain(chain, budget, resolution_bytes=1)
+        assert plan.predicted_peak_bytes <= budget
+        assert plan.extra_cost == pytest.approx(best, abs=1e-9), (budget, plan)
+    front = pareto(chain, resolution_bytes=1)
+    for p, c in scored:  # every searched plan is dominated by (or on) the frontier
+        assert any(f.predicted_peak_bytes <= p and f.extra_cost <= c + 1e-9 for f in front)
+
+
+def _has_offload_inside(chain: Chain, items) -> bool:
+    return any(
+        it[0] == "seg" and (any(_offload_kind(chain, x) for x in it[3])
+                            or _has_offload_inside(chain, it[3]))
+        for it in items
+    )  # fmt: skip

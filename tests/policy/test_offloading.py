@@ -58,8 +58,8 @@ def assert_same_grads(got: dict, expected: dict) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_mlp_gradients_bitwise_and_bytes_exact(prefetch: bool) -> None:
+@pytest.mark.parametrize("prefetch", [True, False, "own"])
+def test_mlp_gradients_bitwise_and_bytes_exact(prefetch: bool | str) -> None:
     reference = grads_of(mlp())
     workload, policy = mlp(), remat.offload(min_bytes=0, store=CpuStore(), prefetch=prefetch)
     remat.apply(workload.model, BLOCKS & policy)
@@ -69,7 +69,9 @@ def test_mlp_gradients_bitwise_and_bytes_exact(prefetch: bool) -> None:
     assert (stats.bytes_in, stats.tensors_in) == (MLP_OFFLOADED, 6)
     assert stats.bytes_held == 0 and stats.peak_bytes_held == MLP_OFFLOADED
     # Backward reaching block3 prefetches block2's (out1, h2, out2), reaching block2 the
-    # rest of block1's (x, h1); only h3 is fetched on demand.
+    # rest of block1's (x, h1); only h3 is fetched on demand. With "own", each block brings
+    # back the rest of its own once its backward starts: block3 out2 after h3, block2
+    # (out1, h2) after out2 (back already), block1 (x, h1) after out1: again only h3 waits.
     assert stats.tensors_prefetched == (5 if prefetch else 0)
 
 
@@ -254,8 +256,9 @@ def test_bad_arguments_name_the_argument() -> None:
             remat.offload(min_bytes=bad)
     with pytest.raises(TypeError, match="store must be an OffloadStore"):
         remat.offload(store="cpu")
-    with pytest.raises(TypeError, match="prefetch must be a bool"):
-        remat.offload(prefetch=1)
+    for bad in (1, "previous", None):
+        with pytest.raises(TypeError, match="prefetch must be True, False or 'own'"):
+            remat.offload(prefetch=bad)
     with pytest.raises(TypeError, match="min_bytes must be an int"):
         remat.Offload(min_bytes=None)
     with pytest.raises(ValueError, match="stash must be a positive integer"):

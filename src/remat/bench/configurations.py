@@ -272,7 +272,9 @@ def load_plan_file(path: str | None) -> remat.Plan:
 
 def _apply_plan_file(workload: Workload, arg: str | None) -> None:
 
-    remat.apply_plan(workload.model, load_plan_file(arg))
+    # A plan made for a GPU may offload; on CPU its regions copy to a CpuStore.
+    store = remat.CpuStore() if workload.device.type == "cpu" else None
+    remat.apply_plan(workload.model, load_plan_file(arg), offload_store=store)
 
 
 def _crash(workload: Workload, arg: str | None) -> None:

@@ -13,6 +13,11 @@ and ``H`` is ``C`` for a sequence whose input a checkpoint holds (a segment bein
 differs from ``C`` only where the first region's input is not saved (``kept`` and ``need`` of
 its store option grow by the input).
 
+Offloading is searched by the flat DP only: a segment reruns its regions in backward, where
+nothing is offloaded, and the nested table's sub-chains serve as segments' insides too. When a
+region offers offload, ``solve_chain`` and ``pareto`` also run the flat DP with it and keep
+the better plans (plans mixing segments and offload are not searched).
+
 Memory is discretised: every byte count is rounded *up* to a multiple of the resolution and
 the budget down, so a plan that fits at the resolution fits in bytes, and the solver is
 optimal for the rounded problem. When all sizes share a divisor that gives few enough slots
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from remat.errors import BudgetError
 from remat.planner.memory_model import items_to_plan, leaf_bytes, plan_from_choices, simulate
-from remat.planner.problem import Chain, Region
+from remat.planner.problem import OFFLOAD, Chain, Region
 from remat.planner.solution import Plan
 
 if TYPE_CHECKING:
@@ -95,10 +100,13 @@ def discretize(chain: Chain, resolution: int) -> Chain:
 
 
 # ----------------------------------------------------------------------------- the DP
-def _leaf_terms(r: Region, held: bool) -> list[tuple[int, int, float]]:
-    """Per option of ``r``: (need, kept, cost), need being its forward/backward peak."""
+def _leaf_terms(r: Region, held: bool, offload: bool = False) -> list[tuple[int, int, float]]:
+    """Per option of ``r``: (need, kept, cost), need being its forward/backward peak;
+    offload (last on the menu) only when ``offload``."""
     out = []
     for o in r.menu():
+        if o.kind == OFFLOAD and not offload:
+            continue
         kept, fwd, bwd = leaf_bytes(r, o, held)
         out.append((max(fwd, bwd), kept, o.recompute_cost))
     return out
@@ -126,7 +134,7 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
         ts = slice(s + 1, n + 1) if nested else slice(0, 1)
         tables = [(C, False)] if H is C else [(C, False), (H, True)]
         for T, held in tables:  # a leaf: T[s, t, m] = cost(o) + C[s+1, t, m - kept(o)]
-            for need, k, cost in _leaf_terms(r, held):
+            for need, k, cost in _leaf_terms(r, held, offload=not nested):
                 if need <= m_max:
                     view = T[s, ts, need:]
                     np.minimum(view, cost + C[s + 1, ts, need - k : m_max + 1 - k], out=view)
@@ -145,6 +153,10 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
             if H is not C:
                 np.minimum(H[s, t, a:], best, out=H[s, t, a:])
     return C, H
+
+
+def _offers_offload(chain: Chain) -> bool:
+    return any(o.kind == OFFLOAD for r in chain.regions for o in r.menu())
 
 
 def _segment_ends(chain: Chain) -> list[int]:
@@ -176,7 +188,7 @@ def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -
             r = q.regions[s]
             col = t if nested else 0
             best = (math.inf, None)
-            for k, (need, kept, cost) in enumerate(_leaf_terms(r, held)):
+            for k, (need, kept, cost) in enumerate(_leaf_terms(r, held, offload=not nested)):
                 if need <= m:
                     v = cost + C[s + 1, col, m - kept]
                     if v < best[0]:
@@ -206,7 +218,8 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
     ``M[s, t]`` is the least peak of ``[s, t)`` and ``G[s, t]`` the same with its input held
     by a checkpoint. Store and recompute are enough: an op-level option keeps more than
     recompute for the same peak in its backward (a region that cannot recompute has its
-    op-level options instead).
+    op-level options instead). Offload is left out, so with it on the menu this is an
+    upper bound (it can keep less than recompute where nothing saves a region's input).
     """
     import numpy as np  # lazily: `import remat` must work without numpy
 
@@ -263,7 +276,7 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
 
 
 def min_peak_bytes(chain: Chain, *, nested: bool = True) -> int:
-    """The least peak any plan can reach under the memory model, in bytes."""
+    """The least peak any plan without offload can reach under the memory model, in bytes."""
     return _min_peak(chain, nested)[0]
 
 
@@ -345,7 +358,8 @@ def solve_chain(
         nested DP had to round sizes (no explicit ``resolution_bytes``), the flat DP also
         runs at its much finer resolution, and the cheaper of the two plans is returned:
         rounding errors add up along a long chain, and the flat optimum at a fine
-        resolution can beat the nested one at a coarse resolution.
+        resolution can beat the nested one at a coarse resolution. The flat DP also runs
+        when a region offers offload, which only flat plans use.
 
     Raises:
         BudgetError: no plan fits; ``min_feasible_bytes`` is the least feasible budget.
@@ -362,7 +376,7 @@ def solve_chain(
     while runs:
         nest = runs.pop(0)
         q, C, H, r, exact = _dp(chain, budget, nest, resolution_bytes, slots)
-        if nest and not exact and resolution_bytes is None:
+        if nest and (_offers_offload(chain) or (not exact and resolution_bytes is None)):
             runs.append(False)
         if np.isfinite(C[0, n if nest else 0, -1]):
             items = _reconstruct(q, C, H, C.shape[-1] - 1, nest)
@@ -404,7 +418,7 @@ def pareto(
     while runs:
         nest = runs.pop(0)
         q, C, H, r, exact = _dp(chain, top, nest, resolution_bytes, slots)
-        if nest and not exact and resolution_bytes is None:
+        if nest and (_offers_offload(chain) or (not exact and resolution_bytes is None)):
             runs.append(False)
         costs = C[0, n if nest else 0, :]
         prev = math.inf

@@ -32,7 +32,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from remat.planner.problem import OPS, RECOMPUTE, STORE, Chain, Region, RegionOption, option_index
+from remat.planner.problem import (
+    OFFLOAD,
+    OPS,
+    RECOMPUTE,
+    STORE,
+    Chain,
+    Region,
+    RegionOption,
+    option_index,
+)
 from remat.planner.solution import Plan, RegionPlan, check_segments
 
 __all__ = ["evaluate", "items_to_plan", "leaf_bytes", "plan_from_choices", "plan_tree", "simulate"]
@@ -52,6 +61,16 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
         return (
             option.kept_bytes + extra,
             option.kept_bytes + spare + run,
+            region.backward_bytes + extra,
+        )
+    if option.kind == OFFLOAD:
+        # Its forward runs as stored (what it saves leaves as it is copied out); its input
+        # stays on the device, as a checkpoint would keep it, and the rest comes back for
+        # its backward.
+        extra = spare if held else 0
+        return (
+            option.kept_bytes + extra,
+            region.saved_bytes + spare + run,
             region.backward_bytes + extra,
         )
     # Its own checkpoint holds the input (counted in kept) until its backward is done.
@@ -154,6 +173,13 @@ def plan_from_choices(
             raise ValueError(f"choices: region {r.name!r} has no option index {k}")
     segs = check_segments(n, segments)
     for a, b in segs:
+        inner = [chain.regions[i].name for i in range(a, b)
+                 if chain.regions[i].menu()[idx[i]].kind == OFFLOAD]  # fmt: skip
+        if inner:
+            raise ValueError(
+                f"segments: ({a}, {b}) holds offloaded regions {inner}: a segment reruns its "
+                "regions in backward, where nothing is offloaded; offload outside segments"
+            )
         if chain.regions[a].store_only:
             raise ValueError(
                 f"segments: ({a}, {b}) starts with region {chain.regions[a].name!r}, which "
@@ -170,7 +196,7 @@ def plan_from_choices(
     rows = []
     for i, (r, k) in enumerate(zip(chain.regions, idx)):
         o = r.menu()[k]
-        action = {STORE: STORE, RECOMPUTE: RECOMPUTE, OPS: OPS}[o.kind]
+        action = {STORE: STORE, RECOMPUTE: RECOMPUTE, OPS: OPS, OFFLOAD: OFFLOAD}[o.kind]
         depth = sum(a <= i < b for a, b in segs)
         rows.append(
             RegionPlan(
@@ -201,11 +227,9 @@ def evaluate(chain: Chain, plan: Plan) -> tuple[int, float]:
     """Re-predict a plan's (peak bytes, extra cost) on ``chain``, e.g. after ``from_json``."""
     if [r.name for r in chain.regions] != [r.name for r in plan.regions]:
         raise ValueError("plan: its regions do not match the chain's (names or order differ)")
-    if any(r.action == "offload" for r in plan.regions):
-        raise NotImplementedError("offload is not in the memory model yet")
-    idx = [option_index(r, p.option) for r, p in zip(chain.regions, plan.regions)]
-    segs = check_segments(len(chain), plan.segments)
-    return simulate(chain, plan_tree(idx, segs, 0, len(chain)))
+    choices = [p.option for p in plan.regions]
+    checked = plan_from_choices(chain, choices, plan.segments)  # offload outside segments
+    return checked.predicted_peak_bytes, checked.extra_cost
 
 
 def items_to_plan(chain: Chain, items, **kw) -> Plan:

@@ -1,8 +1,10 @@
 """From a plan to a checkpointed model: ``remat.apply_plan(model, plan)``.
 
 Regions the plan recomputes get :class:`~remat.policy.treatments.Recompute`, op-level
-choices get :class:`~remat.policy.op_level.Ops` with the chosen calls, and multi-region
-segments become :mod:`remat.policy.segment` members (nested segments nest).
+choices get :class:`~remat.policy.op_level.Ops` with the chosen calls, offloaded regions share
+one :class:`~remat.policy.offloading.Offload` (every storage but the region's inputs moves,
+each region's tensors come back when its backward starts: what the memory model counts), and
+multi-region segments become :mod:`remat.policy.segment` members (nested segments nest).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from remat.errors import PlanError
 from remat.planner.plan_for_budget import short_repr
 from remat.planner.regions import default_regions
 from remat.planner.solution import Plan
+from remat.policy.offload_stores import OffloadStore
+from remat.policy.offloading import Offload
 from remat.policy.op_level import Ops
 from remat.policy.segment import segment_roles
 from remat.policy.treatments import Recompute, Treatment
@@ -33,7 +37,9 @@ class _PlanPolicy:
         return self.assignments
 
 
-def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, Treatment]]:
+def plan_assignments(
+    model: nn.Module, plan: Any, offload_store: OffloadStore | None = None
+) -> list[tuple[str, nn.Module, Treatment]]:
     """The roles ``plan`` gives each module of ``model``, outermost first."""
 
     if not isinstance(model, nn.Module):
@@ -53,6 +59,7 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
         )
     if plan.meta.get("default_regions"):
         _check_covers(model, plan)
+    offload = _offload_for(model, plan, offload_store)
     roles: dict[str, list[Treatment]] = {r.name: [] for r in plan.regions}
     for start, stop in sorted(plan.segments, key=lambda s: (s[0], -s[1])):
         names = [plan.regions[i].name for i in range(start, stop)]
@@ -66,9 +73,40 @@ def plan_assignments(model: nn.Module, plan: Any) -> list[tuple[str, nn.Module, 
             roles[region.name].append(
                 Ops(save_calls=frozenset(region.save_ops), engine=region.engine)
             )
+        elif region.action == "offload":
+            roles[region.name].append(offload)
         elif region.action != "store":
             raise PlanError(f"remat.apply_plan: action {region.action!r} is not supported yet")
     return [(name, modules[name], t) for name, ts in roles.items() for t in ts]
+
+
+def _offload_for(model: nn.Module, plan: Plan, store: OffloadStore | None) -> Offload | None:
+    """The one treatment of the plan's offloaded regions; they must lie outside segments,
+    whose rerun in backward offloads nothing."""
+    names = [r.name for r in plan.regions if r.action == "offload"]
+    if not names:
+        return None
+    inside = [plan.regions[i].name for a, b in plan.segments for i in range(a, b)
+              if plan.regions[i].action == "offload"]  # fmt: skip
+    if inside:
+        raise PlanError(
+            f"remat.apply_plan: the plan offloads {inside} inside a checkpointed segment, "
+            "which reruns them in backward without offloading; offload outside segments"
+        )
+    if store is not None and not isinstance(store, OffloadStore):
+        raise TypeError(
+            f"remat.apply_plan: offload_store must be an OffloadStore (remat.CpuStore()), "
+            f"got {short_repr(store)}"
+        )
+    devices = {p.device.type for p in model.parameters()}
+    if store is None and "cuda" not in devices:
+        raise PlanError(
+            f"remat.apply_plan: the plan offloads {_names(names)} to host memory, but "
+            f"{type(model).__name__} is on {', '.join(sorted(devices)) or 'no device'}, "
+            "where the default store moves nothing: move the model to CUDA, or pass "
+            "offload_store=remat.CpuStore() to copy anyway"
+        )
+    return Offload(min_bytes=0, store=store, prefetch="own", keep_inputs=True)
 
 
 def _check_covers(model: nn.Module, plan: Plan) -> None:
@@ -93,16 +131,26 @@ def _names(names: list[str], limit: int = 4) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: Any, *, offload_store: OffloadStore | None = None
+) -> nn.Module:
     """Apply ``plan`` to ``model`` in place (any earlier remat policy is removed first).
+
+    Args:
+        model: the model the plan was made for.
+        plan: a :class:`~remat.planner.solution.Plan`.
+        offload_store: where the plan's offloaded regions put their saved tensors
+            (``None``: pinned host memory, for a model on CUDA; ``remat.CpuStore()`` copies
+            on any device, e.g. to check a GPU plan's bytes on CPU).
 
     Raises:
         PlanError: the plan does not fit the model (regions it lacks, or, for a plan made
-            from a profile's default regions, regions of the model the plan leaves out);
+            from a profile's default regions, regions of the model the plan leaves out),
+            or it offloads regions inside a segment, or off CUDA without ``offload_store``;
             the model is left as it was.
     """
 
-    assignments = plan_assignments(model, plan)  # before anything changes: it may raise
+    assignments = plan_assignments(model, plan, offload_store)  # before any change: it may raise
     remove(model)
     if assignments:
         apply(model, _PlanPolicy(assignments))

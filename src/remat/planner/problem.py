@@ -20,6 +20,7 @@ __all__ = [
     "RegionOption",
     "check_bytes",
     "check_cost",
+    "offload_cost",
     "option_index",
 ]
 
@@ -28,7 +29,7 @@ __all__ = [
 STORE, RECOMPUTE, OPS, OFFLOAD = "store", "recompute", "ops", "offload"
 
 
-ACTIONS = (STORE, RECOMPUTE, OPS, OFFLOAD)  # offload is reserved: no solver emits it yet
+ACTIONS = (STORE, RECOMPUTE, OPS, OFFLOAD)
 
 
 def check_bytes(owner: str, name: str, value: Any) -> None:
@@ -50,10 +51,12 @@ class RegionOption:
         name: unique within the region; ``"store"`` and ``"recompute"`` are the built-ins.
         kept_bytes: bytes held from the region's forward until its backward, the region's
             input included (store: ``saved_bytes``; recompute: ``input_bytes``).
-        recompute_cost: forward work redone in backward (store: 0; recompute: the region's
-            ``rerun_cost``).
+        recompute_cost: what the option adds to the step: forward work redone in backward
+            (store: 0; recompute: the region's ``rerun_cost``; offload: the host transfer
+            time not hidden behind compute, ``Region.offload_cost``).
         save_ops: names of the ops whose outputs are saved (op-level options only).
-        kind: ``"store"``, ``"recompute"`` or ``"ops"`` (an op-level mix of the two).
+        kind: ``"store"``, ``"recompute"``, ``"ops"`` (an op-level mix of the two) or
+            ``"offload"`` (what the region saves goes to host memory until its backward).
         backward_extra_bytes: what the option holds during the region's backward beyond the
             region's saved activations: saved op outputs that autograd itself would not
             keep stay in the selective-checkpoint cache until the region's backward ends.
@@ -76,8 +79,8 @@ class RegionOption:
         check_bytes(f"option {self.name!r}", "kept_bytes", self.kept_bytes)
         check_cost(f"option {self.name!r}", "recompute_cost", self.recompute_cost)
         check_bytes(f"option {self.name!r}", "backward_extra_bytes", self.backward_extra_bytes)
-        if self.kind not in (STORE, RECOMPUTE, OPS):
-            raise ValueError(f"option {self.name!r}: kind must be store/recompute/ops")
+        if self.kind not in ACTIONS:
+            raise ValueError(f"option {self.name!r}: kind must be one of {ACTIONS}")
         if self.engine not in ("replay", "tape"):
             raise ValueError(f"option {self.name!r}: engine must be 'replay' or 'tape'")
         object.__setattr__(self, "save_ops", tuple(self.save_ops))
@@ -135,6 +138,7 @@ class Region:
     recompute_cost: float | None = None
     store_only: str = ""
     segment_break: str = ""
+    offload_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -152,6 +156,8 @@ class Region:
                     f"{owner}: recompute_cost ({self.recompute_cost}) is more than the forward "
                     f"it reruns (fwd_cost={self.fwd_cost})"
                 )
+        if self.offload_cost is not None:
+            check_cost(owner, "offload_cost", self.offload_cost)
         for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
             check_bytes(owner, attr, getattr(self, attr))
         if self.forward_transient_bytes is not None:
@@ -164,7 +170,7 @@ class Region:
                 f"(input_bytes={self.input_bytes}), so saved_bytes >= input_bytes"
             )
         opts = tuple(RegionOption(**o) if isinstance(o, dict) else o for o in self.options)
-        names = {STORE, RECOMPUTE}
+        names = {STORE, RECOMPUTE, OFFLOAD}
         for o in opts:
             if not isinstance(o, RegionOption) or o.kind != OPS:
                 raise ValueError(f"{owner}: options must be op-level RegionOptions, got {o!r}")
@@ -202,18 +208,38 @@ class Region:
         saves it (``input_saved=False``): then a checkpoint holding it adds it."""
         return self.saved_bytes + self.output_bytes + self.transient_bytes
 
+    @property
+    def offload_kept_bytes(self) -> int:
+        """What offloading keeps on the device: its input, when something saves it (as a
+        checkpoint does: the region before may hold it anyway, and moving it would bring
+        a second copy back). The rest of ``saved_bytes`` moves."""
+        return self.input_bytes if self.input_saved else 0
+
     def menu(self) -> tuple[RegionOption, ...]:
-        """Store, recompute, then the op-level options (no recompute if ``store_only``)."""
+        """Store, recompute, the op-level options, then offload: no recompute if
+        ``store_only``, no offload without an ``offload_cost`` or with nothing to move."""
         store = RegionOption(name=STORE, kept_bytes=self.saved_bytes, recompute_cost=0, kind=STORE)
-        if self.store_only:
-            return (store, *self.options)
-        recompute = RegionOption(
-            name=RECOMPUTE,
-            kept_bytes=self.input_bytes,
-            recompute_cost=self.rerun_cost,
-            kind=RECOMPUTE,
-        )
-        return (store, recompute, *self.options)
+        menu = [store]
+        if not self.store_only:
+            menu.append(
+                RegionOption(
+                    name=RECOMPUTE,
+                    kept_bytes=self.input_bytes,
+                    recompute_cost=self.rerun_cost,
+                    kind=RECOMPUTE,
+                )
+            )
+        menu += self.options
+        if self.offload_cost is not None and self.saved_bytes > self.offload_kept_bytes:
+            menu.append(
+                RegionOption(
+                    name=OFFLOAD,
+                    kept_bytes=self.offload_kept_bytes,
+                    recompute_cost=self.offload_cost,
+                    kind=OFFLOAD,
+                )
+            )
+        return tuple(menu)
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -271,6 +297,19 @@ class Chain:
     @classmethod
     def from_json(cls, text: str) -> Chain:
         return cls.from_dict(json.loads(text))
+
+
+def offload_cost(saved_bytes: int, fwd_seconds: float, host_bandwidth: float) -> float:
+    """Seconds that offloading a region adds to the step, under a simple overlap model.
+
+    The copies run on their own stream: out to the host while the region and the next
+    regions run forward (their forward stands in as about the region's own), and back,
+    all of the region's tensors once its backward starts, while its backward runs (about
+    twice its forward). Only the transfer time that compute does not cover is paid:
+    ``max(0, t - fwd) + max(0, t - 2 fwd)``, ``t`` the time to move ``saved_bytes``.
+    """
+    t = saved_bytes / host_bandwidth
+    return max(0.0, t - fwd_seconds) + max(0.0, t - 2 * fwd_seconds)
 
 
 def option_index(region: Region, name: str) -> int:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from remat.planner.op_menu import Op, saving_option, with_ops
-from remat.planner.problem import Chain, Region
+from remat.planner.problem import Chain, Region, offload_cost
 from remat.policy.op_level import OP_PRESETS
 
 __all__ = ["OP_ENGINE_CHOICES", "OpProfile", "Profile", "RegionProfile", "op_engine"]
@@ -132,6 +132,9 @@ class Profile:
             and its backward (``planner.Chain.tail_bytes``).
         op_engines: the engines its op-level options run on (``remat.profile``'s
             ``op_engines``: ``"auto"`` or ``"replay"``).
+        host_bandwidth: bytes per second between the device and host memory, when costs
+            are seconds on a device apart from the host (a GPU ``target_device``); then
+            offloading is on each region's menu (``problem.offload_cost``). ``0``: it is not.
     """
 
     regions: tuple[RegionProfile, ...]
@@ -142,6 +145,7 @@ class Profile:
     forward_cost: float
     tail_bytes: int = 0
     op_engines: str = "auto"
+    host_bandwidth: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
@@ -163,6 +167,10 @@ class Profile:
                 # replay reruns it from the written input.
                 engine = "tape" if r.store_only else op_engine(r.ops, self.op_engines)
                 region = on_engine(region, engine)
+            if self.host_bandwidth > 0 and self.cost_unit == "seconds":
+                moved = region.saved_bytes - region.offload_kept_bytes
+                cost = offload_cost(moved, r.cost, self.host_bandwidth)
+                region = replace(region, offload_cost=cost)
             regions.append(region)
         return Chain(regions, tail_bytes=self.tail_bytes)
 

@@ -287,6 +287,8 @@ def _profile(
         outside_bytes=max(0, step_peak - chain_peak),
         forward_cost=sum(p.cost for p in profiles),
         op_engines=op_engines,
+        # Offloading only means something where the device's memory is not the host's.
+        host_bandwidth=target.host_bandwidth if target and target.kernels == "cuda" else 0.0,
         # The default discovery can be repeated on a model a plan is applied to, to tell a
         # plan made for another model (fewer blocks) from one for this model.
         meta={

@@ -22,10 +22,11 @@ class RegionPlan:
     Attributes:
         name: the region's name.
         action: ``"store"``, ``"recompute"``, ``"ops"`` (save ``save_ops``, recompute the rest)
-            or ``"offload"`` (reserved).
+            or ``"offload"`` (what it saves goes to host memory until its backward).
         option: the name of the chosen ``RegionOption``.
         kept_bytes: bytes it holds from its forward to its backward.
-        recompute_cost: forward work it redoes in its own backward.
+        recompute_cost: forward work it redoes in its own backward (offload: the transfer
+            time compute does not hide).
         save_ops: ops whose outputs are saved, for ``"ops"``.
         depth: how many checkpointed multi-region segments enclose it; each one runs the
             region's forward once more.
@@ -192,6 +193,8 @@ class Plan:
         )
         lines.append("kept: held from the region's forward to its backward (1 MB = 10^6 B)")
         lines.append("recompute: the region's recomputation, as a share of the whole forward")
+        if any(r.action == "offload" for r in self.regions):
+            lines.append("offload: its recompute is the host transfer time compute does not hide")
         for k, (a, b) in enumerate(self.segments):
             lines.append(f"S{k}: regions {a}..{b - 1} checkpointed as one segment")
         return "\n".join(lines)
@@ -229,7 +232,8 @@ def _keeps(r: RegionPlan) -> str:
     """What a region keeps for backward, in words."""
     if r.action == OPS:
         return ", ".join(map(_short_op, r.save_ops)) or "input only"
-    return {"store": "all it saves", "recompute": "input only"}.get(r.action, r.action)
+    words = {"store": "all it saves", "recompute": "input only", "offload": "the rest on host"}
+    return words.get(r.action, r.action)
 
 
 _PLAN_FIELDS = (

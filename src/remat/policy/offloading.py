@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from remat.engine.region_modules import owner_module
+from remat.measure.storage import iter_tensors, storage_of
 from remat.measure.versions import Versioned
 from remat.policy.offload_stores import CudaPinnedStore, OffloadStats, OffloadStore
 from remat.policy.treatments import Treatment
@@ -68,7 +69,7 @@ class _Region:
         self.index = len(forward.regions)
         self.entries: dict[int, weakref.ref[_Entry]] = {}  # id -> entry, weakly
         self.entered = False  # backward has unpacked from this region
-        self.state_keys = state_keys  # storages of the module's parameters and buffers
+        self.state_keys = state_keys  # storages that stay: the module's state (and inputs)
         forward.regions.append(self)
 
     def pending(self) -> list[Any]:
@@ -155,12 +156,20 @@ class Offload(Treatment):
             offload from any device with plain synchronous copies.
         prefetch: when backward first unpacks from a region, start bringing back the
             previous region's tensors, so the copy overlaps this region's backward (costs
-            one region's saved bytes of device memory, held early).
+            one region's saved bytes of device memory, held early). ``"own"``: bring back
+            all of this region's tensors then, the first needed first, so the copies
+            overlap the region's own backward and nothing is held early (what the planner
+            models). ``False``: each tensor when backward needs it.
+        keep_inputs: the storages of the region's tensor inputs stay on the device, as a
+            checkpoint keeps them: the caller or the region before often holds them anyway,
+            and moving one would bring a second copy back in backward (the planner's
+            offload action keeps them).
     """
 
     min_bytes: int = 1 << 20
     store: OffloadStore | None = None
-    prefetch: bool = True
+    prefetch: bool | str = True
+    keep_inputs: bool = False
     name: str = "offload"
     _state: _State = field(default_factory=_State, init=False, compare=False, repr=False)
 
@@ -174,8 +183,12 @@ class Offload(Treatment):
                 "remat.offload: store must be an OffloadStore (CpuStore(), CudaPinnedStore()) "
                 f"or None, got {type(self.store).__name__}"
             )
-        if not isinstance(self.prefetch, bool):
-            raise TypeError(f"remat.offload: prefetch must be a bool, got {self.prefetch!r}")
+        if not isinstance(self.prefetch, bool) and self.prefetch != "own":
+            raise TypeError(
+                f"remat.offload: prefetch must be True, False or 'own', got {self.prefetch!r}"
+            )
+        if not isinstance(self.keep_inputs, bool):
+            raise TypeError(f"remat.offload: keep_inputs must be a bool, got {self.keep_inputs!r}")
 
     @property
     def stats(self) -> OffloadStats:
@@ -218,8 +231,11 @@ class Offload(Treatment):
         # Nothing is saved without grad; in backward (a recomputation) leave things as they are.
         if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return forward(*args, **kwargs)
+        stay = _state_keys(owner_module(forward))
+        if self.keep_inputs:
+            stay |= {st._cdata for t in iter_tensors(args, kwargs) if (st := storage_of(t))}
         with self._state.lock:
-            region = _Region(self._state.current_forward(), _state_keys(owner_module(forward)))
+            region = _Region(self._state.current_forward(), stay)
         pack = functools.partial(self._pack, region)
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             return forward(*args, **kwargs)
@@ -260,7 +276,10 @@ class Offload(Treatment):
                 entry.handle = None
             if self.prefetch and not region.entered:
                 region.entered = True
-                self._prefetch_before(region, entry.store)
+                if self.prefetch == "own":  # backward needs them in reverse order
+                    entry.store.prefetch(reversed(region.pending()))
+                else:
+                    self._prefetch_before(region, entry.store)
             data = entry.restored
         out = torch.empty(0, dtype=packed.dtype, device=data.device)
         return out.set_(data.untyped_storage(), packed.offset, packed.size, packed.stride)
@@ -277,7 +296,7 @@ class Offload(Treatment):
 
 
 def offload(
-    min_bytes: int = 1 << 20, *, store: OffloadStore | None = None, prefetch: bool = True
+    min_bytes: int = 1 << 20, *, store: OffloadStore | None = None, prefetch: bool | str = True
 ) -> Offload:
     """Offload what each region saves for backward instead of recomputing it.
 
@@ -285,14 +304,17 @@ def offload(
         min_bytes: storages smaller than this stay on the device (default 1 MiB).
         store: an :class:`OffloadStore`; ``None`` uses pinned host buffers for CUDA tensors
             (:class:`CudaPinnedStore`) and leaves tensors on other devices alone.
-        prefetch: bring region ``i - 1``'s tensors back while backward runs region ``i``.
+        prefetch: bring region ``i - 1``'s tensors back while backward runs region ``i``;
+            ``"own"``: region ``i``'s own, all at once, when its backward starts; ``False``:
+            none ahead of use.
 
     Returns:
         An :class:`Offload` treatment, for ``remat.apply`` alone (the model's repeated
         blocks) or combined with a selector: ``remat.every(2) & remat.offload()``.
 
     Raises:
-        TypeError: ``min_bytes`` is not an int, ``store`` not a store, ``prefetch`` not a bool.
+        TypeError: ``min_bytes`` is not an int, ``store`` not a store, ``prefetch`` not a
+            bool or ``"own"``.
         ValueError: ``min_bytes`` is negative.
 
     Example:
