@@ -5,16 +5,19 @@ profiled once for ``target_device="h100"`` (predicted op times; flash attention 
 dropout as the GPU runs them), and seen as one rank of FSDP2 over ``--world-size`` ranks
 (``remat.planner.sharding``). The budget is the H100's 80 GB: the training state (AdamW,
 fp32 master weights, sharded) and the gathered parameters come off it first, the plan gets
-the rest. Four plans per model:
+the rest. Five plans per model:
 
 - none: every layer stores what it saves;
 - full: every layer recomputed (torchtitan's ``full`` AC, Megatron's full recompute);
 - selective: every layer keeps its matmul and attention outputs (``save-matmuls``, the
   selective recompute of Korthikanti et al. 2022; torchtitan's ``selective op``);
-- remat: the chain planner's least-recompute plan within the budget.
+- offload: every layer's saved tensors to host memory but its input (torchtune's activation
+  offloading), costed by the transfer the compute does not hide (``problem.offload_cost``);
+- remat: the chain planner's least-overhead plan within the budget (store, recompute,
+  op-level or offload per layer).
 
 Predicted peak per rank and step time (forward, twice that for backward, recomputation);
-overhead is the recomputation over the step without it.
+overhead is the recomputation (or the exposed transfer) over the step without it.
 
 Run: ``python benchmarks/llama_plans.py [--json PATH] [--markdown]``
 """
@@ -64,6 +67,7 @@ def plan_rows(name: str, world_size: int, seq_len: int) -> dict:
         "none": plan_from_choices(chain, ["store"] * n),
         "full": plan_from_choices(chain, ["recompute"] * n),
         "selective": plan_from_choices(chain, ["save-matmuls"] * n),
+        "offload": plan_from_choices(chain, ["offload"] * n),
     }
     if left <= 0:
         plans["remat"] = f"no plan: the state alone takes {resident / GB:.1f} GB per rank"
