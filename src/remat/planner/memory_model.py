@@ -9,6 +9,8 @@ items (Rotor's recursion; in PyTorch terms a nested ``checkpoint``). A sequence 
   a leaf ``i`` with option ``o`` peaks at ``K + kept(o) + out_i + tr_i`` and then holds
   ``kept(o)``; a segment ``[a, b)`` runs its regions without saving anything, region ``j``
   peaking at ``K + in_a + [j > a] in_j + out_j + tr_j``, and then holds ``in_a``;
+  an offloaded leaf runs as a stored one but holds only its input (``kept``) until its
+  backward, the rest being on the host (``planner.problem.offload_cost`` prices the copies);
 * backward, items in reverse, ``K`` = bytes held by the items before: a leaf ``i`` first
   recomputes whatever its option did not keep, so whatever the option it peaks at
   ``K + saved_i + out_i + tr_i`` (its ``backward_bytes``) and frees everything;
@@ -56,17 +58,10 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
     ``option`` on top of what is live; ``held``: a checkpoint around it holds its input."""
     spare = 0 if region.input_saved else region.input_bytes  # the input, when nothing saves it
     run = region.output_bytes + region.forward_extra_bytes
-    if option.kind == STORE:
-        extra = spare if held else 0
-        return (
-            option.kept_bytes + extra,
-            option.kept_bytes + spare + run,
-            region.backward_bytes + extra,
-        )
-    if option.kind == OFFLOAD:
-        # Its forward runs as stored (what it saves leaves as it is copied out); its input
-        # stays on the device, as a checkpoint would keep it, and the rest comes back for
-        # its backward.
+    if option.kind in (STORE, OFFLOAD):
+        # Both run forward and backward as stored. Offload keeps only its input (as a
+        # checkpoint would) until its backward: the rest is copied out as it is saved and
+        # comes back for its backward.
         extra = spare if held else 0
         return (
             option.kept_bytes + extra,
