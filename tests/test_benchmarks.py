@@ -91,3 +91,17 @@ def test_hf_sweep_reports_every_treatment_exact_on_a_few_architectures(tmp_path)
         assert len(results) == 4
     table = run_script("hf_sweep.py", "--from-json", str(out), "--markdown")
     assert "| ops-tape | 3 | 0 | 0 | 0 | 0 |" in table
+
+
+def test_gpu_llama_plans_dry_run_measures_three_plans(tmp_path):
+    """The GPU script's CPU dry run: three plans, each predicted and measured; the tracker's
+    measured peaks fall as the plans recompute more."""
+    out = tmp_path / "gpu_llama_plans.json"
+    run_script("gpu_llama_plans.py", "--dry-run", "--rounds", "1", "--warmup", "0",
+               "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["none", "full", "remat"]
+    for r in rows.values():
+        assert r["predicted_peak_bytes"] > 0 and r["measured_step_seconds"] > 0
+    measured = {name: r["tracker_peak_bytes"] for name, r in rows.items()}
+    assert measured["full"] < measured["remat"] < measured["none"]
