@@ -29,24 +29,16 @@ from pathlib import Path
 
 import torch
 from _timing import interleaved_seconds, step_seconds
+from llama_plans import llama_workload
 
 import remat
-from remat.bench.hf_workloads import build_hf_workload
+from remat.bench.configurations import offload_store_for
 from remat.planner.memory_model import plan_from_choices
 from remat.planner.step_memory import measure_step_peak
 
 MB = 10**6
-SHAPE_1B = {"n_layers": 16, "d_model": 2048, "n_heads": 32, "mlp": 8192, "kv": 8}
-SHAPE_DRY = {"n_layers": 2, "d_model": 128, "n_heads": 4, "mlp": 256, "kv": 2}
-
-
-def build(shape: dict, device: str, dtype: torch.dtype, batch: int, seq_len: int, vocab: int):
-    return build_hf_workload(
-        "llama", batch=batch, device=device, dtype=dtype, seed=0,
-        n_layers=shape["n_layers"], d_model=shape["d_model"], n_heads=shape["n_heads"],
-        seq_len=seq_len, vocab_size=vocab,
-        config={"intermediate_size": shape["mlp"], "num_key_value_heads": shape["kv"]},
-    )  # fmt: skip
+SHAPE_1B = {"n_layers": 16, "d_model": 2048, "heads": 32, "mlp": 8192, "kv": 8}
+SHAPE_DRY = {"n_layers": 2, "d_model": 128, "heads": 4, "mlp": 256, "kv": 2}
 
 
 def predicted_plans(meta, target: str, budget: str) -> tuple[remat.Profile, dict]:
@@ -77,11 +69,10 @@ def cuda_step_peak(workload) -> int:
 
 
 def measure(workload, plan) -> dict:
-    on_cpu = workload.inputs[0].device.type == "cpu"
-    remat.apply_plan(workload.model, plan, offload_store=remat.CpuStore() if on_cpu else None)
+    remat.apply_plan(workload.model, plan, offload_store=offload_store_for(workload.device))
     peak = measure_step_peak(workload.model, workload.inputs, workload.loss_of, **workload.kwargs)
     out = {"tracker_peak_bytes": peak}
-    if not on_cpu:
+    if workload.device.type == "cuda":
         out["cuda_peak_bytes"] = cuda_step_peak(workload)
     return out
 
@@ -107,10 +98,11 @@ def main() -> None:
         shape, device, dtype, vocab = SHAPE_1B, "cuda", torch.bfloat16, 128256
         target, budget = args.target or "h200", args.budget or "50%"
         batch, seq_len = args.batch, args.seq_len
-    meta = build(shape, "meta", dtype, batch, seq_len, vocab)
+    sizes = {"seq_len": seq_len, "batch": batch, "dtype": dtype, "vocab_size": vocab}
+    meta = llama_workload(shape, device="meta", **sizes)
     prof, plans = predicted_plans(meta, target, budget)
     del meta
-    workloads = {name: build(shape, device, dtype, batch, seq_len, vocab) for name in plans}
+    workloads = {name: llama_workload(shape, device=device, **sizes) for name in plans}
     rows = {}
     for name, plan in plans.items():
         rows[name] = {

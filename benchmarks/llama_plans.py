@@ -46,15 +46,22 @@ MODELS = {  # Llama 3 shapes (Meta's model cards): layers, hidden, MLP, heads, K
 }
 
 
-def plan_rows(name: str, world_size: int, seq_len: int) -> dict:
-    shape = MODELS[name]
-    start = time.perf_counter()
-    w = build_hf_workload(
-        "llama", batch=1, device="meta", dtype=torch.bfloat16, seed=0,
+def llama_workload(
+    shape: dict, *, seq_len: int, batch: int = 1, device: str = "meta",
+    dtype: torch.dtype = torch.bfloat16, vocab_size: int = 128256,
+):  # fmt: skip
+    """A Llama of ``shape`` (the keys of ``MODELS``), random weights seeded with 0."""
+    return build_hf_workload(
+        "llama", batch=batch, device=device, dtype=dtype, seed=0,
         n_layers=shape["n_layers"], d_model=shape["d_model"], n_heads=shape["heads"],
-        seq_len=seq_len, vocab_size=128256,
+        seq_len=seq_len, vocab_size=vocab_size,
         config={"intermediate_size": shape["mlp"], "num_key_value_heads": shape["kv"]},
     )  # fmt: skip
+
+
+def plan_rows(name: str, world_size: int, seq_len: int) -> dict:
+    start = time.perf_counter()
+    w = llama_workload(MODELS[name], seq_len=seq_len)
     prof = remat.profile(w.model, *w.inputs, loss_fn=w.loss_of, target_device="h100")
     prof = shard_profile(prof, w.model, world_size)
     state = training_state(w.model, "adamw")

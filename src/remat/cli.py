@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import remat
-from remat.bench.configurations import check_budget
+from remat.bench.configurations import check_budget, offload_store_for
 from remat.bench.model_choice import (
     DTYPES,
     build_bench_workload,
@@ -446,8 +446,7 @@ def _plan(args: argparse.Namespace) -> int:
         reference = build()
         torch.manual_seed(args.seed)
         reference.loss().backward()
-        on_cpu = workload.device.type == "cpu"  # a GPU plan's offload copies to a CpuStore
-        remat.apply_plan(workload.model, chosen, offload_store=remat.CpuStore() if on_cpu else None)
+        remat.apply_plan(workload.model, chosen, offload_store=offload_store_for(workload.device))
         measured = measure_step_peak(workload.model, workload.inputs, loss_fn, **workload.kwargs)
         torch.manual_seed(args.seed)
         workload.loss().backward()

@@ -217,10 +217,16 @@ def _sqrt():
     return remat.sqrt()
 
 
+def offload_store_for(device: torch.device) -> remat.OffloadStore | None:
+    """The store a run on ``device`` offloads to: on CPU a ``CpuStore`` (its copies free
+    the originals, so the bytes show what a GPU would free), else the default (``None``:
+    pinned host memory for CUDA tensors)."""
+    return remat.CpuStore() if device.type == "cpu" else None
+
+
 def _offload(workload: Workload):
 
-    on_cpu = workload.device.type == "cpu"
-    return remat.offload(store=remat.CpuStore() if on_cpu else None)
+    return remat.offload(store=offload_store_for(workload.device))
 
 
 def check_budget(budget: str | None, what: str) -> None:
@@ -272,8 +278,7 @@ def load_plan_file(path: str | None) -> remat.Plan:
 
 def _apply_plan_file(workload: Workload, arg: str | None) -> None:
 
-    # A plan made for a GPU may offload; on CPU its regions copy to a CpuStore.
-    store = remat.CpuStore() if workload.device.type == "cpu" else None
+    store = offload_store_for(workload.device)  # a plan made for a GPU may offload
     remat.apply_plan(workload.model, load_plan_file(arg), offload_store=store)
 
 

@@ -276,17 +276,15 @@ class MemoryTracker:
         return phase
 
     # ---- storage accounting ----------------------------------------------------------
-    def _add_storage(self, st: torch.UntypedStorage) -> None:
+    def _add_storage(self, st: torch.UntypedStorage, host: bool = False) -> None:
         key, nbytes = st._cdata, st.nbytes()
-        self._live[key] = nbytes
-        self.current_bytes += nbytes
-        self._finalizers.append(weakref.finalize(st, self._on_free, key))
-
-    def _add_host_storage(self, st: torch.UntypedStorage) -> None:
-        key, nbytes = st._cdata, st.nbytes()
-        self._host_live[key] = nbytes
-        self.host_bytes += nbytes
-        self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+        if host:  # made inside host_memory(): counted apart from the device's bytes
+            self._host_live[key] = nbytes
+            self.host_bytes += nbytes
+            self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+        else:
+            self._live[key] = nbytes
+            self.current_bytes += nbytes
         self._finalizers.append(weakref.finalize(st, self._on_free, key))
 
     def _on_free(self, key: int) -> None:
@@ -330,10 +328,7 @@ class MemoryTracker:
                     self._live[key] += grown
                     self.current_bytes += grown
                 elif key not in inputs:
-                    if getattr(_host, "on", False):
-                        self._add_host_storage(st)
-                    else:
-                        self._add_storage(st)
+                    self._add_storage(st, host=getattr(_host, "on", False))
             self._update_peaks(phase)
             if self._record_timeline:
                 self.timeline.append(

@@ -34,17 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from remat.planner.problem import (
-    OFFLOAD,
-    OPS,
-    RECOMPUTE,
-    STORE,
-    Chain,
-    Region,
-    RegionOption,
-    option_index,
-)
-from remat.planner.solution import Plan, RegionPlan, check_segments
+from remat.planner.problem import OFFLOAD, STORE, Chain, Region, RegionOption, option_index
+from remat.planner.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
 
 __all__ = ["evaluate", "items_to_plan", "leaf_bytes", "plan_from_choices", "plan_tree", "simulate"]
 
@@ -167,14 +158,14 @@ def plan_from_choices(
         if not 0 <= k < len(r.menu()):
             raise ValueError(f"choices: region {r.name!r} has no option index {k}")
     segs = check_segments(n, segments)
+    kinds = [r.menu()[k].kind for r, k in zip(chain.regions, idx)]
+    offloaded = [chain.regions[i].name for i in offloaded_in_segments(kinds, segs)]
+    if offloaded:
+        raise ValueError(
+            f"segments: a segment holds offloaded regions {offloaded}: a segment reruns its "
+            "regions in backward, where nothing is offloaded; offload outside segments"
+        )
     for a, b in segs:
-        inner = [chain.regions[i].name for i in range(a, b)
-                 if chain.regions[i].menu()[idx[i]].kind == OFFLOAD]  # fmt: skip
-        if inner:
-            raise ValueError(
-                f"segments: ({a}, {b}) holds offloaded regions {inner}: a segment reruns its "
-                "regions in backward, where nothing is offloaded; offload outside segments"
-            )
         if chain.regions[a].store_only:
             raise ValueError(
                 f"segments: ({a}, {b}) starts with region {chain.regions[a].name!r}, which "
@@ -191,7 +182,7 @@ def plan_from_choices(
     rows = []
     for i, (r, k) in enumerate(zip(chain.regions, idx)):
         o = r.menu()[k]
-        action = {STORE: STORE, RECOMPUTE: RECOMPUTE, OPS: OPS, OFFLOAD: OFFLOAD}[o.kind]
+        action = o.kind  # each kind of option is the action of that name
         depth = sum(a <= i < b for a, b in segs)
         rows.append(
             RegionPlan(

@@ -16,7 +16,7 @@ from torch import nn
 from remat.errors import PlanError
 from remat.planner.plan_for_budget import short_repr
 from remat.planner.regions import default_regions
-from remat.planner.solution import Plan
+from remat.planner.solution import Plan, offloaded_in_segments
 from remat.policy.offload_stores import OffloadStore
 from remat.policy.offloading import Offload
 from remat.policy.op_level import Ops
@@ -86,8 +86,8 @@ def _offload_for(model: nn.Module, plan: Plan, store: OffloadStore | None) -> Of
     names = [r.name for r in plan.regions if r.action == "offload"]
     if not names:
         return None
-    inside = [plan.regions[i].name for a, b in plan.segments for i in range(a, b)
-              if plan.regions[i].action == "offload"]  # fmt: skip
+    actions = [r.action for r in plan.regions]
+    inside = [plan.regions[i].name for i in offloaded_in_segments(actions, plan.segments)]
     if inside:
         raise PlanError(
             f"remat.apply_plan: the plan offloads {inside} inside a checkpointed segment, "

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remat.errors import PlanError
-from remat.planner.problem import ACTIONS, OPS, check_bytes, check_cost
+from remat.planner.problem import ACTIONS, OFFLOAD, OPS, check_bytes, check_cost
 
-__all__ = ["Plan", "RegionPlan", "check_segments"]
+__all__ = ["Plan", "RegionPlan", "check_segments", "offloaded_in_segments"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -316,3 +316,10 @@ def check_segments(n: int, segments: Sequence[tuple[int, int]]) -> tuple[tuple[i
             if c < b < d:
                 raise ValueError(f"segments: ({a}, {b}) and ({c}, {d}) overlap without nesting")
     return tuple(segs)
+
+
+def offloaded_in_segments(actions: Sequence[str], segments: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of regions offloaded inside a segment: a segment reruns its regions in
+    backward, where nothing is offloaded, so no plan may do that."""
+    inside = {i for a, b in segments for i in range(a, b)}
+    return [i for i, action in enumerate(actions) if action == OFFLOAD and i in inside]
