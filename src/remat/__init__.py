@@ -12,7 +12,7 @@ from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
 from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
-from remat.planner.plan_for_budget import pareto, plan
+from remat.planner.plan_for_budget import pareto, plan, plan_from_choices
 from remat.planner.plan_roles import apply_plan
 from remat.planner.profile_data import Profile
 from remat.planner.profiling import profile
@@ -79,6 +79,7 @@ __all__ = [
     "parse_budget",
     "plan",
     "plan_chain",
+    "plan_from_choices",
     "profile",
     # errors
     "BudgetError",

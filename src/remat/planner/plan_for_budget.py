@@ -7,16 +7,18 @@ not model (``outside_bytes``), goes to the solver.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from remat.errors import BudgetError
 from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
 from remat.planner import pareto as chain_pareto
+from remat.planner import plan_from_choices as chain_plan_from_choices
 from remat.planner.budget import describe_bytes, looks_like_percent
 from remat.planner.profile_data import Profile
 from remat.planner.solution import Plan
 
-__all__ = ["budget_hint", "pareto", "plan", "short_repr", "split_budget"]
+__all__ = ["budget_hint", "pareto", "plan", "plan_from_choices", "short_repr", "split_budget"]
 
 
 def split_budget(profile: Profile, budget: Any) -> tuple[int, int]:
@@ -94,9 +96,13 @@ def plan(
             f"{describe_bytes(needed, baseline)}",
             min_feasible_bytes=needed,
         ) from None
+    return dataclasses.replace(_with_outside(profile, result), budget_bytes=total)
+
+
+def _with_outside(profile: Profile, result: Plan) -> Plan:
+    """A chain's plan as a plan of the whole step: what the chain does not see added."""
     return dataclasses.replace(
         result,
-        budget_bytes=total,
         predicted_peak_bytes=result.predicted_peak_bytes + profile.outside_bytes,
         meta={
             **result.meta,
@@ -122,3 +128,35 @@ def pareto(profile: Profile | Chain, **options: Any) -> list[Plan]:
         dataclasses.replace(p, predicted_peak_bytes=p.predicted_peak_bytes + profile.outside_bytes)
         for p in chain_pareto(profile.to_chain(), **options)
     ]
+
+
+def plan_from_choices(
+    profile: Profile | Chain,
+    choices: Sequence[int | str],
+    segments: Sequence[tuple[int, int]] = (),
+) -> Plan:
+    """A hand-made plan and its predicted training-step peak, as :func:`plan` predicts.
+
+    Args:
+        profile: from :func:`remat.profile` (or a ``remat.planner.Chain``).
+        choices: per region, in chain order, an option name (``"store"``, ``"recompute"``,
+            ``"offload"`` or an op-level option's name) or an index into its menu.
+        segments: ``(start, stop)`` runs of regions checkpointed as one unit.
+
+    Returns:
+        A ``remat.planner.Plan``; for a Profile its ``predicted_peak_bytes`` counts what the
+        chain does not see, as :func:`plan`'s does, so the two are compared like for like.
+
+    Raises:
+        TypeError: ``profile`` is neither a Profile nor a Chain.
+        ValueError: a choice or segment does not fit the chain.
+
+    Example:
+        >>> prof = remat.profile(model, x)
+        >>> last_only = remat.plan_from_choices(prof, ["store"] * 3 + ["recompute"])
+    """
+    profile = _problem(profile, "remat.plan_from_choices")
+    if isinstance(profile, Chain):
+        return chain_plan_from_choices(profile, choices, segments)
+    result = chain_plan_from_choices(profile.to_chain(), choices, segments)
+    return _with_outside(profile, result)
