@@ -16,7 +16,6 @@ from torch import nn
 
 from remat.errors import BudgetError
 from remat.measure.training_call import (
-    cache_off,
     check_loss_fn,
     default_loss,
     require_train_mode,
@@ -130,7 +129,6 @@ def autoplan(
     if best is not None:
         chosen, measured = best
         apply_plan(model, chosen)
-        cache_off(model, "remat.autoplan")
         return AutoPlan(plan=chosen, profile=prof, budget_bytes=total,
                         measured_peak_bytes=measured, rounds=rounds)  # fmt: skip
     remove_plan(model)

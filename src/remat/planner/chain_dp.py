@@ -57,6 +57,11 @@ def _sizes(chain: Chain) -> list[int]:
     for r in chain.regions:
         out += [r.input_bytes, r.saved_bytes, r.output_bytes, r.transient_bytes]
         out += [r.forward_extra_bytes]
+        out += [
+            x
+            for x in (r.recompute_forward_transient_bytes, r.recompute_transient_bytes)
+            if x is not None
+        ]
         out += [x for o in r.options for x in (o.kept_bytes, o.backward_extra_bytes)]
     out.append(chain.tail_bytes)
     return out
@@ -79,6 +84,9 @@ def discretize(chain: Chain, resolution: int) -> Chain:
     def up(x: int) -> int:
         return -(-x // resolution)
 
+    def up_or_none(x: int | None) -> int | None:
+        return None if x is None else up(x)
+
     regions = []
     for r in chain.regions:
         opts = tuple(
@@ -94,6 +102,8 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 transient_bytes=up(r.transient_bytes),
                 options=opts,
                 forward_transient_bytes=up(r.forward_extra_bytes),
+                recompute_forward_transient_bytes=up_or_none(r.recompute_forward_transient_bytes),
+                recompute_transient_bytes=up_or_none(r.recompute_transient_bytes),
             )
         )
     return Chain(regions, tail_bytes=up(chain.tail_bytes))

@@ -34,7 +34,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from remat.planner.problem import OFFLOAD, STORE, Chain, Region, RegionOption, option_index
+from remat.planner.problem import (
+    OFFLOAD,
+    RECOMPUTE,
+    STORE,
+    Chain,
+    Region,
+    RegionOption,
+    option_index,
+)
 from remat.planner.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
 
 __all__ = ["evaluate", "items_to_plan", "leaf_bytes", "plan_from_choices", "plan_tree", "simulate"]
@@ -60,8 +68,27 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
             region.backward_bytes + extra,
         )
     # Its own checkpoint holds the input (counted in kept) until its backward is done.
-    bwd = region.backward_bytes + spare + option.backward_extra_bytes
-    return option.kept_bytes, option.kept_bytes + run, bwd
+    kept = option.kept_bytes
+    fwd, bwd = kept + run, region.backward_bytes + spare + option.backward_extra_bytes
+    measured_fwd = region.recompute_forward_transient_bytes
+    measured_bwd = region.recompute_transient_bytes
+    if option.kind == RECOMPUTE:
+        # Measured under the checkpoint itself: exact where the stored figures are not
+        # (the recomputation runs while the output's gradient is live).
+        if measured_fwd is not None:
+            fwd = kept + region.output_bytes + measured_fwd
+        if measured_bwd is not None:
+            bwd = kept + region.output_bytes + measured_bwd
+        return kept, fwd, bwd
+    # Op-level: the ops it keeps live from the start of its forward and of its
+    # recomputation, while a full recomputation makes them as it goes, so at any moment it
+    # holds at most what a full recomputation holds then plus what it keeps beyond its
+    # input: a bound, never under.
+    if measured_fwd is not None:
+        fwd = max(fwd, kept + region.output_bytes + measured_fwd)
+    if measured_bwd is not None:
+        bwd = max(bwd, kept + region.output_bytes + measured_bwd)
+    return kept, fwd, bwd
 
 
 def simulate(

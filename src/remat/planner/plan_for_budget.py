@@ -63,7 +63,8 @@ def plan(
         **options: solver options (``resolution_bytes``, ``nested``, ``n``).
 
     Returns:
-        A ``remat.planner.Plan``; ``predicted_peak_bytes`` includes ``outside_bytes``.
+        A ``remat.planner.Plan``; ``predicted_peak_bytes`` is the whole step's
+            (``Profile.step_peak_for``: what lives outside the chain included).
 
     Raises:
         TypeError: ``profile`` is neither a Profile nor a Chain, or ``budget`` has a wrong type.
@@ -77,19 +78,24 @@ def plan(
     chain = profile.to_chain(op_options=op_options and solver in ("auto", "chain"))
     total, chain_budget = split_budget(profile, budget)
     baseline = profile.step_peak_bytes
-    floor = profile.outside_bytes + min_peak_bytes(chain)
-    if chain_budget <= 0:
+    floor = profile.step_peak_for(min_peak_bytes(chain))
+    if chain_budget <= 0 or total < profile.unplannable_bytes:
+        below = (
+            f"what lives outside the checkpointable regions "
+            f"({describe_bytes(profile.outside_bytes, baseline)})"
+            if chain_budget <= 0
+            else "the step's peak before the regions' forward or after their backward "
+            f"({describe_bytes(profile.unplannable_bytes, baseline)})"
+        )
         raise BudgetError(
             f"remat.plan: budget {describe_bytes(total, baseline)}{budget_hint(budget)} is "
-            "below what lives outside the checkpointable regions "
-            f"({describe_bytes(profile.outside_bytes, baseline)}); the smallest feasible "
-            f"budget is {describe_bytes(floor, baseline)}",
+            f"below {below}; the smallest feasible budget is {describe_bytes(floor, baseline)}",
             min_feasible_bytes=floor,
         )
     try:
         result = plan_chain(chain, chain_budget, solver=solver, **options)
     except BudgetError as err:
-        needed = (err.min_feasible_bytes or 0) + profile.outside_bytes
+        needed = profile.step_peak_for(err.min_feasible_bytes or 0)
         raise BudgetError(
             f"remat.plan: no {solver} plan fits {describe_bytes(total, baseline)}"
             f"{budget_hint(budget)}; the smallest feasible budget is "
@@ -100,10 +106,10 @@ def plan(
 
 
 def _with_outside(profile: Profile, result: Plan) -> Plan:
-    """A chain's plan as a plan of the whole step: what the chain does not see added."""
+    """A chain's plan as a plan of the whole step (``Profile.step_peak_for``)."""
     return dataclasses.replace(
         result,
-        predicted_peak_bytes=result.predicted_peak_bytes + profile.outside_bytes,
+        predicted_peak_bytes=profile.step_peak_for(result.predicted_peak_bytes),
         meta={
             **result.meta,
             "outside_bytes": profile.outside_bytes,
@@ -124,9 +130,15 @@ def pareto(profile: Profile | Chain, **options: Any) -> list[Plan]:
     profile = _problem(profile, "remat.pareto")
     if isinstance(profile, Chain):
         return chain_pareto(profile, **options)
+    frontier = [_with_outside(profile, p) for p in chain_pareto(profile.to_chain(), **options)]
+    # Plans whose chain peaks under the peaks outside it are predicted alike: keep the cheapest.
     return [
-        dataclasses.replace(p, predicted_peak_bytes=p.predicted_peak_bytes + profile.outside_bytes)
-        for p in chain_pareto(profile.to_chain(), **options)
+        p
+        for k, p in enumerate(frontier)
+        if not any(
+            q.predicted_peak_bytes <= p.predicted_peak_bytes and q.extra_cost < p.extra_cost
+            for q in frontier[:k] + frontier[k + 1 :]
+        )
     ]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from remat.errors import PlanError
+from remat.measure.training_call import cache_off
 from remat.planner.plan_for_budget import short_repr
 from remat.planner.regions import default_regions
 from remat.planner.solution import Plan, offloaded_in_segments
@@ -143,6 +144,9 @@ def apply_plan(
             (``None``: pinned host memory, for a model on CUDA; ``remat.CpuStore()`` copies
             on any device, e.g. to check a GPU plan's bytes on CPU).
 
+    A transformers model's KV cache is turned off in its config (with a warning), as
+    transformers does under gradient checkpointing: the plan's peak was predicted without it.
+
     Raises:
         PlanError: the plan does not fit the model (regions it lacks, or, for a plan made
             from a profile's default regions, regions of the model the plan leaves out),
@@ -154,6 +158,9 @@ def apply_plan(
     remove(model)
     if assignments:
         apply(model, _PlanPolicy(assignments))
+    # The plan's peak was predicted without the KV cache (remat.profile's training call),
+    # which would hold every layer's keys and values, checkpointed or not, until the step ends.
+    cache_off(model, "remat.apply_plan")
     return model
 
 

@@ -124,6 +124,15 @@ class Region:
             segment's region ends there (remat's segments carry on only through outputs of
             their own calls), and a plan whose segment crosses it would keep more than the
             chain model says.
+        offload_cost: what offloading it adds to the step (``None``: it is not offered).
+        recompute_forward_transient_bytes: what its forward allocates beyond its input and
+            its output when it runs under its own checkpoint (``None``: not measured; the
+            stored forward's transient stands in).
+        recompute_transient_bytes: what its backward allocates beyond its input (held by
+            the checkpoint) and its output's gradient when it is recomputed: the saved
+            activations rebuilt, the forward's temporaries (the output itself, when the
+            recomputation runs to the end) while the output's gradient is live, then the
+            backward proper. ``None``: not measured; the stored backward stands in.
     """
 
     name: str
@@ -139,6 +148,8 @@ class Region:
     store_only: str = ""
     segment_break: str = ""
     offload_cost: float | None = None
+    recompute_forward_transient_bytes: int | None = None
+    recompute_transient_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -160,8 +171,13 @@ class Region:
             check_cost(owner, "offload_cost", self.offload_cost)
         for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
             check_bytes(owner, attr, getattr(self, attr))
-        if self.forward_transient_bytes is not None:
-            check_bytes(owner, "forward_transient_bytes", self.forward_transient_bytes)
+        for attr in (
+            "forward_transient_bytes",
+            "recompute_forward_transient_bytes",
+            "recompute_transient_bytes",
+        ):
+            if getattr(self, attr) is not None:
+                check_bytes(owner, attr, getattr(self, attr))
         if not isinstance(self.input_saved, bool):
             raise ValueError(f"{owner}: input_saved must be a bool, got {self.input_saved!r}")
         if self.input_saved and self.saved_bytes < self.input_bytes:

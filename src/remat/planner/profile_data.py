@@ -69,6 +69,11 @@ class RegionProfile:
             op-level options run on the tape, which copies what it holds before a write.
         segment_break: why a segment cannot carry on into it from the region before
             (``""``: it can): its input is not an output of that region (``planner.Region``).
+        recompute_forward_transient_bytes, recompute_transient_bytes: the same as
+            ``forward_transient_bytes`` and ``transient_bytes`` with the region under its own
+            checkpoint, beyond its input and its output (or its output's gradient), the
+            parameter gradients live during its backward included (``planner.Region``);
+            ``None``: not measured (it cannot be recomputed from its input).
     """
 
     name: str
@@ -86,6 +91,8 @@ class RegionProfile:
     op_overhead: float = 0.0
     store_only: str = ""
     segment_break: str = ""
+    recompute_forward_transient_bytes: int | None = None
+    recompute_transient_bytes: int | None = None
 
     @property
     def rerun_ops(self) -> tuple[OpProfile, ...]:
@@ -111,6 +118,8 @@ class RegionProfile:
             recompute_cost=rerun,
             store_only=self.store_only,
             segment_break=self.segment_break,
+            recompute_forward_transient_bytes=self.recompute_forward_transient_bytes,
+            recompute_transient_bytes=self.recompute_transient_bytes,
         )
 
 
@@ -124,8 +133,13 @@ class Profile:
         device: where it was measured.
         step_peak_bytes: the un-checkpointed training step's peak, new bytes only
             (parameters and inputs excluded): what budgets in percent refer to.
-        outside_bytes: the part of that peak the chain model does not explain; planning
-            subtracts it from the budget.
+        outside_bytes: what lives outside the chain while it runs (what ran before it
+            saved, the inputs all its regions share), plus any part of the measured peak
+            the model does not explain; planning subtracts it from the budget.
+        before_chain_peak_bytes, after_chain_peak_bytes: the step's peaks before the
+            chain's forward starts and after its backward ends (an embedding's backward
+            with every parameter gradient live): no plan goes below them
+            (:meth:`step_peak_for`).
         forward_cost: the whole model's forward cost, for relative overheads.
         tail_bytes: what the model adds after the chain (head, loss and their backward) on
             top of what the chain holds then, measured between the last region's forward
@@ -146,7 +160,24 @@ class Profile:
     tail_bytes: int = 0
     op_engines: str = "auto"
     host_bandwidth: float = 0.0
+    before_chain_peak_bytes: int = 0
+    after_chain_peak_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def step_peak_for(self, chain_peak_bytes: int) -> int:
+        """The step's predicted peak for a plan whose chain peaks at ``chain_peak_bytes``
+        (``planner.simulate``): what lives outside the chain added, or the peak before or
+        after the chain where that is higher."""
+        return max(
+            chain_peak_bytes + self.outside_bytes,
+            self.before_chain_peak_bytes,
+            self.after_chain_peak_bytes,
+        )
+
+    @property
+    def unplannable_bytes(self) -> int:
+        """The least any plan's predicted peak can be: the peaks outside the chain."""
+        return max(self.before_chain_peak_bytes, self.after_chain_peak_bytes)
 
     def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
         """The planner's problem for these regions (op-level menus when ``op_options``)."""

@@ -39,13 +39,14 @@ from remat.measure.training_call import (
 from remat.planner.estimation import faked_meta_model
 from remat.planner.op_recording import OpRecorder, post_hook, pre_hook, region_flops
 from remat.planner.profile_data import OP_ENGINE_CHOICES, OpProfile, Profile, RegionProfile
-from remat.planner.region_costs import op_overheads, transient_bytes
+from remat.planner.region_costs import op_overheads, recompute_transient_bytes, transient_bytes
 from remat.planner.regions import default_regions
 from remat.planner.step_memory import (
     GradientOrder,
     handed_on,
     measure_step,
     saved_union,
+    shared_inputs,
     state_kept,
     store_all_peak_of,
     with_gradient_bytes,
@@ -219,11 +220,12 @@ def _profile(
     finally:
         for h in handles:
             h.remove()
-    step_peak, tail_peak = measure_step(model, inputs, loss_of, kwargs, last=chosen[-1][1])
+    step = measure_step(model, inputs, loss_of, kwargs, first=chosen[0][1], last=chosen[-1][1])
 
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
+    shared = shared_inputs([records[name] for name, _ in chosen])
     handed = handed_on([records[name] for name, _ in chosen])
     profiles = []
     for i, (name, module) in enumerate(chosen):
@@ -234,6 +236,12 @@ def _profile(
         # consumer's backward has released it
         moved = sum(rec["saved"][k] for k in handed[i])
         forward_transient, transient = transient_bytes(module, *rec["call"])
+        # A region that writes its input is never recomputed alone (store_only)
+        rerun_forward, rerun = (
+            (None, None)
+            if rec.get("writes_input")
+            else recompute_transient_bytes(module, *rec["call"])
+        )
         ops = recorder.ops.get(name, [])
         if target is not None:  # predicted seconds on the target
             cost = sum(o.seconds for o in ops)
@@ -261,6 +269,8 @@ def _profile(
                 op_overhead=overheads.get(name, 0.0),
                 store_only="writes its input in place" if rec.get("writes_input") else "",
                 segment_break=_segment_break(chosen, records, i),
+                recompute_forward_transient_bytes=rerun_forward,
+                recompute_transient_bytes=rerun,
                 ops=tuple(
                     OpProfile(
                         name=o.name,
@@ -274,17 +284,32 @@ def _profile(
                 ),
             )
         )
-    profiles = with_gradient_bytes(model, chosen, profiles, grad_order.after_the_chain())
-    # The tail sits on top of everything the chain keeps (store-all: every saved byte).
-    tail = max(0, tail_peak - sum(p.saved_bytes for p in profiles))
+    # Live through the whole chain, outside it: what ran before the chain saved, and the
+    # inputs every region shares (a mask, rotary tables), counted here once, not per region.
+    base = max(0, step.at_chain_start - (step.first_input - shared))
+    chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
+    head_left = (
+        None
+        if step.at_chain_backward is None
+        else max(0, step.at_chain_backward - base - chain_kept - step.output_gradient)
+    )
+    profiles = with_gradient_bytes(model, chosen, profiles, grad_order.after_the_chain(), head_left)
+    # The tail sits on top of everything the chain keeps.
+    tail = max(0, step.tail_peak - base - chain_kept)
     chain_peak = store_all_peak_of(profiles, tail)
+    # What the model above leaves unexplained of the measured step is added where the chain
+    # is, so that no plan is predicted under what the step measured.
+    explained = max(step.before_chain_peak, step.after_chain_peak, base + chain_peak)
+    outside = base + max(0, step.peak - explained)
     return Profile(
         regions=tuple(profiles),
         tail_bytes=tail,
         cost_unit="flops+bytes" if on_meta and target is None else "seconds",
         device=str(device),
-        step_peak_bytes=step_peak,
-        outside_bytes=max(0, step_peak - chain_peak),
+        step_peak_bytes=step.peak,
+        outside_bytes=outside,
+        before_chain_peak_bytes=step.before_chain_peak,
+        after_chain_peak_bytes=step.after_chain_peak,
         forward_cost=sum(p.cost for p in profiles),
         op_engines=op_engines,
         # Offloading only means something where the device's memory is not the host's.

@@ -18,8 +18,9 @@ from remat.measure.tracker import MemoryTracker
 from remat.planner.op_recording import OpRecord
 from remat.planner.profile_data import op_engine
 from remat.policy.op_level import Ops
+from remat.policy.treatments import Recompute, Treatment
 
-__all__ = ["op_overheads", "transient_bytes"]
+__all__ = ["op_overheads", "recompute_transient_bytes", "transient_bytes"]
 
 
 _WARM_UP_PAIRS = 3
@@ -109,6 +110,20 @@ def transient_bytes(
         return excess_bytes(module, args, kwargs)
 
 
+def recompute_transient_bytes(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, int]:
+    """Run the region alone under its own checkpoint (``apply_plan``'s ``Recompute``),
+    forward and backward, and return what it allocates beyond its input (which the
+    checkpoint holds) and its output (in the forward) or its output's gradient (in the
+    backward): (forward, backward). The backward's figure covers the recomputation, which
+    runs while the output's gradient is live and may rebuild the output itself, and the
+    backward proper that follows it."""
+    args, kwargs = fresh_inputs(args, kwargs)
+    with own_gradients(module):
+        return excess_bytes(module, args, kwargs, Recompute())
+
+
 @contextlib.contextmanager
 def own_gradients(module: nn.Module) -> Iterator[list[Tensor]]:
     """Run the module's backward alone: its parameters' gradients start at ``None`` and
@@ -156,12 +171,16 @@ class _SeedGradients(torch.autograd.Function):
 
 
 def excess_bytes(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    treatment: Treatment | None = None,
 ) -> tuple[int, int]:
     """(forward excess, backward excess): the backward's counted beyond the output's
-    gradient, which the memory model adds itself (``Region.backward_bytes``)."""
+    gradient, which the memory model adds itself (``Region.backward_bytes``). The inputs
+    were made before the tracker started: they are never counted."""
     with MemoryTracker(timeline=False) as tracker:
-        out = module(*args, **kwargs)
+        out = module(*args, **kwargs) if treatment is None else treatment.run(module, args, kwargs)
         after_forward = tracker.current_bytes
         forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]

@@ -57,7 +57,7 @@ def shard_profile(profile: Profile, model: nn.Module, world_size: int) -> Profil
     return replace(
         profile,
         regions=tuple(regions),
-        step_peak_bytes=chain_peak + profile.outside_bytes,
+        step_peak_bytes=profile.step_peak_for(chain_peak),
         meta={**profile.meta, "world_size": world_size},
     )
 

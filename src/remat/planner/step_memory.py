@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from remat.planner.profile_data import RegionProfile
 
 __all__ = [
     "GradientOrder",
+    "StepMemory",
     "handed_on",
     "measure_step",
     "measure_step_peak",
@@ -62,7 +63,38 @@ def measure_step_peak(
 
     Gradients are cleared first: they are allocated by the step, so they count.
     """
-    return measure_step(model, inputs, loss_fn, kwargs)[0]
+    return measure_step(model, inputs, loss_fn, kwargs).peak
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepMemory:
+    """One un-checkpointed training step's memory around the chain, new bytes only.
+
+    Attributes:
+        peak: the step's peak.
+        tail_peak: the peak from the end of the last region's forward until its output's
+            gradient is ready (the head and the loss, forward and backward).
+        before_chain_peak: the peak before the first region's forward starts.
+        at_chain_start: what is live when the first region's forward starts, its input
+            included (``first_input``).
+        first_input: the first region's tensor inputs, new storages only.
+        at_chain_backward: what is live when the last region's output gradient is ready,
+            that gradient included (``output_gradient``): besides what the chain and the
+            parts before it hold, what the head's backward leaves (its parameters'
+            gradients, a tied weight's gradient waiting for its other use); ``None``: not
+            seen.
+        after_chain_peak: the peak once the first region's input gradient is ready (what
+            runs before the chain, backward; every parameter gradient is live).
+    """
+
+    peak: int
+    tail_peak: int = 0
+    before_chain_peak: int = 0
+    at_chain_start: int = 0
+    first_input: int = 0
+    after_chain_peak: int = 0
+    at_chain_backward: int | None = None
+    output_gradient: int = 0
 
 
 def measure_step(
@@ -70,38 +102,79 @@ def measure_step(
     inputs: tuple[Any, ...],
     loss_fn: Callable[[Any], Tensor],
     kwargs: dict[str, Any],
+    first: nn.Module | None = None,
     last: nn.Module | None = None,
-) -> tuple[int, int]:
-    """(the step's peak, the peak from the end of ``last``'s forward until its output's
-    gradient is ready: what the rest of the model adds on top), new bytes."""
+) -> StepMemory:
+    """One training step under :class:`MemoryTracker`, and its memory before, around and
+    after the chain from ``first`` to ``last`` (both ``None``: the peak alone)."""
     model.zero_grad(set_to_none=True)
-    window: dict[str, int] = {}
-    with MemoryTracker(module=model, count_existing=[model, *inputs], timeline=False) as tracker:
+    held = list(iter_tensors(list(model.parameters()), list(model.buffers()), inputs, kwargs))
+    existing = unique_storage_bytes(held)
+    existing_keys = {t.untyped_storage()._cdata for t in held}
+    seen: dict[str, int] = {}
+    with MemoryTracker(module=model, count_existing=held, timeline=False) as tracker:
+
+        def before_first(module: nn.Module, args: Any, kwargs_: Any) -> None:
+            if "at_chain_start" in seen:
+                return  # the first call starts the chain
+            seen["before_chain_peak"] = tracker.peak_bytes
+            seen["at_chain_start"] = tracker.current_bytes
+            tensors = [t for t in tree_leaves((args, kwargs_)) if isinstance(t, Tensor)]
+            seen["first_input"] = unique_storage_bytes(tensors) - unique_storage_bytes(
+                t for t in tensors if t.untyped_storage()._cdata in existing_keys
+            )
+            needs_grad = [t for t in tensors if t.requires_grad]
+            if needs_grad:
+
+                def chain_done(grad: Tensor) -> None:
+                    if "after_chain" not in seen:
+                        seen["after_chain"] = 1
+                        tracker.start_window()
+
+                needs_grad[0].register_hook(chain_done)
 
         def after_last(module: nn.Module, args: Any, out: Any) -> None:
-            if window:
+            if "tail" in seen:
                 return  # the first call ends the chain's forward
-            window["started"] = 1
+            seen["tail"] = 1
             tracker.start_window()
             outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
             if outs:
 
                 def at_gradient(grad: Tensor) -> None:
-                    window.setdefault("peak", tracker.window_peak_bytes)
+                    if "tail_peak" not in seen:
+                        seen["tail_peak"] = tracker.window_peak_bytes
+                        seen["at_chain_backward"] = tracker.current_bytes
+                        seen["output_gradient"] = unique_storage_bytes([grad])
 
                 outs[0].register_hook(at_gradient)
 
-        handle = last.register_forward_hook(after_last) if last is not None else None
+        handles = []
+        if first is not None:
+            handles.append(first.register_forward_pre_hook(before_first, with_kwargs=True))
+        if last is not None:
+            handles.append(last.register_forward_hook(after_last))
         try:
             loss_fn(model(*inputs, **kwargs)).backward()
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-    existing = unique_storage_bytes(
-        iter_tensors(list(model.parameters()), list(model.buffers()), inputs)
-    )
+        after = tracker.window_peak_bytes if "after_chain" in seen else existing
     model.zero_grad(set_to_none=True)
-    return tracker.peak_bytes - existing, max(0, window.get("peak", existing) - existing)
+
+    def new(key: str) -> int:
+        return max(0, seen.get(key, existing) - existing)
+
+    return StepMemory(
+        peak=tracker.peak_bytes - existing,
+        tail_peak=new("tail_peak"),
+        before_chain_peak=new("before_chain_peak"),
+        at_chain_start=new("at_chain_start"),
+        first_input=seen.get("first_input", 0),
+        after_chain_peak=max(0, after - existing),
+        at_chain_backward=new("at_chain_backward") if "at_chain_backward" in seen else None,
+        output_gradient=seen.get("output_gradient", 0),
+    )
 
 
 class GradientOrder:
@@ -142,13 +215,17 @@ def with_gradient_bytes(
     chosen: Sequence[tuple[str, nn.Module]],
     profiles: list[RegionProfile],
     after_the_chain: set[int] = frozenset(),
+    head_left: int | None = None,
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
 
     Gradients pile up as backward runs from the last region to the first: while region i
     runs backward, the gradients of regions i+1.. (its own are in its measured transient)
     and of the parameters outside the chain are live, except those that appear only after
-    the chain's backward (``after_the_chain``).
+    the chain's backward (``after_the_chain``). ``head_left``: what the step measured live
+    beyond the chain when its backward starts (``StepMemory.at_chain_backward``), which
+    also sees a tied weight's partial gradient held for its use before the chain; it
+    replaces the outside parameters' gradients where it is larger.
     """
 
     def grad_bytes(params: Any) -> int:
@@ -159,12 +236,37 @@ def with_gradient_bytes(
     outside = grad_bytes(
         p for p in model.parameters() if id(p) not in inside and id(p) not in after_the_chain
     )
-    out, later = [], outside
+    out, later = [], max(outside, head_left or 0)
     for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
         # its own gradients are in its measured transient already (transient_bytes)
-        out.append(replace(profile_, transient_bytes=profile_.transient_bytes + later))
+        rerun = profile_.recompute_transient_bytes
+        out.append(
+            replace(
+                profile_,
+                transient_bytes=profile_.transient_bytes + later,
+                recompute_transient_bytes=None if rerun is None else rerun + later,
+            )
+        )
         later += own_bytes
     return out[::-1]
+
+
+def shared_inputs(recs: Sequence[dict[str, Any]]) -> int:
+    """Take the first region's inputs that later regions take too (an attention mask,
+    rotary tables: made once before the chain, live until its backward ends) out of every
+    region's inputs and saved tensors, and return their bytes: they are counted once, with
+    what lives outside the chain, not once per region that holds or saves them."""
+    later = set().union(*(r["input"][0] for r in recs[1:]))
+    shared = recs[0]["input"][0] & later
+    nbytes = sum(recs[0]["input_sizes"][k] for k in shared)
+    for rec in recs:
+        keys, total = rec["input"]
+        common = keys & shared
+        rec["input"] = (keys - common, total - sum(rec["input_sizes"][k] for k in common))
+        for k in common:
+            rec["input_sizes"].pop(k)
+            rec["saved"].pop(k, None)
+    return nbytes
 
 
 def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
