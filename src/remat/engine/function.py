@@ -56,7 +56,11 @@ class _Call:
     def record_saved(self, x: Tensor) -> None:
         """Probe-pass pack hook: note what autograd would save, keep nothing."""
         if self.determinism_check != "none":
-            self.saved_records.append(determinism.record(x, self.determinism_check))
+            draws = self.state.draws if self.state is not None else None
+            after_draw = draws is not None and draws.since_start()
+            self.saved_records.append(
+                determinism.record(x, self.determinism_check, after_draw=after_draw)
+            )
 
     @contextlib.contextmanager
     def checking_saved(self) -> Iterator[None]:
@@ -70,7 +74,7 @@ class _Call:
             nonlocal count
             if count < len(self.saved_records):
                 forward = self.saved_records[count]
-                again = determinism.record(x, self.determinism_check)
+                again = determinism.record_again(x, forward, self.determinism_check)
                 if not forward.same_as(again):
                     raise determinism.mismatch_error(
                         self.region, "saved tensor", count, forward, again

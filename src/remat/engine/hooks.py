@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from remat.engine import determinism
 from remat.engine.caches import fresh_caches, snapshot_caches
 from remat.engine.region_modules import closure_tensors
-from remat.engine.replay import ForwardState
+from remat.engine.replay import ForwardState, RandomDraws
 from remat.errors import CheckpointError
 from remat.measure.versions import checked_version
 
@@ -151,6 +151,17 @@ class Frame:
         self.is_recomputed: defaultdict[int, bool] = defaultdict(bool)
         self.forward_completed = False
         self.ignore_count_mismatch = False
+        # Whether the RNG drew since the first call began (ForwardState.draws), once seen
+        # for good: a later call computes from the earlier calls' outputs.
+        self.draws: RandomDraws | None = None
+        self.drawn = False
+
+    def after_draw(self) -> bool:
+        """Whether what the forward saves now may hold drawn numbers (its values are then
+        checked in recomputation, see :mod:`remat.engine.determinism`)."""
+        if not self.drawn and self.draws is not None:
+            self.drawn = self.draws.since_start()
+        return self.drawn
 
     def chained(self, value: Any) -> tuple[int, int] | None:
         """(call, leaf) of the earlier call's output that ``value`` is, else ``None``."""
@@ -204,10 +215,12 @@ class Frame:
         # Only the region's own inputs must stay unwritten: an input chained from an
         # earlier call is recomputed, and the write with it.
         state.watch_inputs(saved)
+        self.draws = state.draws
         self.forward_completed = False
         with _ForwardHooks(self), forward_ctx:
             out = fn(*args, **kwargs)
         self.forward_completed = True
+        self.draws = None
         state.after_forward(region, closure_tensors(fn))
         index = len(self.calls) - 1
         for leaf_index, leaf in enumerate(tree_flatten(out)[0]):
@@ -266,7 +279,9 @@ class _ForwardHooks(torch.autograd.graph.saved_tensors_hooks):
             holder = _Holder()
             frame.weak_holders.append(weakref.ref(holder))
             if frame.check != "none":
-                frame.records.append(determinism.record(x, frame.check))
+                frame.records.append(
+                    determinism.record(x, frame.check, after_draw=frame.after_draw())
+                )
             return holder
 
         def unpack(holder: _Holder) -> Tensor:
@@ -315,7 +330,7 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
             if holder is not None:  # None: already used by an earlier backward, skip it
                 if frame.check != "none":
                     forward = frame.records[index]
-                    again = determinism.record(x, frame.check)
+                    again = determinism.record_again(x, forward, frame.check)
                     if not forward.same_as(again):
                         raise determinism.mismatch_error(
                             frame.region, "saved tensor", index, forward, again

@@ -13,6 +13,13 @@ second run to reproduce the first we capture, before the forward:
 During recomputation we restore all of it, and afterwards put back whatever recompute
 changed: the global RNG stream and buffers end up as if no recomputation had happened.
 What the region reads and cannot be replayed (its parameters) is version-checked instead.
+
+Restoring the RNG state is not enough when another thread draws from the same generator
+(a data-augmentation thread calling ``torch.rand``): it may draw between the state capture
+and the region's dropout, or during the recomputation, and the masks differ. That cannot be
+prevented from here, so it is detected: :class:`RandomDraws` tells the determinism check
+from which saved tensor on the region's values may depend on a draw
+(:mod:`remat.engine.determinism` fingerprints those).
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from remat.engine.module_state import ModuleState
 from remat.errors import CheckpointError
 from remat.measure.versions import ReadVersions
 
-__all__ = ["ForwardState"]
+__all__ = ["ForwardState", "RandomDraws"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -59,6 +67,37 @@ def _rng_now() -> tuple[Tensor, list[int]]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = [g.get_offset() for g in torch.cuda.default_generators]
     return torch.get_rng_state(), cuda
+
+
+class RandomDraws:
+    """Whether the generators a recomputation replays (the CPU one, and those of the CUDA
+    devices it replays) have drawn since a region's forward began.
+
+    The region's own random ops or another thread's, which cannot be told apart: either way
+    the tensors saved from then on may hold drawn numbers. One look costs about a
+    microsecond (the CPU generator's 5 kB state; a CUDA generator's seed and offset are
+    host-side counters, read without synchronising), and none once a draw was seen.
+    """
+
+    __slots__ = ("_cpu", "_cuda", "seen")
+
+    def __init__(self, cpu_state: Tensor, cuda_devices: Sequence[int]) -> None:
+        self._cpu = cpu_state
+        generators = [torch.cuda.default_generators[d] for d in cuda_devices]
+        self._cuda = [(g, g.initial_seed(), g.get_offset()) for g in generators]
+        self.seen = False
+
+    def since_start(self) -> bool:
+        if not self.seen:
+            # Outside any dispatch mode (fake tensors, a tracker): this compares real states.
+            with _disable_current_modes():
+                self.seen = self._drew()
+        return self.seen
+
+    def _drew(self) -> bool:
+        return any(
+            g.get_offset() != offset or g.initial_seed() != seed for g, seed, offset in self._cuda
+        ) or not torch.equal(torch.default_generator.get_state(), self._cpu)
 
 
 def _device_context() -> Any:
@@ -90,6 +129,8 @@ class ForwardState:
     region: str = "the region"
     # Without preserve_rng_state: the RNG before the forward, to tell whether it drew.
     rng_before: tuple[Tensor, list[int]] | None = None
+    # With it: whether the replayed generators drew since (the determinism check's cue).
+    draws: RandomDraws | None = None
 
     @classmethod
     def capture(
@@ -100,9 +141,10 @@ class ForwardState:
         preserve_rng_state: bool,
     ) -> ForwardState:
         cuda_devices = _cuda_devices(tensors) if preserve_rng_state else []
+        cpu_rng = torch.get_rng_state() if preserve_rng_state else None
         return cls(
             preserve_rng_state=preserve_rng_state,
-            cpu_rng=torch.get_rng_state() if preserve_rng_state else None,
+            cpu_rng=cpu_rng,
             cuda_devices=cuda_devices,
             cuda_rng=[torch.cuda.get_rng_state(d) for d in cuda_devices],
             cuda_was_initialized=torch.cuda.is_available() and torch.cuda.is_initialized(),
@@ -112,6 +154,7 @@ class ForwardState:
             modules=modules,
             inputs=[(t, t._version) for t in tensors if not t.is_inference()],
             rng_before=None if preserve_rng_state else _rng_now(),
+            draws=RandomDraws(cpu_rng, cuda_devices) if cpu_rng is not None else None,
         )
 
     def watch_inputs(self, tensors: Sequence[Tensor]) -> None:
