@@ -5,12 +5,14 @@ experts, an encoder, an encoder-decoder, a vision and a speech model. ``remat.au
 the batch dict a ``Trainer`` would pass (``labels`` give the model's own loss; the KV cache is
 on by default in train mode), fits a 50% budget by measurement, and training afterwards gives
 bitwise the un-checkpointed loss and gradients. ``remat.estimate`` runs each family's default
-config on the meta device from inputs made on the CPU.
+config on the meta device from inputs made on the CPU. ``remat.profile`` of a small config
+on meta (for ``target_device="cpu"``) is its CPU profile, byte for byte and op for op.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -175,3 +177,54 @@ def test_estimate_of_the_default_config_on_meta_from_cpu_inputs(family):
     report = remat.estimate(model, **batch)
     assert report.param_bytes > 0 and report.grad_bytes > 0
     assert report.peak_bytes >= report.param_bytes + report.grad_bytes
+
+
+def _profile_view(obj) -> dict:
+    """A profile's fields but its device and its times (measured on the CPU, predicted on
+    meta): every byte count, region and op, in order."""
+    view = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in ("device", "cost", "op_overhead", "forward_cost"):
+            continue
+        if f.name in ("regions", "ops"):
+            value = [_profile_view(item) for item in value]
+        view[f.name] = value
+    return view
+
+
+# "collated": the batch as _batch makes it (text: an all-ones mask); "none": no mask (the
+# model makes position_ids, whose packing transformers checks); "padded": a mask with zeros,
+# which both runs must build.
+_FAST = {("llama", "collated"), ("llama", "none"), ("bert", "collated")}
+_PROFILE_CASES = [
+    pytest.param(f, m, marks=() if (f, m) in _FAST else pytest.mark.slow, id=f"{f}-{m}")
+    for f in FAMILIES
+    for m in (("collated",) if f in ("vit", "whisper") else ("collated", "none", "padded"))
+]
+
+
+@pytest.mark.parametrize(("family", "attention_mask"), _PROFILE_CASES)
+def test_a_meta_profile_is_the_cpu_profile_to_the_byte(family, attention_mask):
+    """On fake tensors transformers cannot read the mask or the positions, and built an
+    explicit attention mask that the CPU run skips; the meta run now answers from the
+    inputs' values and takes the CPU's branch: same regions, bytes and ops. Mixtral's
+    experts run float32 ``grouped_mm``, which PyTorch's meta kernel refuses (bfloat16 only):
+    ``planner.meta_kernel_gaps`` answers it as the CPU kernel does."""
+    config, cls, kind = _small(family)
+    batch = _batch(kind, config, 2, 32)
+    if attention_mask == "none":
+        del batch["attention_mask"]
+    elif attention_mask == "padded":
+        batch["attention_mask"][0, -5:] = 0
+    profiles = []
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(), torch.device(device):
+            warnings.simplefilter("ignore")
+            model = cls(config).train()
+        profiles.append(_profile_view(remat.profile(model, **batch, target_device="cpu")))
+    cpu, meta = profiles
+    for rc, rm in zip(cpu["regions"], meta["regions"], strict=True):
+        assert rm == rc, rc["name"]
+    assert meta == cpu

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from remat.engine.checkpointing import checkpoint
 from remat.measure.storage import device_of, iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.measure.training_call import check_loss_fn, default_loss, training_call
+from remat.planner.fake_values import known_values
+from remat.planner.meta_kernel_gaps import meta_kernel_gaps
 from remat.planner.target_kernels import target_kernels
 from remat.planner.targets import Target, get_target
 from remat.policy.wrapping import applied, apply, remove
@@ -163,6 +165,7 @@ def estimate(
         lambda x: _on_device(fake, fake.from_tensor(x), device) if isinstance(x, Tensor) else x,
         kwargs,
     )
+    copies = [*zip(fake_inputs, inputs), *zip(tree_leaves(fake_kwargs), tree_leaves(kwargs))]
     existing = [*params.values(), *buffers.values(), *iter_tensors(fake_inputs, fake_kwargs)]
 
     tracker = MemoryTracker(module=model, count_existing=existing, timeline=timeline)
@@ -173,6 +176,8 @@ def estimate(
         _checkpointed(model, names),
         _policy_applied(model, policy) as policy_regions,
         fake,
+        meta_kernel_gaps(),
+        known_values(_with_buffers(copies, model, buffers)),
         torch.enable_grad(),
         target_kernels(target),
         tracker,
@@ -216,12 +221,31 @@ def faked_meta_model(
     # Meta tensors a loss function closes over (targets) are converted as they come.
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     params, buffers = _fake_state(fake, model)
+    copies: list[tuple[Tensor, Tensor]] = []
 
     def to_fake(x: Any) -> Any:  # input_ids made on the CPU go to meta with the model
-        return _on_device(fake, fake.from_tensor(x), meta.device) if isinstance(x, Tensor) else x
+        if not isinstance(x, Tensor):
+            return x
+        copies.append((_on_device(fake, fake.from_tensor(x), meta.device), x))
+        return copies[-1][0]
 
-    with _swapped(model, params, buffers), fake:
-        yield tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
+    fake_inputs, fake_kwargs = tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
+    with (
+        _swapped(model, params, buffers),
+        fake,
+        meta_kernel_gaps(),
+        known_values(_with_buffers(copies, model, buffers)),
+    ):
+        yield fake_inputs, fake_kwargs
+
+
+def _with_buffers(
+    copies: list[tuple[Tensor, Tensor]], model: nn.Module, buffers: dict[int, Tensor]
+) -> list[tuple[Tensor, Tensor]]:
+    """The fake inputs and buffers beside the tensors they copy, for :func:`known_values`: a
+    model's data-dependent branches (transformers' attention masks) then go as they would in a
+    real run with these inputs (buffers on meta hold no values and are left out there)."""
+    return [*copies, *((buffers[id(b)], b) for b in model.buffers() if id(b) in buffers)]
 
 
 def _fake_state(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend
 
 from remat.planner.targets import Target
@@ -90,7 +90,9 @@ def _cpu_sdpa_backend(q: Tensor, k: Tensor, v: Tensor, opts: dict[str, Any]) -> 
         return torch.zeros(t.shape[-1], dtype=t.dtype, device="cpu").expand(t.shape)
 
     mask = opts.get("attn_mask")
-    with unset_fake_temporarily():  # real CPU tensors, or the meta kernel would answer
+    # Real CPU tensors, or the meta kernel would answer; and no mode above the fake one
+    # (the profiler's op recorder, the memory tracker) sees these stand-ins as the model's ops.
+    with torch._C._DisableTorchDispatch():
         choice = torch._fused_sdp_choice(
             proxy(q),
             proxy(k),
@@ -105,10 +107,13 @@ def _cpu_sdpa_backend(q: Tensor, k: Tensor, v: Tensor, opts: dict[str, Any]) -> 
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A boolean mask as the fused kernels take it: 0 where kept, -inf where masked."""
+    """A boolean mask as the fused kernels take it: 0 where kept, -inf where masked, by the
+    ops PyTorch's ``convert_boolean_attn_mask`` runs (so the profile lists the same ops)."""
     if mask is None or mask.dtype != torch.bool:
         return mask
-    return torch.where(mask.logical_not(), -math.inf, torch.zeros((), dtype=dtype))
+    neg_inf = torch.scalar_tensor(-math.inf, dtype=dtype, device=mask.device)
+    zero = torch.scalar_tensor(0.0, dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, neg_inf)
 
 
 def _sdpa(kernels: str, q: Tensor, k: Tensor, v: Tensor, opts: dict[str, Any]) -> Tensor | None:
