@@ -422,7 +422,7 @@ def _plan(args: argparse.Namespace) -> int:
         f"un-checkpointed step peak {prof.step_peak_bytes / 1e6:.2f} MB; planned peak "
         f"{chosen.predicted_peak_bytes / 1e6:.2f} MB (the head and loss add "
         f"{prof.tail_bytes / 1e6:.2f} MB after the blocks; {prof.outside_bytes / 1e6:.2f} MB "
-        "unexplained)"
+        "live beside them: what ran before, shared inputs)"
     )
     if resident is not None:
         whole = chosen.predicted_peak_bytes + resident.total + inputs

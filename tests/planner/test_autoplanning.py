@@ -269,14 +269,14 @@ def test_autoplan_mlp_measured_peak_within_budget(budget):
 
 def test_gpt_plans_are_predicted_to_the_byte():
     """Block-level plans of a GPT (its head and loss modelled as the chain's tail, its
-    embedding's gradients appearing after the chain's backward) measure their predicted
-    peak; recomputing the last block leaves 2 KB more than predicted (torch's own checkpoint
-    does the same). Op-level plans are never under-predicted by more than that."""
+    embedding's gradients appearing after the chain's backward, the positions its embedding
+    saved living beside the chain: ``outside_bytes``) measure their predicted step peak to
+    the byte, the last block recomputed or not, segments included. Op-level plans are never
+    under-predicted."""
     workload = small_gpt(n_layers=3, batch=4, seq_len=64, d_model=64, vocab_size=256)
     loss = loss_of(workload)
     prof = remat.profile(workload.model, *workload.inputs, loss_fn=loss)
-    assert prof.tail_bytes > 0 and prof.outside_bytes == 0
-    slack = 4096
+    assert prof.tail_bytes > 0 and prof.outside_bytes == 64 * 8  # the positions, int64
     for op_level in (False, True):
         front = (
             remat.pareto(prof)
@@ -288,10 +288,13 @@ def test_gpt_plans_are_predicted_to_the_byte():
             remat.apply_plan(workload.model, p)
             measured = measure_step_peak(workload.model, workload.inputs, loss)
             remat.remove(workload.model)
-            assert measured <= p.predicted_peak_bytes + slack, p
-            last_stored = p.regions[-1].action == "store"
-            if not op_level and last_stored:
-                assert measured == p.predicted_peak_bytes, p
+            # a chain's plans predict the chain's peak; the profile's, the step's
+            predicted = (
+                p.predicted_peak_bytes if op_level else prof.step_peak_for(p.predicted_peak_bytes)
+            )
+            assert measured <= predicted, p
+            if not op_level:
+                assert measured == predicted, p
 
 
 class _CountOps(TorchDispatchMode):

@@ -187,10 +187,11 @@ def test_unsaved_input_by_hand():
     assert simulate(chain, [("leaf", 0, 0), ("leaf", 1, 0), ("leaf", 2, 0)]) == (30, 0.0)
     # Recomputing the ReLU alone makes its checkpoint hold fc1's output: 10 more bytes.
     assert simulate(chain, [("leaf", 0, 0), ("leaf", 1, 1), ("leaf", 2, 0)])[0] == 40
-    # A segment [relu, fc2) rerun: its checkpoint holds the ReLU's input while the ReLU,
-    # stored inside, runs backward with its output's gradient: 10 + 10 + 10 + 10.
+    # A segment [relu, fc2) rerun: its checkpoint holds the ReLU's input while fc2 reruns
+    # its forward beside the gradient of fc2's output, which waits for the rerun: fc1's
+    # input, the ReLU's input, its output (fc2's input), fc2's output and that gradient.
     seg = ("seg", 1, 3, [("leaf", 1, 0), ("leaf", 2, 0)])
-    assert simulate(chain, [("leaf", 0, 0), seg]) == (40, 2.0)
+    assert simulate(chain, [("leaf", 0, 0), seg]) == (50, 2.0)
 
 
 @pytest.mark.slow

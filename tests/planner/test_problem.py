@@ -65,9 +65,10 @@ def test_memory_model_on_a_hand_worked_chain():
     assert (plan.predicted_peak_bytes, plan.extra_cost) == (22, 0.5)
     assert plan.regions[1].action == "ops" and plan.regions[1].save_ops == ("mm",)
     # Segment [a, b) holding a's input: forward a 2+3+1=6, b 2+3+2=7; c: 2 + 7 = 9;
-    # then the segment reruns stored: a 14, b 10 + 10 = 20. Cost: a and b once more.
+    # then the segment reruns stored while the gradient of b's output (2) waits through its
+    # forward: a 2 + 14 = 16, b 10 + 2 + 10 = 22. Cost: a and b once more.
     plan = plan_from_choices(chain, ["store", "store", "store"], [(0, 2)])
-    assert (plan.predicted_peak_bytes, plan.extra_cost) == (20, 3)
+    assert (plan.predicted_peak_bytes, plan.extra_cost) == (22, 3)
     assert [r.depth for r in plan.regions] == [1, 1, 0]
 
 
@@ -209,8 +210,8 @@ def test_plan_chain_dispatches_and_checks():
     assert plan_chain(chain, "100%").extra_cost == 0  # everything fits stored
     for solver in SOLVERS:
         kw = {"n": 1} if solver == "every-n" else {}
-        plan = plan_chain(chain, "80%", solver=solver, **kw)
-        assert plan.predicted_peak_bytes <= 20 and plan.budget_bytes == 20
+        plan = plan_chain(chain, "90%", solver=solver, **kw)
+        assert plan.predicted_peak_bytes <= 22 and plan.budget_bytes == 22
     with pytest.raises(ValueError, match="auto, chain, sqrt, every-n, greedy"):
         plan_chain(chain, "50%", solver="rotor")
     with pytest.raises(TypeError, match="Chain"):

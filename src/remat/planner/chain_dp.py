@@ -32,7 +32,14 @@ from functools import reduce
 from typing import TYPE_CHECKING
 
 from remat.errors import BudgetError
-from remat.planner.memory_model import items_to_plan, leaf_bytes, plan_from_choices, simulate
+from remat.planner.memory_model import (
+    items_to_plan,
+    leaf_bytes,
+    pending_bytes,
+    plan_from_choices,
+    segment_forward_peaks,
+    simulate,
+)
 from remat.planner.problem import OFFLOAD, Chain, Region
 from remat.planner.solution import Plan
 
@@ -56,7 +63,7 @@ def _sizes(chain: Chain) -> list[int]:
     out = []
     for r in chain.regions:
         out += [r.input_bytes, r.saved_bytes, r.output_bytes, r.transient_bytes]
-        out += [r.forward_extra_bytes]
+        out += [r.forward_extra_bytes, r.later_gradient_bytes]
         out += [
             x
             for x in (r.recompute_forward_transient_bytes, r.recompute_transient_bytes)
@@ -104,22 +111,32 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 forward_transient_bytes=up(r.forward_extra_bytes),
                 recompute_forward_transient_bytes=up_or_none(r.recompute_forward_transient_bytes),
                 recompute_transient_bytes=up_or_none(r.recompute_transient_bytes),
+                later_gradient_bytes=up(r.later_gradient_bytes),
             )
         )
     return Chain(regions, tail_bytes=up(chain.tail_bytes))
 
 
 # ----------------------------------------------------------------------------- the DP
-def _leaf_terms(r: Region, held: bool, offload: bool = False) -> list[tuple[int, int, float]]:
-    """Per option of ``r``: (need, kept, cost), need being its forward/backward peak;
-    offload (last on the menu) only when ``offload``."""
+def _leaf_terms(r: Region, held: bool, offload: bool = False) -> list[tuple[int, int, int, float]]:
+    """Per option of ``r``: (forward peak, backward peak, kept, cost); offload (last on the
+    menu) only when ``offload``."""
     out = []
     for o in r.menu():
         if o.kind == OFFLOAD and not offload:
             continue
         kept, fwd, bwd = leaf_bytes(r, o, held)
-        out.append((max(fwd, bwd), kept, o.recompute_cost))
+        out.append((fwd, bwd, kept, o.recompute_cost))
     return out
+
+
+def _needs_by_stop(fwd: int, bwd: int, stops: range, pending: list[int]) -> dict[int, list[int]]:
+    """The stops ``t`` grouped by the leaf's need in ``[s, t)``: its forward peak with
+    ``pending[t]`` beside it, or its backward peak."""
+    groups: dict[int, list[int]] = {}
+    for t in stops:
+        groups.setdefault(max(fwd + pending[t], bwd), []).append(t)
+    return groups
 
 
 def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -139,15 +156,21 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
     H = C.copy() if _tables(q, nested) == 2 else C
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
     ends = _segment_ends(q)
+    pending = pending_bytes(q)
+    F = np.array(segment_forward_peaks(q), dtype=np.int64)
+    slots = np.arange(m_max + 1)
     for s in range(n - 1, -1, -1):
         r = q.regions[s]
-        ts = slice(s + 1, n + 1) if nested else slice(0, 1)
+        stops = range(s + 1, n + 1) if nested else range(n, n + 1)
         tables = [(C, False)] if H is C else [(C, False), (H, True)]
         for T, held in tables:  # a leaf: T[s, t, m] = cost(o) + C[s+1, t, m - kept(o)]
-            for need, k, cost in _leaf_terms(r, held, offload=not nested):
-                if need <= m_max:
-                    view = T[s, ts, need:]
-                    np.minimum(view, cost + C[s + 1, ts, need - k : m_max + 1 - k], out=view)
+            for fwd, bwd, k, cost in _leaf_terms(r, held, offload=not nested):
+                for need, ts in _needs_by_stop(fwd, bwd, stops, pending).items():
+                    if need <= m_max:
+                        cols = np.array(ts) if nested else np.array([0])
+                        T[s, cols, need:] = np.minimum(
+                            T[s, cols, need:], cost + C[s + 1, cols, need - k : m_max + 1 - k]
+                        )
         a = r.input_bytes
         if not nested or a > m_max:
             continue
@@ -158,6 +181,8 @@ def _table(q: Chain, m_max: int, nested: bool) -> tuple[np.ndarray, np.ndarray]:
             es = slice(s + 2, last)
             A = H[s, es, a:] + C[es, t, : m_max + 1 - a]
             A += (P[s + 2 : last] - P[s])[:, None]
+            # the segment's first forward runs with [s, t)'s pending bytes beside it
+            A[slots[None, a:] < (F[s, es] + pending[t])[:, None]] = np.inf
             best = A.min(axis=0)
             np.minimum(C[s, t, a:], best, out=C[s, t, a:])
             if H is not C:
@@ -191,6 +216,8 @@ def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -
     n = len(q)
     P = np.concatenate([[0.0], np.cumsum([r.fwd_cost for r in q.regions])])
     ends = _segment_ends(q)
+    pending = pending_bytes(q)
+    F = segment_forward_peaks(q)
 
     def seq(s: int, t: int, m: int, held: bool) -> list:
         items: list = []
@@ -198,14 +225,17 @@ def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -
             r = q.regions[s]
             col = t if nested else 0
             best = (math.inf, None)
-            for k, (need, kept, cost) in enumerate(_leaf_terms(r, held, offload=not nested)):
-                if need <= m:
+            terms = _leaf_terms(r, held, offload=not nested)
+            for k, (fwd, bwd, kept, cost) in enumerate(terms):
+                if max(fwd + pending[t], bwd) <= m:
                     v = cost + C[s + 1, col, m - kept]
                     if v < best[0]:
                         best = (v, ("leaf", k, kept))
             a = r.input_bytes
             if nested and a <= m:
                 for e in range(s + 2, min(t, ends[s] + 1)):
+                    if F[s][e] + pending[t] > m:
+                        continue
                     v = (P[e] - P[s]) + H[s, e, m] + C[e, t, m - a]
                     if v < best[0]:
                         best = (v, ("seg", e, a))
@@ -237,11 +267,16 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
     inp = np.array([r.input_bytes for r in regs] + [0], dtype=np.int64)
     terms = {
         held: [
-            [(need, kept) for need, kept, _ in _leaf_terms(r, held)[: None if r.store_only else 2]]
+            [
+                (fwd, bwd, kept)
+                for fwd, bwd, kept, _ in _leaf_terms(r, held)[: None if r.store_only else 2]
+            ]
             for r in regs
         ]
         for held in (False, True)
     }
+    pending = np.array(pending_bytes(chain), dtype=np.int64)
+    F = np.array(segment_forward_peaks(chain), dtype=np.int64)
     M = np.zeros((n + 1, n + 1), dtype=np.int64)  # M[s, t]: least peak of [s, t)
     G = np.zeros((n + 1, n + 1), dtype=np.int64)  # the same, input held
     M[n, n] = G[n, n] = chain.tail_bytes  # only the whole chain's end runs the tail
@@ -250,24 +285,32 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
         ts = np.arange(s + 1, n + 1) if nested else np.array([n])
         for T, held in ((M, False), (G, True)):
             T[s, ts] = np.min(
-                [np.maximum(need, kept + M[s + 1, ts]) for need, kept in terms[held][s]], axis=0
+                [
+                    np.maximum(np.maximum(fwd + pending[ts], bwd), kept + M[s + 1, ts])
+                    for fwd, bwd, kept in terms[held][s]
+                ],
+                axis=0,
             )
         if nested:
             for t in range(s + 3, n + 1):
                 last = min(t, ends[s] + 1)
                 if last <= s + 2:
                     continue
-                seg = np.maximum(G[s, s + 2 : last], inp[s] + M[s + 2 : last, t]).min()
+                es = slice(s + 2, last)
+                seg = np.maximum(G[s, es], inp[s] + M[es, t])
+                seg = np.maximum(seg, F[s, es] + pending[t]).min()
                 M[s, t] = min(M[s, t], seg)
                 G[s, t] = min(G[s, t], seg)
 
     def seq(s: int, t: int, held: bool) -> list:
         items: list = []
         while s < t:
-            target = (G if held else M)[s, t if nested else n]
-            rest = M[s + 1, t if nested else n]
-            leaf = [(kept if s + 1 < t else 0, k) for k, (need, kept) in enumerate(terms[held][s])
-                    if max(need, kept + rest) == target]  # fmt: skip
+            stop = t if nested else n
+            target = (G if held else M)[s, stop]
+            rest = M[s + 1, stop]
+            leaf = [(kept if s + 1 < t else 0, k)
+                    for k, (fwd, bwd, kept) in enumerate(terms[held][s])
+                    if max(fwd + pending[stop], bwd, kept + rest) == target]  # fmt: skip
             if leaf:  # on a tie, what keeps least for what follows, else store (index 0)
                 items.append(("leaf", s, min(leaf)[1]))
                 s += 1
@@ -275,7 +318,7 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
                 e = next(
                     e
                     for e in range(s + 2, min(t, ends[s] + 1))
-                    if max(G[s, e], inp[s] + M[e, t]) == target
+                    if max(G[s, e], inp[s] + M[e, t], F[s, e] + pending[t]) == target
                 )
                 items.append(("seg", s, e, seq(s, e, True)))
                 s = e

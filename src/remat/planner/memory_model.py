@@ -15,7 +15,10 @@ items (Rotor's recursion; in PyTorch terms a nested ``checkpoint``). A sequence 
   recomputes whatever its option did not keep, so whatever the option it peaks at
   ``K + saved_i + out_i + tr_i`` (its ``backward_bytes``) and frees everything;
   a segment reruns its inner sequence (forward then backward) on top of ``K``; its input,
-  held by the checkpoint, is the same storage as its first region's input, counted there.
+  held by the checkpoint, is the same storage as its first region's input, counted there;
+  the gradient of its output (``out`` of its last region) and the parameter gradients
+  made so far (its last region's ``later_gradient_bytes``) are live throughout that rerun's
+  forward; the backward peaks of its regions, measured in a real backward, include them.
 
 A region whose input nothing saves (``input_saved=False``: a ReLU keeps its output, not
 its input) leaves the input out of its saved bytes. Storing it keeps only those; its input
@@ -91,13 +94,49 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
     return kept, fwd, bwd
 
 
+def rerun_pending_bytes(region: Region) -> int:
+    """What waits while a segment ending with ``region`` reruns its forward: its output's
+    gradient, and the parameter gradients of the regions after it."""
+    return region.output_bytes + region.later_gradient_bytes
+
+
+def pending_bytes(q: Chain) -> list[int]:
+    """Per stop ``t`` of a sub-chain ``[s, t)``: what is live through its forward beside it.
+    Below the chain's end a sub-chain runs only inside a segment's rerun (the inside, or
+    the rest after a nested segment), while what the backward made so far waits
+    (``rerun_pending_bytes`` of region ``t - 1``); the chain itself: 0."""
+    return [0] + [rerun_pending_bytes(r) for r in q.regions[:-1]] + [0]
+
+
+def segment_forward_peaks(q: Chain) -> list[list[int]]:
+    """``F[s][e]``: the peak of a segment ``[s, e)``'s first forward, which saves nothing:
+    its input held, each region's input and output and its forward's transient bytes."""
+    n = len(q)
+    F = [[0] * (n + 1) for _ in range(n + 1)]
+    for s in range(n):
+        peak = 0
+        for j in range(s, n):
+            r = q.regions[j]
+            extra = r.input_bytes if j > s else 0
+            here = q.regions[s].input_bytes + extra + r.output_bytes + r.forward_extra_bytes
+            peak = max(peak, here)
+            F[s][j + 1] = peak
+    return F
+
+
 def simulate(
-    chain: Chain, items: Sequence[Item], base: int = 0, held: bool = False, tail: int | None = None
+    chain: Chain,
+    items: Sequence[Item],
+    base: int = 0,
+    held: bool = False,
+    tail: int | None = None,
+    pending: int = 0,
 ) -> tuple[int, float]:
     """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes
     (``held``: a checkpoint holds the input of the first item, as in a segment's rerun;
     ``tail``: bytes added between the forward and the backward, default the chain's
-    ``tail_bytes``; a segment's rerun has none)."""
+    ``tail_bytes``; a segment's rerun has none; ``pending``: bytes live during the forward
+    only, as the gradient of a segment's output is while the segment reruns its forward)."""
     if tail is None:
         tail = chain.tail_bytes
     regs = chain.regions
@@ -106,7 +145,7 @@ def simulate(
         if it[0] == "leaf":
             r = regs[it[1]]
             h, fwd, bwd = leaf_bytes(r, r.menu()[it[2]], held and pos == 0)
-            peak = max(peak, live + fwd)
+            peak = max(peak, live + pending + fwd)
             needs.append(bwd)
         else:
             a, b = it[1], it[2]
@@ -115,21 +154,28 @@ def simulate(
                 extra = r.input_bytes if j > a else 0
                 peak = max(
                     peak,
-                    live + regs[a].input_bytes + extra + r.output_bytes + r.forward_extra_bytes,
+                    live
+                    + pending
+                    + regs[a].input_bytes
+                    + extra
+                    + r.output_bytes
+                    + r.forward_extra_bytes,
                 )
                 cost += r.fwd_cost
             h = regs[a].input_bytes
             needs.append(0)
         live += h
         kept.append(h)
-    peak = max(peak, live + tail)
+    peak = max(peak, live + pending + tail)
     for it, h, bwd in zip(reversed(items), reversed(kept), reversed(needs)):  # backward
         live -= h
         if it[0] == "leaf":
             peak = max(peak, live + bwd)
             cost += regs[it[1]].menu()[it[2]].recompute_cost
         else:
-            p, c = simulate(chain, it[3], live, held=True, tail=0)
+            # its output's gradient, and later parameters', wait while it reruns its forward
+            waiting = rerun_pending_bytes(regs[it[2] - 1])
+            p, c = simulate(chain, it[3], live, held=True, tail=0, pending=waiting)
             peak, cost = max(peak, p), cost + c
     return peak, cost
 

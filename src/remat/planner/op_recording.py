@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from remat.engine.caches import snapshot_caches
 from remat.engine.tape import writes_to_arguments
 from remat.planner.targets import Target, bytes_moved, op_flops
 from remat.policy.op_level import draws_random_numbers
@@ -119,7 +120,10 @@ def pre_hook(name, stack, records, exclude, sync):
         sync()
         rec = records[name]
         if "call" not in rec:  # bytes come from the first (profiled) call; later ones are timed
-            rec["call"] = (args, kwargs)  # replayed alone for the transient
+            rec["order"] = sum("order" in r for r in records.values())  # in the forward
+            # replayed alone for the transient, with any KV cache as it was before the call
+            leaves, spec = tree_flatten((args, kwargs))
+            rec["call"] = tree_unflatten(snapshot_caches(leaves), spec)
             rec["input"] = storage_bytes((args, kwargs), exclude)
             rec["input_sizes"] = {
                 t.untyped_storage()._cdata: t.untyped_storage().nbytes()
@@ -165,7 +169,10 @@ def region_flops(model, chosen, inputs, kwargs) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # With grad on: FlopCounterMode's module tracker hooks the gradients of each module's
+    # inputs, and under no_grad a model may hand a module a tensor that requires grad but
+    # has no grad_fn (mamba's conv weight views), which the hook cannot attach to.
+    with counter:
         model(*inputs, **kwargs)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__

@@ -106,10 +106,14 @@ def plan(
 
 
 def _with_outside(profile: Profile, result: Plan) -> Plan:
-    """A chain's plan as a plan of the whole step (``Profile.step_peak_for``)."""
+    """A chain's plan as a plan of the whole step (``Profile.step_peak_for``). A plan that
+    checkpoints nothing is the step the profile measured: its peak is that step's (no
+    checkpoint holds the inputs the regions share, which the model keeps beside the chain)."""
+    checkpoints = result.segments or any(r.action != "store" for r in result.regions)
+    peak = profile.step_peak_for(result.predicted_peak_bytes)
     return dataclasses.replace(
         result,
-        predicted_peak_bytes=profile.step_peak_for(result.predicted_peak_bytes),
+        predicted_peak_bytes=peak if checkpoints else min(peak, profile.step_peak_bytes),
         meta={
             **result.meta,
             "outside_bytes": profile.outside_bytes,

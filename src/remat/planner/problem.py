@@ -133,6 +133,10 @@ class Region:
             activations rebuilt, the forward's temporaries (the output itself, when the
             recomputation runs to the end) while the output's gradient is live, then the
             backward proper. ``None``: not measured; the stored backward stands in.
+        later_gradient_bytes: the parameter gradients live while it runs backward besides
+            its own (those of the regions after it and of the parameters outside the chain,
+            counted in its transients already). A segment ending with this region reruns
+            its forward while they are live, beside its output's gradient.
     """
 
     name: str
@@ -150,6 +154,7 @@ class Region:
     offload_cost: float | None = None
     recompute_forward_transient_bytes: int | None = None
     recompute_transient_bytes: int | None = None
+    later_gradient_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -169,7 +174,13 @@ class Region:
                 )
         if self.offload_cost is not None:
             check_cost(owner, "offload_cost", self.offload_cost)
-        for attr in ("input_bytes", "saved_bytes", "output_bytes", "transient_bytes"):
+        for attr in (
+            "input_bytes",
+            "saved_bytes",
+            "output_bytes",
+            "transient_bytes",
+            "later_gradient_bytes",
+        ):
             check_bytes(owner, attr, getattr(self, attr))
         for attr in (
             "forward_transient_bytes",

@@ -74,6 +74,8 @@ class RegionProfile:
             checkpoint, beyond its input and its output (or its output's gradient), the
             parameter gradients live during its backward included (``planner.Region``);
             ``None``: not measured (it cannot be recomputed from its input).
+        later_gradient_bytes: the parameter gradients live while it runs backward besides
+            its own (``planner.Region``).
     """
 
     name: str
@@ -93,6 +95,7 @@ class RegionProfile:
     segment_break: str = ""
     recompute_forward_transient_bytes: int | None = None
     recompute_transient_bytes: int | None = None
+    later_gradient_bytes: int = 0
 
     @property
     def rerun_ops(self) -> tuple[OpProfile, ...]:
@@ -120,6 +123,7 @@ class RegionProfile:
             segment_break=self.segment_break,
             recompute_forward_transient_bytes=self.recompute_forward_transient_bytes,
             recompute_transient_bytes=self.recompute_transient_bytes,
+            later_gradient_bytes=self.later_gradient_bytes,
         )
 
 

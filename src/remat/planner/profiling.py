@@ -202,6 +202,9 @@ def _profile(
         recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
             loss = loss_of(model(*inputs, **kwargs))
+        # The chain runs in forward order, whatever order the module lists give (XLM keeps
+        # its attentions, norms and feed-forwards in four lists, called interleaved).
+        chosen.sort(key=lambda item: records[item[0]].get("order", len(chosen)))
         grad_order = GradientOrder()
         handles += grad_order.watch(model, records[chosen[0][0]].get("call"))
         loss.backward()
@@ -225,7 +228,18 @@ def _profile(
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
-    shared = shared_inputs([records[name] for name, _ in chosen])
+    shared, shared_unsaved = shared_inputs([records[name] for name, _ in chosen])
+
+    first_call = tree_leaves(records[chosen[0][0]].get("call", ()))
+    positions: dict[int, set[int]] = {}  # a shared unsaved input's storage: its positions
+    for i, t in enumerate(first_call):
+        if isinstance(t, Tensor) and t.untyped_storage()._cdata in shared_unsaved:
+            positions.setdefault(t.untyped_storage()._cdata, set()).add(i)
+
+    def freed(live: frozenset[int]) -> int:
+        """The shared inputs no region saves that the measured step no longer held."""
+        return sum(n for key, n in shared_unsaved.items() if not positions.get(key, set()) & live)
+
     handed = handed_on([records[name] for name, _ in chosen])
     profiles = []
     for i, (name, module) in enumerate(chosen):
@@ -266,7 +280,7 @@ def _profile(
                 transient_bytes=transient + moved,
                 forward_transient_bytes=forward_transient,
                 recompute_ops=rec.get("rerun_ops", 0),
-                op_overhead=overheads.get(name, 0.0),
+                op_overhead=overheads.get(name) or 0.0,
                 store_only="writes its input in place" if rec.get("writes_input") else "",
                 segment_break=_segment_break(chosen, records, i),
                 recompute_forward_transient_bytes=rerun_forward,
@@ -277,7 +291,8 @@ def _profile(
                         output_bytes=o.output_bytes,
                         cost=c,
                         output_saved=not o.output_bytes or o.output_saved,
-                        saveable=o.saveable,
+                        # no op-level plan where op-level checkpointing failed to run
+                        saveable=o.saveable and not (name in overheads and overheads[name] is None),
                         recomputable=o.recomputable,
                     )
                     for o, c in zip(ops, op_costs)
@@ -291,11 +306,22 @@ def _profile(
     head_left = (
         None
         if step.at_chain_backward is None
-        else max(0, step.at_chain_backward - base - chain_kept - step.output_gradient)
+        # the shared inputs no region saves that the measured step had freed by then
+        else max(
+            0,
+            step.at_chain_backward
+            - (base - freed(step.first_inputs_live_at_chain_backward))
+            - chain_kept
+            - step.output_gradient,
+        )
     )
-    profiles = with_gradient_bytes(model, chosen, profiles, grad_order.after_the_chain(), head_left)
-    # The tail sits on top of everything the chain keeps.
-    tail = max(0, step.tail_peak - base - chain_kept)
+    profiles = with_gradient_bytes(
+        model, chosen, profiles, grad_order.after_the_chain(), head_left, step.loss
+    )
+    # The tail sits on top of everything the chain keeps. The shared inputs no region saves
+    # that the measured step had freed before it are back: a checkpoint holding them keeps
+    # them (a plan that checkpoints nothing is the measured step itself).
+    tail = max(0, step.tail_peak - (base - freed(step.first_inputs_live_at_tail)) - chain_kept)
     chain_peak = store_all_peak_of(profiles, tail)
     # What the model above leaves unexplained of the measured step is added where the chain
     # is, so that no plan is predicted under what the step measured.

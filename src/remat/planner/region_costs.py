@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from remat.engine.caches import fresh_caches
+from remat.errors import RematError
 from remat.measure.tracker import MemoryTracker
 from remat.planner.op_recording import OpRecord
 from remat.planner.profile_data import op_engine
@@ -38,7 +40,7 @@ def op_overheads(
     sync: Callable[[], None],
     repeats: int,
     op_engines: str = "auto",
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Per region, what op-level checkpointing adds to a training step beyond recomputing
     ops: the region run with every cacheable op's output saved on the engine its plans use
     (so little is recomputed; the replay engine dispatches the ops twice and replays the
@@ -46,9 +48,9 @@ def op_overheads(
     plainly, forward and backward, as the median difference of alternating runs after a few
     warm-up pairs (it is a few percent of the region's step: a difference of minima was too
     noisy, and a fresh process pays more in its first runs). Regions of one type running the
-    same ops are measured once."""
+    same ops are measured once. ``None``: op-level checkpointing fails on the region."""
 
-    measured: dict[tuple[Any, ...], float] = {}
+    measured: dict[tuple[Any, ...], float | None] = {}
     out = {}
     for name, module in chosen:
         region_ops = ops.get(name, ())
@@ -62,12 +64,19 @@ def op_overheads(
             )
             call = records[name]["call"]
             differences = []
-            with own_gradients(module):
-                for i in range(_WARM_UP_PAIRS + max(_MEASURED_PAIRS, 2 * repeats)):
-                    plain = step_seconds(module, *call, None, sync)
-                    op_level = step_seconds(module, *call, treatment, sync)
-                    if i >= _WARM_UP_PAIRS:
-                        differences.append(op_level - plain)
+            try:
+                with own_gradients(module):
+                    for i in range(_WARM_UP_PAIRS + max(_MEASURED_PAIRS, 2 * repeats)):
+                        plain = step_seconds(module, *call, None, sync)
+                        op_level = step_seconds(module, *call, treatment, sync)
+                        if i >= _WARM_UP_PAIRS:
+                            differences.append(op_level - plain)
+            except (RematError, RuntimeError):
+                # Op-level checkpointing does not run on it (a cached tensor written in
+                # place later, a recomputation that takes another path): no op-level plan.
+                measured[key] = None
+                out[name] = None
+                continue
             measured[key] = max(0.0, statistics.median(differences))
         out[name] = measured.get(key, 0.0)
     return out
@@ -140,8 +149,8 @@ def own_gradients(module: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def fresh_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """A region's recorded inputs cut from the model's graph, to run the region alone."""
-    from torch.utils._pytree import tree_map
+    """A region's recorded inputs cut from the model's graph, to run the region alone: a
+    KV cache comes as it was before the recorded call (each run appends to its own copy)."""
 
     def fresh(t: Any) -> Any:
         if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad:
@@ -150,7 +159,8 @@ def fresh_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return t.detach().requires_grad_(True).clone()
         return t.detach() if isinstance(t, Tensor) else t
 
-    return tree_map(fresh, (args, kwargs))
+    leaves, spec = tree_flatten((args, kwargs))
+    return tree_unflatten([fresh(x) for x in fresh_caches(leaves, "a profiled region")], spec)
 
 
 class _SeedGradients(torch.autograd.Function):

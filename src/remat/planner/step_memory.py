@@ -5,6 +5,7 @@ parameter gradients live while each region runs backward.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -85,6 +86,12 @@ class StepMemory:
             seen.
         after_chain_peak: the peak once the first region's input gradient is ready (what
             runs before the chain, backward; every parameter gradient is live).
+        loss: the loss and the gradient ``backward()`` starts from (as large), live until
+            the backward returns.
+        first_inputs_live_at_tail, first_inputs_live_at_chain_backward: which of the first
+            region's tensor inputs (positions in ``tree_leaves((args, kwargs))``) are still
+            held when the last region's forward ends and when its output's gradient is
+            ready: the inputs all regions share may be freed by then, or held by the model.
     """
 
     peak: int
@@ -95,6 +102,9 @@ class StepMemory:
     after_chain_peak: int = 0
     at_chain_backward: int | None = None
     output_gradient: int = 0
+    loss: int = 0
+    first_inputs_live_at_tail: frozenset[int] = frozenset()
+    first_inputs_live_at_chain_backward: frozenset[int] = frozenset()
 
 
 def measure_step(
@@ -112,6 +122,13 @@ def measure_step(
     existing = unique_storage_bytes(held)
     existing_keys = {t.untyped_storage()._cdata for t in held}
     seen: dict[str, int] = {}
+    live: dict[str, frozenset[int]] = {}
+    # the first region's tensor inputs, by position, to tell when each is freed
+    first_inputs: list[tuple[int, weakref.ref]] = []
+
+    def first_inputs_live() -> frozenset[int]:
+        return frozenset(i for i, storage in first_inputs if storage() is not None)
+
     with MemoryTracker(module=model, count_existing=held, timeline=False) as tracker:
 
         def before_first(module: nn.Module, args: Any, kwargs_: Any) -> None:
@@ -119,7 +136,13 @@ def measure_step(
                 return  # the first call starts the chain
             seen["before_chain_peak"] = tracker.peak_bytes
             seen["at_chain_start"] = tracker.current_bytes
-            tensors = [t for t in tree_leaves((args, kwargs_)) if isinstance(t, Tensor)]
+            leaves = tree_leaves((args, kwargs_))
+            tensors = [t for t in leaves if isinstance(t, Tensor)]
+            first_inputs.extend(
+                (i, weakref.ref(t.untyped_storage()))
+                for i, t in enumerate(leaves)
+                if isinstance(t, Tensor)
+            )
             seen["first_input"] = unique_storage_bytes(tensors) - unique_storage_bytes(
                 t for t in tensors if t.untyped_storage()._cdata in existing_keys
             )
@@ -137,6 +160,7 @@ def measure_step(
             if "tail" in seen:
                 return  # the first call ends the chain's forward
             seen["tail"] = 1
+            live["at_tail"] = first_inputs_live()
             tracker.start_window()
             outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
             if outs:
@@ -146,6 +170,7 @@ def measure_step(
                         seen["tail_peak"] = tracker.window_peak_bytes
                         seen["at_chain_backward"] = tracker.current_bytes
                         seen["output_gradient"] = unique_storage_bytes([grad])
+                        live["at_chain_backward"] = first_inputs_live()
 
                 outs[0].register_hook(at_gradient)
 
@@ -155,7 +180,11 @@ def measure_step(
         if last is not None:
             handles.append(last.register_forward_hook(after_last))
         try:
-            loss_fn(model(*inputs, **kwargs)).backward()
+            loss = loss_fn(model(*inputs, **kwargs))
+            # the loss, and the gradient backward() starts from: live until it returns
+            if loss.untyped_storage()._cdata not in existing_keys:
+                seen["loss"] = 2 * unique_storage_bytes([loss])
+            loss.backward()
         finally:
             for handle in handles:
                 handle.remove()
@@ -174,6 +203,9 @@ def measure_step(
         after_chain_peak=max(0, after - existing),
         at_chain_backward=new("at_chain_backward") if "at_chain_backward" in seen else None,
         output_gradient=seen.get("output_gradient", 0),
+        loss=seen.get("loss", 0),
+        first_inputs_live_at_tail=live.get("at_tail", frozenset()),
+        first_inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
     )
 
 
@@ -216,6 +248,7 @@ def with_gradient_bytes(
     profiles: list[RegionProfile],
     after_the_chain: set[int] = frozenset(),
     head_left: int | None = None,
+    loss_bytes: int = 0,
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
 
@@ -225,7 +258,8 @@ def with_gradient_bytes(
     the chain's backward (``after_the_chain``). ``head_left``: what the step measured live
     beyond the chain when its backward starts (``StepMemory.at_chain_backward``), which
     also sees a tied weight's partial gradient held for its use before the chain; it
-    replaces the outside parameters' gradients where it is larger.
+    replaces the outside parameters' gradients where it is larger. ``loss_bytes``: the
+    loss and its gradient (``StepMemory.loss``), live through every region's backward.
     """
 
     def grad_bytes(params: Any) -> int:
@@ -236,7 +270,7 @@ def with_gradient_bytes(
     outside = grad_bytes(
         p for p in model.parameters() if id(p) not in inside and id(p) not in after_the_chain
     )
-    out, later = [], max(outside, head_left or 0)
+    out, later = [], max(outside + loss_bytes, head_left or 0)
     for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
         # its own gradients are in its measured transient already (transient_bytes)
         rerun = profile_.recompute_transient_bytes
@@ -245,20 +279,25 @@ def with_gradient_bytes(
                 profile_,
                 transient_bytes=profile_.transient_bytes + later,
                 recompute_transient_bytes=None if rerun is None else rerun + later,
+                later_gradient_bytes=later,
             )
         )
         later += own_bytes
     return out[::-1]
 
 
-def shared_inputs(recs: Sequence[dict[str, Any]]) -> int:
+def shared_inputs(recs: Sequence[dict[str, Any]]) -> tuple[int, dict[int, int]]:
     """Take the first region's inputs that later regions take too (an attention mask,
-    rotary tables: made once before the chain, live until its backward ends) out of every
-    region's inputs and saved tensors, and return their bytes: they are counted once, with
-    what lives outside the chain, not once per region that holds or saves them."""
+    rotary tables: made once before the chain) out of every region's inputs and saved
+    tensors: they are counted once, with what lives outside the chain, not once per region
+    that holds or saves them. Returns their bytes, and the bytes of those no region saves
+    by storage: when every region stores, what else holds them decides how long they live
+    (the model's own forward, or nothing once the last region ran), while a checkpoint of a
+    region holds them until its backward."""
     later = set().union(*(r["input"][0] for r in recs[1:]))
     shared = recs[0]["input"][0] & later
-    nbytes = sum(recs[0]["input_sizes"][k] for k in shared)
+    sizes = {k: recs[0]["input_sizes"][k] for k in shared}
+    unsaved = {k: n for k, n in sizes.items() if not any(k in r["saved"] for r in recs)}
     for rec in recs:
         keys, total = rec["input"]
         common = keys & shared
@@ -266,7 +305,7 @@ def shared_inputs(recs: Sequence[dict[str, Any]]) -> int:
         for k in common:
             rec["input_sizes"].pop(k)
             rec["saved"].pop(k, None)
-    return nbytes
+    return sum(sizes.values()), unsaved
 
 
 def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
