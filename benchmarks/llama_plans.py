@@ -34,7 +34,6 @@ import torch
 import remat
 from remat.bench.hf_workloads import build_hf_workload
 from remat.measure.storage import unique_storage_bytes
-from remat.planner.memory_model import plan_from_choices
 from remat.planner.sharding import shard_profile, sharded_state
 from remat.planner.training_state import training_state
 
@@ -68,13 +67,12 @@ def plan_rows(name: str, world_size: int, seq_len: int) -> dict:
     rank = sharded_state(state, w.model, [r.name for r in prof.regions], world_size)
     resident = rank.total + unique_storage_bytes(w.tensors)
     left = BUDGET - resident
-    chain = prof.to_chain()
-    n = len(chain.regions)
-    plans = {
-        "none": plan_from_choices(chain, ["store"] * n),
-        "full": plan_from_choices(chain, ["recompute"] * n),
-        "selective": plan_from_choices(chain, ["save-matmuls"] * n),
-        "offload": plan_from_choices(chain, ["offload"] * n),
+    n = len(prof.regions)
+    plans = {  # predicted as remat.plan predicts: what lives beside the chain included
+        "none": remat.plan_from_choices(prof, ["store"] * n),
+        "full": remat.plan_from_choices(prof, ["recompute"] * n),
+        "selective": remat.plan_from_choices(prof, ["save-matmuls"] * n),
+        "offload": remat.plan_from_choices(prof, ["offload"] * n),
     }
     if left <= 0:
         plans["remat"] = f"no plan: the state alone takes {resident / GB:.1f} GB per rank"

@@ -41,7 +41,8 @@ def _check(world_size: int) -> None:
 
 def shard_profile(profile: Profile, model: nn.Module, world_size: int) -> Profile:
     """``profile`` as one FSDP rank sees it: the gradients of the regions after the one in
-    backward are 1/N of theirs (the profile counts them whole)."""
+    backward are 1/N of theirs (the profile counts them whole), and so are all regions'
+    gradients once the chain's backward is done (``after_chain_peak_bytes``)."""
     _check(world_size)
     if world_size == 1:
         return profile
@@ -62,8 +63,11 @@ def shard_profile(profile: Profile, model: nn.Module, world_size: int) -> Profil
         later += own_bytes
     regions.reverse()
     chain_peak = store_all_peak_of(regions, profile.tail_bytes)
+    # After the chain's backward every region's gradients are reduce-scattered: 1/N each.
+    freed = later - later // world_size
     return replace(
         profile,
+        after_chain_peak_bytes=max(0, profile.after_chain_peak_bytes - freed),
         regions=tuple(regions),
         step_peak_bytes=profile.step_peak_for(chain_peak),
         meta={**profile.meta, "world_size": world_size},
