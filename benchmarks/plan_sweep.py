@@ -124,7 +124,17 @@ def loss_of(out: Any) -> torch.Tensor:
 
 
 def build_workload(name: str, candidate: int) -> tuple[Any, dict[str, Any], Any]:
-    """The model (train mode), its keyword inputs and the auto class that builds it."""
+    """The model (train mode, called once), its keyword inputs and its auto class."""
+    model, kwargs, auto = _built(name, candidate)
+    # A model may change itself on its first call (BigBird swaps its block-sparse attention
+    # for full attention on short sequences, new modules drawn from the RNG): once here,
+    # so that the reference, the profile and every plan run the same model.
+    with torch.no_grad():
+        model(**kwargs)
+    return model, kwargs, auto
+
+
+def _built(name: str, candidate: int) -> tuple[Any, dict[str, Any], Any]:
     import transformers
 
     if name not in EXTRAS:

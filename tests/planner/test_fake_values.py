@@ -101,3 +101,27 @@ def test_transformers_sees_data_only_where_values_are_known():
         assert is_tracing(unknown)
     assert import_utils.is_fake_tensor is original
     assert is_tracing(fake_ids)
+
+
+class _ReadsItsOutput(nn.Module):
+    """Branches on a value computed from its weights: no fake run can know it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        if x.sum().item() > 0:
+            x = x.relu()
+        return self.layers[1](x)
+
+
+def test_a_meta_run_that_reads_unknown_values_names_the_module():
+    with torch.device("meta"):
+        model = _ReadsItsOutput()
+    x = torch.randn(2, 8)
+    with pytest.raises(remat.PlanError, match=r"profile: on meta, module '_ReadsItsOutput' .* reads the values"):
+        remat.profile(model, x)
+    with pytest.raises(remat.PlanError, match="remat.estimate: on meta"):
+        remat.estimate(model, x)

@@ -22,10 +22,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from torch.utils._pytree import tree_leaves, tree_map
 
 from remat.engine.checkpointing import checkpoint
+from remat.errors import PlanError
 from remat.measure.storage import device_of, iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.measure.training_call import check_loss_fn, default_loss, training_call
@@ -171,6 +176,7 @@ def estimate(
     tracker = MemoryTracker(module=model, count_existing=existing, timeline=timeline)
     tracker._state.extend(buffers.values())  # buffers are state, not activations
     with (
+        _data_questions_named(model, "remat.estimate"),
         training_call(model),
         _swapped(model, params, buffers),
         _checkpointed(model, names),
@@ -231,12 +237,42 @@ def faked_meta_model(
 
     fake_inputs, fake_kwargs = tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
     with (
+        _data_questions_named(model, "remat.profile"),
         _swapped(model, params, buffers),
         fake,
         meta_kernel_gaps(),
         known_values(_with_buffers(copies, model, buffers)),
     ):
         yield fake_inputs, fake_kwargs
+
+
+@contextlib.contextmanager
+def _data_questions_named(model: nn.Module, who: str) -> Iterator[None]:
+    """A fake run that reads a value it does not have (``.item()`` of something computed
+    from the weights, a shape that depends on data) raises :class:`PlanError` naming the
+    module that asked, instead of the fake mode's internal exception."""
+    try:
+        yield
+    except (DataDependentOutputException, DynamicOutputShapeException) as err:
+        raise PlanError(
+            f"{who}: on meta, {_asking_module(err, model)} reads the values of a tensor that "
+            f"a meta run does not have ({err.func}: a number or a shape computed from data it "
+            "cannot know, such as the weights); profile this model on a real device (a "
+            "smaller config, the same layer types)"
+        ) from err
+
+
+def _asking_module(err: BaseException, model: nn.Module) -> str:
+    """The innermost module of ``model`` running where ``err`` was raised."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = f"module {names[id(owner)] or type(owner).__name__!r} ({type(owner).__name__})"
+        tb = tb.tb_next
+    return found or f"the model ({type(model).__name__})"
 
 
 def _with_buffers(
