@@ -129,7 +129,7 @@ def build_workload(name: str, candidate: int) -> tuple[Any, dict[str, Any], Any]
     # A model may change itself on its first call (BigBird swaps its block-sparse attention
     # for full attention on short sequences, new modules drawn from the RNG): once here,
     # so that the reference, the profile and every plan run the same model.
-    with torch.no_grad():
+    with torch.no_grad(), training_call(model):
         model(**kwargs)
     return model, kwargs, auto
 
@@ -281,8 +281,8 @@ def compare_meta(
     """Profile the same model on the meta device for the CPU (its kernels: flash attention
     where the CPU would take it); where its regions' bytes differ."""
     try:
-        with torch.device("meta"):
-            meta_model = auto.from_config(copy.deepcopy(model.config)).train()
+        with torch.device("meta"):  # the same class: a composite's text model stays one
+            meta_model = type(model)._from_config(copy.deepcopy(model.config)).train()
         meta = remat.profile(meta_model, loss_fn=loss_of, target_device="cpu", **kwargs)
     except remat.PlanError as err:
         return {"status": "plan error", "detail": _line(err)}

@@ -143,6 +143,27 @@ def test_profile_bad_input():
         remat.profile(workload.model, *workload.inputs, regions=["blocks.9"])
 
 
+class _Looped(nn.Module):
+    """Runs its blocks twice over (a recurrent depth, as HRM and Dory do): each call of a
+    block saves again, which the chain of regions cannot count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x):
+        for _ in range(2):
+            for block in self.blocks:
+                x = block(x)
+        return x
+
+
+def test_a_region_called_twice_is_named_not_under_predicted():
+    model, x = _Looped(), torch.randn(4, 8)
+    with pytest.raises(remat.PlanError, match=r"region 'blocks\.0' runs 2 times .* \(3 such"):
+        remat.profile(model, x)
+
+
 def test_nested_segments_across_containers_are_exact():
     """Segments nest (Rotor) and may cross the model's own containers (block1.2 .. block2.1
     of the MLP): heads run their segment, followers of an outer segment hand back its output

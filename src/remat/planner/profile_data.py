@@ -138,7 +138,7 @@ class Profile:
         step_peak_bytes: the un-checkpointed training step's peak, new bytes only
             (parameters and inputs excluded): what budgets in percent refer to.
         outside_bytes: what lives outside the chain while it runs (what ran before it
-            saved, the inputs all its regions share), plus any part of the measured peak
+            saved, the inputs several regions share), plus any part of the measured peak
             the model does not explain; planning subtracts it from the budget.
         before_chain_peak_bytes, after_chain_peak_bytes: the step's peaks before the
             chain's forward starts and after its backward ends (an embedding's backward

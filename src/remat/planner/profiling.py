@@ -144,6 +144,24 @@ def profile(
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
 
 
+def _check_called_once(
+    chosen: Sequence[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
+) -> None:
+    """The chain model runs each region once per step; a region the forward calls again (a
+    layer looped over, a block shared by several places) is outside it: say so."""
+    again = {name: len(records[name]["times"]) for name, _ in chosen}
+    again = {name: calls for name, calls in again.items() if calls > 1}
+    if again:
+        name, calls = next(iter(again.items()))
+        raise PlanError(
+            f"remat.profile: region {name!r} runs {calls} times in one forward pass"
+            f"{f' ({len(again)} such regions)' if len(again) > 1 else ''}; the planner "
+            "plans a chain of regions that each run once (a layer looped over, or shared by "
+            "several places, saves again on every call): pass regions= naming modules the "
+            "forward calls once each, or checkpoint it by hand with remat.apply"
+        )
+
+
 def _profile(
     model: nn.Module,
     inputs: tuple[Any, ...],
@@ -202,6 +220,7 @@ def _profile(
         recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
             loss = loss_of(model(*inputs, **kwargs))
+        _check_called_once(chosen, records)
         # The chain runs in forward order, whatever order the module lists give (XLM keeps
         # its attentions, norms and feed-forwards in four lists, called interleaved).
         chosen.sort(key=lambda item: records[item[0]].get("order", len(chosen)))
@@ -228,17 +247,19 @@ def _profile(
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
-    shared, shared_unsaved = shared_inputs([records[name] for name, _ in chosen])
+    shared = shared_inputs([records[name] for name, _ in chosen])
 
     first_call = tree_leaves(records[chosen[0][0]].get("call", ()))
-    positions: dict[int, set[int]] = {}  # a shared unsaved input's storage: its positions
+    positions: dict[int, set[int]] = {}  # a shared input of the first region: its positions
     for i, t in enumerate(first_call):
-        if isinstance(t, Tensor) and t.untyped_storage()._cdata in shared_unsaved:
+        if isinstance(t, Tensor) and t.untyped_storage()._cdata in shared.first:
             positions.setdefault(t.untyped_storage()._cdata, set()).add(i)
 
     def freed(live: frozenset[int]) -> int:
-        """The shared inputs no region saves that the measured step no longer held."""
-        return sum(n for key, n in shared_unsaved.items() if not positions.get(key, set()) & live)
+        """The first region's shared inputs no region saves that the measured step no
+        longer held (``live``: the positions of its inputs it still held)."""
+        unsaved = shared.first & shared.unsaved
+        return sum(shared.sizes[k] for k in unsaved if not positions.get(k, set()) & live)
 
     handed = handed_on([records[name] for name, _ in chosen])
     profiles = []
@@ -300,8 +321,12 @@ def _profile(
             )
         )
     # Live through the whole chain, outside it: what ran before the chain saved, and the
-    # inputs every region shares (a mask, rotary tables), counted here once, not per region.
-    base = max(0, step.at_chain_start - (step.first_input - shared))
+    # inputs regions share (a mask, rotary tables), counted here once, not per region. The
+    # step measured those the first region takes at its start; the others may be made
+    # later (an encoder's output), and are added whole to what lives outside: the head's
+    # leftovers and the tail, measured, are taken beside ``base`` alone, so they count them
+    # again where the step held them (an upper bound either way).
+    base = max(0, step.at_chain_start - (step.first_input - shared.first_bytes))
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
     head_left = (
         None
@@ -319,14 +344,17 @@ def _profile(
         model, chosen, profiles, grad_order.after_the_chain(), head_left, step.loss
     )
     # The tail sits on top of everything the chain keeps. The shared inputs no region saves
-    # that the measured step had freed before it are back: a checkpoint holding them keeps
-    # them (a plan that checkpoints nothing is the measured step itself).
-    tail = max(0, step.tail_peak - (base - freed(step.first_inputs_live_at_tail)) - chain_kept)
+    # that the measured step had freed by the chain's backward are back (a checkpoint holding
+    # them keeps them; a plan that checkpoints nothing is the measured step itself): the
+    # model's forward may hold them into the tail, and let them go before its peak.
+    freed_by_backward = freed(step.first_inputs_live_at_chain_backward)
+    tail = max(0, step.tail_peak - (base - freed_by_backward) - chain_kept)
     chain_peak = store_all_peak_of(profiles, tail)
     # What the model above leaves unexplained of the measured step is added where the chain
     # is, so that no plan is predicted under what the step measured.
-    explained = max(step.before_chain_peak, step.after_chain_peak, base + chain_peak)
-    outside = base + max(0, step.peak - explained)
+    outside = base + shared.later_bytes
+    explained = max(step.before_chain_peak, step.after_chain_peak, outside + chain_peak)
+    outside += max(0, step.peak - explained)
     return Profile(
         regions=tuple(profiles),
         tail_bytes=tail,

@@ -22,6 +22,7 @@ from remat.planner.profile_data import RegionProfile
 
 __all__ = [
     "GradientOrder",
+    "SharedInputs",
     "StepMemory",
     "handed_on",
     "measure_step",
@@ -88,10 +89,10 @@ class StepMemory:
             runs before the chain, backward; every parameter gradient is live).
         loss: the loss and the gradient ``backward()`` starts from (as large), live until
             the backward returns.
-        first_inputs_live_at_tail, first_inputs_live_at_chain_backward: which of the first
-            region's tensor inputs (positions in ``tree_leaves((args, kwargs))``) are still
-            held when the last region's forward ends and when its output's gradient is
-            ready: the inputs all regions share may be freed by then, or held by the model.
+        first_inputs_live_at_chain_backward: which of the first region's tensor inputs
+            (positions in ``tree_leaves((args, kwargs))``) are still held when the last
+            region's output gradient is ready: the inputs regions share may be freed by
+            then, or held by the model.
     """
 
     peak: int
@@ -103,7 +104,6 @@ class StepMemory:
     at_chain_backward: int | None = None
     output_gradient: int = 0
     loss: int = 0
-    first_inputs_live_at_tail: frozenset[int] = frozenset()
     first_inputs_live_at_chain_backward: frozenset[int] = frozenset()
 
 
@@ -160,7 +160,6 @@ def measure_step(
             if "tail" in seen:
                 return  # the first call ends the chain's forward
             seen["tail"] = 1
-            live["at_tail"] = first_inputs_live()
             tracker.start_window()
             outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
             if outs:
@@ -204,7 +203,6 @@ def measure_step(
         at_chain_backward=new("at_chain_backward") if "at_chain_backward" in seen else None,
         output_gradient=seen.get("output_gradient", 0),
         loss=seen.get("loss", 0),
-        first_inputs_live_at_tail=live.get("at_tail", frozenset()),
         first_inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
     )
 
@@ -286,18 +284,46 @@ def with_gradient_bytes(
     return out[::-1]
 
 
-def shared_inputs(recs: Sequence[dict[str, Any]]) -> tuple[int, dict[int, int]]:
-    """Take the first region's inputs that later regions take too (an attention mask,
-    rotary tables: made once before the chain) out of every region's inputs and saved
-    tensors: they are counted once, with what lives outside the chain, not once per region
-    that holds or saves them. Returns their bytes, and the bytes of those no region saves
-    by storage: when every region stores, what else holds them decides how long they live
-    (the model's own forward, or nothing once the last region ran), while a checkpoint of a
-    region holds them until its backward."""
-    later = set().union(*(r["input"][0] for r in recs[1:]))
-    shared = recs[0]["input"][0] & later
-    sizes = {k: recs[0]["input_sizes"][k] for k in shared}
-    unsaved = {k: n for k, n in sizes.items() if not any(k in r["saved"] for r in recs)}
+@dataclass(frozen=True, slots=True)
+class SharedInputs:
+    """Inputs that several regions take and no region makes (an attention mask, rotary
+    tables, positions; an encoder's output for every decoder layer), by storage.
+
+    Attributes:
+        sizes: their bytes.
+        first: those the first region takes (made before the chain; live when it starts).
+        unsaved: those no region saves: when every region stores, what else holds them
+            decides how long they live (the model's own forward, or nothing once their last
+            region ran), while a checkpoint of a region holds them until its backward.
+    """
+
+    sizes: dict[int, int]
+    first: frozenset[int]
+    unsaved: frozenset[int]
+
+    @property
+    def first_bytes(self) -> int:
+        return sum(self.sizes[k] for k in self.first)
+
+    @property
+    def later_bytes(self) -> int:
+        """Those only later regions take: made before the chain, or inside it (between an
+        encoder and a decoder), counted as live through the whole chain (an upper bound)."""
+        return sum(n for k, n in self.sizes.items() if k not in self.first)
+
+
+def shared_inputs(recs: Sequence[dict[str, Any]]) -> SharedInputs:
+    """Take the inputs that several regions take and no region makes out of every region's
+    inputs and saved tensors: they are counted once, with what lives outside the chain, not
+    once per region that holds or saves them (:class:`SharedInputs`)."""
+    made = set().union(*(r["output"][0] for r in recs))
+    takers: dict[int, list[int]] = {}
+    for i, rec in enumerate(recs):
+        for key in rec["input"][0]:
+            takers.setdefault(key, []).append(i)
+    shared = {k for k, who in takers.items() if len(who) > 1 and k not in made}
+    sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
+    unsaved = {k for k in shared if not any(k in r["saved"] for r in recs)}
     for rec in recs:
         keys, total = rec["input"]
         common = keys & shared
@@ -305,7 +331,8 @@ def shared_inputs(recs: Sequence[dict[str, Any]]) -> tuple[int, dict[int, int]]:
         for k in common:
             rec["input_sizes"].pop(k)
             rec["saved"].pop(k, None)
-    return sum(sizes.values()), unsaved
+    first = frozenset(k for k in shared if takers[k][0] == 0)
+    return SharedInputs(sizes=sizes, first=first, unsaved=frozenset(unsaved))
 
 
 def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:

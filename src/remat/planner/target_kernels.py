@@ -86,8 +86,9 @@ def cuda_sdpa_backend(
 def _cpu_sdpa_backend(q: Tensor, k: Tensor, v: Tensor, opts: dict[str, Any]) -> SDPBackend:
     """PyTorch's own CPU choice, asked with stand-ins of the same shapes that hold one row."""
 
-    def proxy(t: Tensor) -> Tensor:
-        return torch.zeros(t.shape[-1], dtype=t.dtype, device="cpu").expand(t.shape)
+    def proxy(t: Tensor) -> Tensor:  # requires grad as ``t`` does: a mask that does rules
+        row = torch.zeros(t.shape[-1], dtype=t.dtype, device="cpu")  # out the flash kernel
+        return row.requires_grad_(t.requires_grad).expand(t.shape)
 
     mask = opts.get("attn_mask")
     # Real CPU tensors, or the meta kernel would answer; and no mode above the fake one
