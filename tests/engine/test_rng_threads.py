@@ -103,6 +103,17 @@ def _grads(model: nn.Module) -> dict[str, Any]:
     return {name: p.grad for name, p in model.named_parameters()}
 
 
+def _forward_mask_grads(model: nn.Module, dropout: _RecordingDropout, x: torch.Tensor) -> dict:
+    """The oracle: the un-checkpointed model's gradients with the mask the forward drew (a
+    dropout output is zero exactly where the mask is, its input being nonzero)."""
+    reference = copy.deepcopy(model)
+    reference.run = lambda block, h: block(h)
+    reference.block[1] = _FixedMask(dropout.outputs[0] != 0, P)
+    reference.zero_grad(set_to_none=True)
+    reference(x).square().mean().backward()
+    return _grads(reference)
+
+
 @pytest.mark.parametrize("engine", list(RUNS))
 def test_forward_mask_or_error_with_another_thread_drawing(engine, busy_rng):
     torch.manual_seed(0)
@@ -120,14 +131,7 @@ def test_forward_mask_or_error_with_another_thread_drawing(engine, busy_rng):
             assert "another thread" in str(error), str(error)
             errors += 1
             continue
-        # The oracle: the un-checkpointed model with the mask the forward drew (a dropout
-        # output is zero exactly where the mask is, its input being nonzero).
-        reference = copy.deepcopy(model)
-        reference.run = lambda block, h: block(h)
-        reference.block[1] = _FixedMask(dropout.outputs[0] != 0, P)
-        reference.zero_grad(set_to_none=True)
-        reference(x).square().mean().backward()
-        got, want = _grads(model), _grads(reference)
+        got, want = _grads(model), _forward_mask_grads(model, dropout, x)
         if not all(torch.equal(got[name], want[name]) for name in want):
             wrong.append(step)
     assert not wrong, (
@@ -148,10 +152,5 @@ def test_quiet_rng_gives_the_forward_mask(engine):
         model.zero_grad(set_to_none=True)
         x = torch.randn(128, 16, generator=inputs)
         model(x).square().mean().backward()
-        reference = copy.deepcopy(model)
-        reference.run = lambda block, h: block(h)
-        reference.block[1] = _FixedMask(dropout.outputs[0] != 0, P)
-        reference.zero_grad(set_to_none=True)
-        reference(x).square().mean().backward()
-        got, want = _grads(model), _grads(reference)
+        got, want = _grads(model), _forward_mask_grads(model, dropout, x)
         assert all(torch.equal(got[name], want[name]) for name in want)

@@ -121,7 +121,9 @@ def test_a_meta_run_that_reads_unknown_values_names_the_module():
     with torch.device("meta"):
         model = _ReadsItsOutput()
     x = torch.randn(2, 8)
-    with pytest.raises(remat.PlanError, match=r"profile: on meta, module '_ReadsItsOutput' .* reads the values"):
+    with pytest.raises(
+        remat.PlanError, match=r"profile: on meta, module '_ReadsItsOutput' .* reads the values"
+    ):
         remat.profile(model, x)
     with pytest.raises(remat.PlanError, match="remat.estimate: on meta"):
         remat.estimate(model, x)
