@@ -37,7 +37,14 @@ def test_later_regions_gradients_are_a_rank_s_share_during_backward():
     for i, (whole, rank) in enumerate(zip(prof.regions, four.regions, strict=True)):
         later = layer * (len(prof.regions) - 1 - i)
         assert whole.transient_bytes - rank.transient_bytes == later - later // 4
+        assert whole.later_gradient_bytes - rank.later_gradient_bytes == later - later // 4
+        if whole.recompute_transient_bytes is not None:
+            rerun = whole.recompute_transient_bytes - rank.recompute_transient_bytes
+            assert rerun == later - later // 4
         assert (whole.saved_bytes, whole.input_bytes) == (rank.saved_bytes, rank.input_bytes)
+    # once the chain's backward is done every region's gradients are reduce-scattered
+    every = layer * len(prof.regions)
+    assert prof.after_chain_peak_bytes - four.after_chain_peak_bytes == every - every // 4
     assert four.step_peak_bytes <= prof.step_peak_bytes and four.meta["world_size"] == 4
     assert shard_profile(prof, model, 1) is prof
     with pytest.raises(ValueError, match="positive integer"):
