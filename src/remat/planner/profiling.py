@@ -43,6 +43,7 @@ from remat.planner.region_costs import op_overheads, recompute_transient_bytes, 
 from remat.planner.regions import default_regions
 from remat.planner.step_memory import (
     GradientOrder,
+    SharedInputs,
     handed_on,
     measure_step,
     saved_union,
@@ -142,6 +143,17 @@ def profile(
         faked_meta_model(model, inputs, kwargs) as (inputs, kwargs),
     ):
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
+
+
+def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
+    """The bytes of the shared inputs that require grad: their gradients accumulate."""
+    keys = {
+        t.untyped_storage()._cdata
+        for call in calls
+        for t in tree_leaves(call)
+        if isinstance(t, Tensor) and t.requires_grad
+    }
+    return sum(n for key, n in shared.sizes.items() if key in keys)
 
 
 def _check_called_once(
@@ -341,7 +353,13 @@ def _profile(
         )
     )
     profiles = with_gradient_bytes(
-        model, chosen, profiles, grad_order.after_the_chain(), head_left, step.loss
+        model,
+        chosen,
+        profiles,
+        grad_order.after_the_chain(),
+        head_left,
+        step.loss,
+        _shared_gradient_bytes(shared, [records[name].get("call", ()) for name, _ in chosen]),
     )
     # The tail sits on top of everything the chain keeps. The shared inputs no region saves
     # that the measured step had freed by the chain's backward are back (a checkpoint holding

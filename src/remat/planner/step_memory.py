@@ -247,6 +247,7 @@ def with_gradient_bytes(
     after_the_chain: set[int] = frozenset(),
     head_left: int | None = None,
     loss_bytes: int = 0,
+    input_gradient_bytes: int = 0,
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
 
@@ -258,6 +259,9 @@ def with_gradient_bytes(
     also sees a tied weight's partial gradient held for its use before the chain; it
     replaces the outside parameters' gradients where it is larger. ``loss_bytes``: the
     loss and its gradient (``StepMemory.loss``), live through every region's backward.
+    ``input_gradient_bytes``: the gradients of inputs several regions share that require
+    grad (a learned position bias): each accumulates over the regions' backwards and is
+    live through the whole chain's backward.
     """
 
     def grad_bytes(params: Any) -> int:
@@ -268,7 +272,7 @@ def with_gradient_bytes(
     outside = grad_bytes(
         p for p in model.parameters() if id(p) not in inside and id(p) not in after_the_chain
     )
-    out, later = [], max(outside + loss_bytes, head_left or 0)
+    out, later = [], max(outside + loss_bytes, head_left or 0) + input_gradient_bytes
     for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
         # its own gradients are in its measured transient already (transient_bytes)
         rerun = profile_.recompute_transient_bytes
