@@ -123,23 +123,21 @@ def loss_of(out: Any) -> torch.Tensor:
     return out.loss
 
 
-def build_workload(name: str, candidate: int) -> tuple[Any, dict[str, Any], Any]:
-    """The model (train mode, called once), its keyword inputs and its auto class."""
-    model, kwargs, auto = _built(name, candidate)
-    # A model may change itself on its first call (BigBird swaps its block-sparse attention
-    # for full attention on short sequences, new modules drawn from the RNG): once here,
-    # so that the reference, the profile and every plan run the same model.
+def called_once(model: Any, kwargs: dict[str, Any]) -> None:
+    """A model may change itself on its first call (BigBird swaps its block-sparse attention
+    for full attention on short sequences, new modules drawn from the RNG): once, before
+    its reference, so that the reference, the profile and every plan run the same model."""
     with torch.no_grad(), training_call(model):
         model(**kwargs)
-    return model, kwargs, auto
 
 
-def _built(name: str, candidate: int) -> tuple[Any, dict[str, Any], Any]:
+def build_workload(name: str, candidate: int) -> tuple[Any, dict[str, Any]]:
+    """The model (train mode) and its keyword inputs."""
     import transformers
 
     if name not in EXTRAS:
         model = build(name, candidate)  # hf_sweep's causal LM
-        return model, _lm_inputs(model.config), transformers.AutoModelForCausalLM
+        return model, _lm_inputs(model.config)
     extra = EXTRAS[name]
     auto = getattr(transformers, extra.auto_class)
     default = transformers.AutoConfig.for_model(extra.model_type)
@@ -151,7 +149,7 @@ def _built(name: str, candidate: int) -> tuple[Any, dict[str, Any], Any]:
     if parameters > MAX_PARAMETERS:
         raise MemoryError(f"{parameters / 1e6:.0f}M parameters at the small sizes")
     torch.manual_seed(0)
-    return auto.from_config(config).train(), extra.inputs(config), auto
+    return auto.from_config(config).train(), extra.inputs(config)
 
 
 def measured_step(model: Any, kwargs: dict[str, Any]) -> tuple[int, tuple[Any, ...]]:
@@ -275,9 +273,7 @@ def measure_plan(
     }
 
 
-def compare_meta(
-    prof: remat.Profile, model: Any, auto: Any, kwargs: dict[str, Any]
-) -> dict[str, Any]:
+def compare_meta(prof: remat.Profile, model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Profile the same model on the meta device for the CPU (its kernels: flash attention
     where the CPU would take it); where its regions' bytes differ."""
     try:
@@ -306,11 +302,12 @@ def sweep_arch(name: str) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": name}
     for candidate in range(len(CANDIDATES)):
         try:
-            model, kwargs, auto = build_workload(name, candidate)
+            model, kwargs = build_workload(name, candidate)
         except Exception as err:
             row.update(status="does not build", detail=_line(err))
             continue
         try:
+            called_once(model, kwargs)
             reference_peak, want = measured_step(copy.deepcopy(model), kwargs)
         except Exception as err:
             row.update(status="does not train", detail=_line(err))
@@ -332,7 +329,7 @@ def sweep_arch(name: str) -> dict[str, Any]:
         if plan is not None:
             record = {**record, **measure_plan(model, kwargs, plan, want)}
         row["plans"][plan_name] = record
-    row["meta"] = compare_meta(prof, model, auto, kwargs)
+    row["meta"] = compare_meta(prof, model, kwargs)
     return row
 
 
