@@ -8,11 +8,13 @@ nothing.
 
 Random ops are replayed from the RNG state captured before the forward, which another
 thread drawing from the same generator (``torch.rand`` in a data-augmentation thread)
-defeats without changing any metadata. So ``"metadata"`` also checks the values of every
-tensor saved after the replayed generators drew (:class:`remat.engine.replay.RandomDraws`;
-before that, nothing saved can depend on a draw), by a checksum of their bits: one pass
-over the tensor, no copy, no synchronisation in the forward. A region that draws nothing
-pays one look at the generators per saved tensor.
+defeats without changing any metadata. So ``"metadata"`` also checks the values of the
+tensors saved after the replayed generators drew (:class:`remat.engine.replay.RandomDraws`;
+before that, nothing saved can depend on a draw) that autograd does not differentiate (a
+dropout's mask or noise, indices: their bits follow from the draw, while a recomputed float
+activation may differ in its last bits), by a checksum of their bits: one pass over the
+tensor, no copy, no synchronisation in the forward. A region that draws nothing pays one
+look at the generators per saved tensor.
 """
 
 from __future__ import annotations
@@ -181,7 +183,10 @@ def record(x: Tensor, check: str, *, after_draw: bool = False) -> TensorRecord:
         # checksum's ops are not the region's.
         with _disable_current_modes():
             fingerprint = _fingerprint(x)
-    elif after_draw and check == "metadata":
+    elif after_draw and check == "metadata" and x.grad_fn is None and not x.requires_grad:
+        # Only what autograd does not differentiate: a dropout's mask or noise, indices.
+        # Their values follow from the draw alone, while a float activation recomputed by
+        # a matmul may differ in its last bits (MKL's results depend on alignment).
         with _disable_current_modes():
             bits = _bits(x)
     return TensorRecord(
