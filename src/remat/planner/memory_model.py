@@ -116,12 +116,17 @@ def segment_forward_peaks(q: Chain) -> list[list[int]]:
     for s in range(n):
         peak = 0
         for j in range(s, n):
-            r = q.regions[j]
-            extra = r.input_bytes if j > s else 0
-            here = q.regions[s].input_bytes + extra + r.output_bytes + r.forward_extra_bytes
-            peak = max(peak, here)
+            peak = max(peak, _segment_forward_at(q.regions, s, j))
             F[s][j + 1] = peak
     return F
+
+
+def _segment_forward_at(regs: Sequence[Region], s: int, j: int) -> int:
+    """What a segment from region ``s`` holds while its first forward runs region ``j``:
+    its input, region ``j``'s input (after the first) and output, and its transient."""
+    r = regs[j]
+    extra = r.input_bytes if j > s else 0
+    return regs[s].input_bytes + extra + r.output_bytes + r.forward_extra_bytes
 
 
 def simulate(
@@ -150,18 +155,8 @@ def simulate(
         else:
             a, b = it[1], it[2]
             for j in range(a, b):
-                r = regs[j]
-                extra = r.input_bytes if j > a else 0
-                peak = max(
-                    peak,
-                    live
-                    + pending
-                    + regs[a].input_bytes
-                    + extra
-                    + r.output_bytes
-                    + r.forward_extra_bytes,
-                )
-                cost += r.fwd_cost
+                peak = max(peak, live + pending + _segment_forward_at(regs, a, j))
+                cost += regs[j].fwd_cost
             h = regs[a].input_bytes
             needs.append(0)
         live += h

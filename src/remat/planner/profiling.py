@@ -340,16 +340,14 @@ def _profile(
     # again where the step held them (an upper bound either way).
     base = max(0, step.at_chain_start - (step.first_input - shared.first_bytes))
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
+    # the shared inputs no region saves that the measured step had freed by its backward
+    freed_by_backward = freed(step.first_inputs_live_at_chain_backward)
     head_left = (
         None
         if step.at_chain_backward is None
-        # the shared inputs no region saves that the measured step had freed by then
         else max(
             0,
-            step.at_chain_backward
-            - (base - freed(step.first_inputs_live_at_chain_backward))
-            - chain_kept
-            - step.output_gradient,
+            step.at_chain_backward - (base - freed_by_backward) - chain_kept - step.output_gradient,
         )
     )
     profiles = with_gradient_bytes(
@@ -365,7 +363,6 @@ def _profile(
     # that the measured step had freed by the chain's backward are back (a checkpoint holding
     # them keeps them; a plan that checkpoints nothing is the measured step itself): the
     # model's forward may hold them into the tail, and let them go before its peak.
-    freed_by_backward = freed(step.first_inputs_live_at_chain_backward)
     tail = max(0, step.tail_peak - (base - freed_by_backward) - chain_kept)
     chain_peak = store_all_peak_of(profiles, tail)
     # What the model above leaves unexplained of the measured step is added where the chain
