@@ -66,6 +66,43 @@ def test_profile_bytes_per_block():
     assert Profile.from_json(prof.to_json()) == prof
 
 
+class _DroppedBranchBlock(nn.Module):
+    """Computes a value it never uses (Mamba's mixer computes ``-exp(A_log)`` twice): the
+    branch's node saves its own output, and dies in the forward with the branch."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a_log = nn.Parameter(torch.randn(d, d))
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        _ = -torch.exp(self.a_log)  # dropped: exp saved its result, freed with the branch
+        return x + torch.tanh(self.lin(x)) @ -torch.exp(self.a_log)
+
+
+def test_a_branch_the_forward_drops_is_not_counted_as_saved():
+    torch.manual_seed(0)
+    d = 32
+    model = nn.Sequential(*[_DroppedBranchBlock(d) for _ in range(4)])
+    x = torch.randn(8, d, requires_grad=True)
+
+    def loss_fn(out):
+        return out.square().mean()
+
+    prof = remat.profile(model, x, loss_fn=loss_fn)
+    act, weight = 8 * d * 4, d * d * 4
+    # lin input (the first block's is the batch: not new), tanh output, the used branch's
+    # exp result and -exp (the matmul's operand)
+    saved = 2 * act + 2 * weight
+    assert [r.saved_bytes for r in prof.regions] == [saved - act] + [saved] * 3
+    for choices in (["recompute"] * 4, ["store"] * 3 + ["recompute"], ["store"] * 4):
+        plan = remat.plan_from_choices(prof, choices)
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        measured = measure_step_peak(m, (x,), loss_fn)
+        assert measured == plan.predicted_peak_bytes, choices
+
+
 def test_profile_marks_the_op_outputs_autograd_saves():
     """A projection's output feeds a residual add, which saves nothing: saving it keeps it
     in the selective-checkpoint cache only. Which outputs are saved must not depend on which

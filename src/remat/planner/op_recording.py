@@ -67,6 +67,8 @@ class OpRecorder(TorchDispatchMode):
         # is a storage's address, reused once the storage is freed: only the live storage's
         # producer may be looked up, which is what a save sees.
         self.producer: dict[int, tuple[str, OpRecord]] = {}
+        # the profiler's own ops (its saved-tensor hook's detach) are not the region's
+        self.paused = False
 
     def mark_saved(self, key: int, region: str) -> None:
         """``region`` saves the live storage ``key`` for backward."""
@@ -79,7 +81,7 @@ class OpRecorder(TorchDispatchMode):
         start = time.perf_counter() if self.timed and region else 0.0
         out = func(*args, **(kwargs or {}))
         # prim.device and the like: metadata queries a FakeTensor dispatches, not kernels
-        if region is None or getattr(func, "namespace", "") == "prim":
+        if region is None or self.paused or getattr(func, "namespace", "") == "prim":
             return out
         if self.timed:
             self.sync()

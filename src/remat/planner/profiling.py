@@ -22,6 +22,7 @@ its direct children.
 from __future__ import annotations
 
 import statistics
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from remat.measure.training_call import (
     require_train_mode,
     training_call,
 )
+from remat.measure.versions import Versioned
 from remat.planner.estimation import faked_meta_model
 from remat.planner.op_recording import OpRecorder, post_hook, pre_hook, region_flops
 from remat.planner.profile_data import OP_ENGINE_CHOICES, OpProfile, Profile, RegionProfile
@@ -156,6 +158,10 @@ def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
     return sum(n for key, n in shared.sizes.items() if key in keys)
 
 
+def _unpack(packed: Versioned) -> Tensor:
+    return packed.unpack("the profiled model")
+
+
 def _check_called_once(
     chosen: Sequence[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
 ) -> None:
@@ -218,20 +224,40 @@ def _profile(
             )
         )
 
+    forward_running = [True]
+    finalizers: list[weakref.finalize] = []
+
+    def unsaved(name: str, key: int) -> None:
+        # Saved by a branch of the graph that nothing uses (a value computed and dropped,
+        # as Mamba's mixer computes A twice): that node dies with the branch, in the
+        # forward, and its saved tensors with it; they are never live at the backward.
+        if forward_running[0]:
+            records[name]["saved"].pop(key, None)
+
     def pack(t: Tensor) -> Tensor:
         st = t.untyped_storage()
         if stack:  # a recomputation stops at the region's last save, parameters included
             records[stack[-1]]["rerun_ops"] = len(recorder.ops.get(stack[-1], ()))
         if stack and st._cdata not in exclude:
+            if st._cdata not in records[stack[-1]]["saved"]:
+                finalizers.append(weakref.finalize(st, unsaved, stack[-1], st._cdata))
             records[stack[-1]]["saved"][st._cdata] = st.nbytes()
             recorder.mark_saved(st._cdata, stack[-1])
-        return t
+        # Detached: an output its own node saves (exp's result) held as itself would keep
+        # that node alive through a cycle, so a branch the forward drops (Mamba's mixer
+        # computes A twice) would stay live here and nowhere else.
+        recorder.paused = True
+        try:
+            return Versioned(t)
+        finally:
+            recorder.paused = False
 
     try:
         timed = not on_meta and target is None
         recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recorder:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), recorder:
             loss = loss_of(model(*inputs, **kwargs))
+        forward_running[0] = False
         _check_called_once(chosen, records)
         # The chain runs in forward order, whatever order the module lists give (XLM keeps
         # its attentions, norms and feed-forwards in four lists, called interleaved).
@@ -254,6 +280,8 @@ def _profile(
     finally:
         for h in handles:
             h.remove()
+        for f in finalizers:
+            f.detach()
     step = measure_step(model, inputs, loss_of, kwargs, first=chosen[0][1], last=chosen[-1][1])
 
     for name, _ in chosen:
