@@ -103,6 +103,56 @@ def test_a_branch_the_forward_drops_is_not_counted_as_saved():
         assert measured == plan.predicted_peak_bytes, choices
 
 
+class _CachingBlock(nn.Module):
+    """Keeps what it computes in a cache the model fills even in training (XLM's attention
+    builds a KV cache on every forward): a checkpoint around it frees none of that."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x, cache):
+        k = self.lin(x)
+        cache.append(k)
+        return x + torch.tanh(k)
+
+
+class _CachingModel(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            _CachingBlock(d) if i % 2 else _DroppedBranchBlock(d) for i in range(4)
+        )
+
+    def forward(self, x):
+        cache: list = []
+        for block in self.blocks:
+            x = block(x, cache) if isinstance(block, _CachingBlock) else block(x)
+        return x
+
+
+def test_a_region_holding_bytes_outside_the_graph_is_only_stored():
+    torch.manual_seed(0)
+    d = 32
+    model = _CachingModel(d)
+    x = torch.randn(8, d, requires_grad=True)
+
+    def loss_fn(out):
+        return out.square().mean()
+
+    prof = remat.profile(model, x, loss_fn=loss_fn, regions=[f"blocks.{i}" for i in range(4)])
+    assert [r.held_bytes for r in prof.regions] == [0, 8 * d * 4, 0, 8 * d * 4]
+    chain = prof.to_chain()
+    assert [len(r.menu()) > 1 for r in chain.regions] == [True, False, True, False]
+    assert "outside autograd's graph" in chain.regions[1].segment_break
+    with pytest.raises(ValueError, match="outside autograd's graph"):
+        remat.plan_from_choices(prof, ["recompute"] * 4)
+    plan = remat.plan_from_choices(prof, ["recompute", "store", "recompute", "store"])
+    m = copy.deepcopy(model)
+    remat.apply_plan(m, plan)
+    assert measure_step_peak(m, (x,), loss_fn) == plan.predicted_peak_bytes
+
+
 def test_profile_marks_the_op_outputs_autograd_saves():
     """A projection's output feeds a residual add, which saves nothing: saving it keeps it
     in the selective-checkpoint cache only. Which outputs are saved must not depend on which

@@ -294,6 +294,13 @@ class MemoryTracker:
             elif self._active and key in self._host_live:
                 self.host_bytes -= self._host_live.pop(key)
 
+    def live_bytes_of(self, values: Any) -> int:
+        """Bytes of the distinct storages behind the tensors in ``values`` that the tracker
+        counts as live (made while it tracks, not freed)."""
+        keys = {st._cdata for t in iter_tensors(values) if (st := storage_of(t)) is not None}
+        with self._lock:
+            return sum(self._live.get(k, 0) for k in keys)
+
     def start_window(self) -> None:
         """Start ``window_peak_bytes`` over: from now on, the highest live total since this
         call (e.g. between one module's forward and its backward)."""

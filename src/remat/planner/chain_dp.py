@@ -196,7 +196,7 @@ def _offers_offload(chain: Chain) -> bool:
 
 def _segment_ends(chain: Chain) -> list[int]:
     """Per start ``s``, the largest stop a segment from ``s`` may have: ``s`` itself (none)
-    when region ``s`` cannot be recomputed from its input (``store_only``: it writes it),
+    when region ``s`` cannot be recomputed from its input (``why_stored_only``),
     else the first later region a segment cannot carry on into (``segment_break``), else
     the chain's end. Inside a segment a store-only region is fine: its input is recomputed,
     and its write with it."""
@@ -204,7 +204,7 @@ def _segment_ends(chain: Chain) -> list[int]:
     ends, next_break = [n] * n, n
     for s in range(n - 1, -1, -1):
         r = chain.regions[s]
-        ends[s] = s if r.store_only else next_break
+        ends[s] = s if r.why_stored_only else next_break
         if r.segment_break:
             next_break = s
     return ends

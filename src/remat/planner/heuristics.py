@@ -59,11 +59,12 @@ def sqrt_plan(chain: Chain, budget_bytes: int | None = None, *, segment: int | N
 def _runs(chain: Chain, a: int, b: int) -> list[tuple[int, int]]:
     """``[a, b)`` as segments may run: cut before each region a segment cannot carry on
     into (``segment_break``), and each piece started at its first region that can be
-    recomputed from its input (not ``store_only``: one that writes its input)."""
+    recomputed from its input (not ``why_stored_only``: one that writes its input or
+    holds bytes outside the graph)."""
     cuts = [a, *(i for i in range(a + 1, b) if chain.regions[i].segment_break), b]
     runs = []
     for lo, hi in itertools.pairwise(cuts):
-        start = next((i for i in range(lo, hi) if not chain.regions[i].store_only), None)
+        start = next((i for i in range(lo, hi) if not chain.regions[i].why_stored_only), None)
         if start is not None:
             runs.append((start, hi))
     return runs
@@ -84,7 +85,9 @@ def every_n_plan(chain: Chain, budget_bytes: int | None = None, *, n: int | None
     periods = [n] if n is not None else range(1, len(chain) + 1)
     plans = []
     for k in periods:
-        choices = [1 if i % k == 0 and not r.store_only else 0 for i, r in enumerate(chain.regions)]
+        choices = [
+            1 if i % k == 0 and not r.why_stored_only else 0 for i, r in enumerate(chain.regions)
+        ]
         plans.append(
             plan_from_choices(chain, choices, budget_bytes=budget_bytes, solver=f"every-{k}")
         )

@@ -234,10 +234,10 @@ def plan_from_choices(
             "regions in backward, where nothing is offloaded; offload outside segments"
         )
     for a, b in segs:
-        if chain.regions[a].store_only:
+        if chain.regions[a].why_stored_only:
             raise ValueError(
                 f"segments: ({a}, {b}) starts with region {chain.regions[a].name!r}, which "
-                f"cannot be recomputed from its input ({chain.regions[a].store_only})"
+                f"cannot be recomputed from its input ({chain.regions[a].why_stored_only})"
             )
         inside = next((i for i in range(a + 1, b) if chain.regions[i].segment_break), None)
         if inside is not None:
@@ -262,7 +262,7 @@ def plan_from_choices(
                 save_ops=o.save_ops,
                 depth=depth,
                 engine=o.engine,
-                note=r.store_only,
+                note=r.why_stored_only,
             )
         )
     return Plan(

@@ -137,6 +137,10 @@ class Region:
             its own (those of the regions after it and of the parameters outside the chain,
             counted in its transients already). A segment ending with this region reruns
             its forward while they are live, beside its output's gradient.
+        held_bytes: what its forward leaves held outside autograd's graph (a KV cache the
+            model fills even in training, as XLM's attention does): no checkpoint, op-level
+            policy or offload frees it, and whoever holds it may keep it past the region's
+            backward, so the region is only stored (``menu``) and never in a segment.
     """
 
     name: str
@@ -155,6 +159,7 @@ class Region:
     recompute_forward_transient_bytes: int | None = None
     recompute_transient_bytes: int | None = None
     later_gradient_bytes: int = 0
+    held_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -180,6 +185,7 @@ class Region:
             "output_bytes",
             "transient_bytes",
             "later_gradient_bytes",
+            "held_bytes",
         ):
             check_bytes(owner, attr, getattr(self, attr))
         for attr in (
@@ -236,6 +242,14 @@ class Region:
         return self.saved_bytes + self.output_bytes + self.transient_bytes
 
     @property
+    def why_stored_only(self) -> str:
+        """Why the region cannot be recomputed from its input (``""``: it can): it writes
+        its input (``store_only``), or holds bytes outside the graph (``held_bytes``)."""
+        if self.store_only or not self.held_bytes:
+            return self.store_only
+        return f"holds {self.held_bytes:,} B outside autograd's graph (a cache the model fills)"
+
+    @property
     def offload_kept_bytes(self) -> int:
         """What offloading keeps on the device: its input, when something saves it (as a
         checkpoint does: the region before may hold it anyway, and moving it would bring
@@ -244,8 +258,11 @@ class Region:
 
     def menu(self) -> tuple[RegionOption, ...]:
         """Store, recompute, the op-level options, then offload: no recompute if
-        ``store_only``, no offload without an ``offload_cost`` or with nothing to move."""
+        ``store_only``, no offload without an ``offload_cost`` or with nothing to move; only
+        store when it holds bytes outside the graph (``held_bytes``)."""
         store = RegionOption(name=STORE, kept_bytes=self.saved_bytes, recompute_cost=0, kind=STORE)
+        if self.held_bytes:
+            return (store,)
         menu = [store]
         if not self.store_only:
             menu.append(
@@ -345,4 +362,5 @@ def option_index(region: Region, name: str) -> int:
         if o.name == name:
             return k
     valid = [o.name for o in region.menu()]
-    raise ValueError(f"region {region.name!r} has no option {name!r}; it has {valid}")
+    why = f" (it {region.why_stored_only})" if region.why_stored_only else ""
+    raise ValueError(f"region {region.name!r} has no option {name!r}; it has {valid}{why}")

@@ -76,6 +76,9 @@ class RegionProfile:
             ``None``: not measured (it cannot be recomputed from its input).
         later_gradient_bytes: the parameter gradients live while it runs backward besides
             its own (``planner.Region``).
+        held_bytes: what its forward, run under its own checkpoint, leaves live beyond its
+            output: held outside autograd's graph (a KV cache filled in training), so it is
+            only stored (``planner.Region``).
     """
 
     name: str
@@ -96,6 +99,7 @@ class RegionProfile:
     recompute_forward_transient_bytes: int | None = None
     recompute_transient_bytes: int | None = None
     later_gradient_bytes: int = 0
+    held_bytes: int = 0
 
     @property
     def rerun_ops(self) -> tuple[OpProfile, ...]:
@@ -124,6 +128,7 @@ class RegionProfile:
             recompute_forward_transient_bytes=self.recompute_forward_transient_bytes,
             recompute_transient_bytes=self.recompute_transient_bytes,
             later_gradient_bytes=self.later_gradient_bytes,
+            held_bytes=self.held_bytes,
         )
 
 

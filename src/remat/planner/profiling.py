@@ -158,6 +158,15 @@ def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
     return sum(n for key, n in shared.sizes.items() if key in keys)
 
 
+def _held_note(held: int) -> str:
+    return (
+        f"its forward leaves {held:,} B held outside autograd's graph (a cache the model "
+        "fills): a segment would not free them"
+        if held
+        else ""
+    )
+
+
 def _unpack(packed: Versioned) -> Tensor:
     return packed.unpack("the profiled model")
 
@@ -312,8 +321,8 @@ def _profile(
         moved = sum(rec["saved"][k] for k in handed[i])
         forward_transient, transient = transient_bytes(module, *rec["call"])
         # A region that writes its input is never recomputed alone (store_only)
-        rerun_forward, rerun = (
-            (None, None)
+        rerun_forward, rerun, held = (
+            (None, None, 0)
             if rec.get("writes_input")
             else recompute_transient_bytes(module, *rec["call"])
         )
@@ -343,7 +352,8 @@ def _profile(
                 recompute_ops=rec.get("rerun_ops", 0),
                 op_overhead=overheads.get(name) or 0.0,
                 store_only="writes its input in place" if rec.get("writes_input") else "",
-                segment_break=_segment_break(chosen, records, i),
+                segment_break=_segment_break(chosen, records, i) or _held_note(held),
+                held_bytes=held,
                 recompute_forward_transient_bytes=rerun_forward,
                 recompute_transient_bytes=rerun,
                 ops=tuple(

@@ -116,18 +116,21 @@ def transient_bytes(
     # (the later regions' ones are added by with_gradient_bytes). The parameters must keep
     # requiring grad: without, a Linear saves no input and runs a smaller graph.
     with own_gradients(module):
-        return excess_bytes(module, args, kwargs)
+        forward, backward, _ = excess_bytes(module, args, kwargs)
+        return forward, backward
 
 
 def recompute_transient_bytes(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Run the region alone under its own checkpoint (``apply_plan``'s ``Recompute``),
     forward and backward, and return what it allocates beyond its input (which the
     checkpoint holds) and its output (in the forward) or its output's gradient (in the
-    backward): (forward, backward). The backward's figure covers the recomputation, which
-    runs while the output's gradient is live and may rebuild the output itself, and the
-    backward proper that follows it."""
+    backward), and what its forward leaves live beyond its output: (forward, backward,
+    left). The backward's figure covers the recomputation, which runs while the output's
+    gradient is live and may rebuild the output itself, and the backward proper that
+    follows it. ``left`` is what something outside autograd's graph holds (a KV cache the
+    model fills even in training, as XLM's): the checkpoint does not free it."""
     args, kwargs = fresh_inputs(args, kwargs)
     with own_gradients(module):
         return excess_bytes(module, args, kwargs, Recompute())
@@ -185,13 +188,15 @@ def excess_bytes(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     treatment: Treatment | None = None,
-) -> tuple[int, int]:
-    """(forward excess, backward excess): the backward's counted beyond the output's
-    gradient, which the memory model adds itself (``Region.backward_bytes``). The inputs
-    were made before the tracker started: they are never counted."""
+) -> tuple[int, int, int]:
+    """(forward excess, backward excess, left after the forward): the backward's counted
+    beyond the output's gradient, which the memory model adds itself
+    (``Region.backward_bytes``); ``left``: what is live after the forward beyond the
+    output. The inputs were made before the tracker started: they are never counted."""
     with MemoryTracker(timeline=False) as tracker:
         out = module(*args, **kwargs) if treatment is None else treatment.run(module, args, kwargs)
         after_forward = tracker.current_bytes
+        left = after_forward - tracker.live_bytes_of(tree_leaves(out))
         forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
         grad_bytes = sum(t.numel() * t.element_size() for t in outs)
@@ -203,4 +208,4 @@ def excess_bytes(
             backward_excess = tracker.peak_by_phase["backward"] - before_backward - grad_bytes
         else:
             backward_excess = 0
-    return max(0, forward_excess), max(0, forward_excess, backward_excess)
+    return max(0, forward_excess), max(0, forward_excess, backward_excess), max(0, left)
