@@ -127,3 +127,30 @@ def test_a_meta_run_that_reads_unknown_values_names_the_module():
         remat.profile(model, x)
     with pytest.raises(remat.PlanError, match="remat.estimate: on meta"):
         remat.estimate(model, x)
+
+
+def test_transformers_padding_warning_reads_the_input_ids_values():
+    """BERT-like encoders warn about padding by reading ``input_ids[:, [-1, 0]]``, whose
+    Python-list index PyTorch makes on meta, without values: the warning now reads the
+    CPU input ids, and the meta profile is the CPU one."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RoFormerConfig(
+        hidden_size=32,
+        embedding_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    ids = torch.randint(1, 64, (2, 16))
+    profiles = []
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.RoFormerForMaskedLM(config).train()
+        prof = remat.profile(model, input_ids=ids, labels=ids, target_device="cpu")
+        profiles.append(
+            [(r.name, r.input_bytes, r.saved_bytes, r.output_bytes) for r in prof.regions]
+        )
+    assert profiles[1] == profiles[0]

@@ -169,9 +169,34 @@ def _transformers_reads(mode: _KnownValues) -> Iterator[None]:
 
     utils.is_fake_tensor = is_fake_tensor
     try:
-        yield
+        with _padding_warning_on_values(mode):
+            yield
     finally:
         utils.is_fake_tensor = original
+
+
+@contextlib.contextmanager
+def _padding_warning_on_values(mode: _KnownValues) -> Iterator[None]:
+    """transformers' padding warning (BERT-like encoders call it on every forward) reads
+    ``input_ids[:, [-1, 0]]``: PyTorch turns the Python list into an index tensor on the
+    indexed tensor's device, meta, where it holds no values. Given the input ids' real
+    values, the warning reads those instead."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    cls = getattr(modeling, "PreTrainedModel", None)
+    original = getattr(cls, "warn_if_padding_and_no_attention_mask", None)
+    if not callable(original):
+        yield
+        return
+
+    def warn(self: Any, input_ids: Any, attention_mask: Any) -> Any:
+        real = mode.value_of(input_ids)
+        return original(self, input_ids if real is None else real, attention_mask)
+
+    cls.warn_if_padding_and_no_attention_mask = warn
+    try:
+        yield
+    finally:
+        cls.warn_if_padding_and_no_attention_mask = original
 
 
 @contextlib.contextmanager
