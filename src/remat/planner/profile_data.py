@@ -101,6 +101,18 @@ class RegionProfile:
     later_gradient_bytes: int = 0
     held_bytes: int = 0
 
+    def with_later_gradients(self, nbytes: int) -> RegionProfile:
+        """The region with ``nbytes`` more parameter gradients live beside its backward
+        (fewer when negative: a rank's share under FSDP). Its transients, measured with the
+        region alone, carry them, stored or recomputed."""
+        rerun = self.recompute_transient_bytes
+        return replace(
+            self,
+            transient_bytes=self.transient_bytes + nbytes,
+            recompute_transient_bytes=None if rerun is None else rerun + nbytes,
+            later_gradient_bytes=self.later_gradient_bytes + nbytes,
+        )
+
     @property
     def rerun_ops(self) -> tuple[OpProfile, ...]:
         """The ops a recomputation of the region runs."""

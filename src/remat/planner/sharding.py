@@ -51,15 +51,7 @@ def shard_profile(profile: Profile, model: nn.Module, world_size: int) -> Profil
     regions, later = [], 0
     for region, own_bytes in zip(reversed(profile.regions), reversed(own)):
         freed = later - later // world_size  # reduce-scattered after their backward
-        rerun = region.recompute_transient_bytes
-        regions.append(
-            replace(
-                region,
-                transient_bytes=region.transient_bytes - freed,
-                recompute_transient_bytes=None if rerun is None else rerun - freed,
-                later_gradient_bytes=region.later_gradient_bytes - freed,
-            )
-        )
+        regions.append(region.with_later_gradients(-freed))
         later += own_bytes
     regions.reverse()
     chain_peak = store_all_peak_of(regions, profile.tail_bytes)

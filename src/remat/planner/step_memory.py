@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -275,15 +275,7 @@ def with_gradient_bytes(
     out, later = [], max(outside + loss_bytes, head_left or 0) + input_gradient_bytes
     for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
         # its own gradients are in its measured transient already (transient_bytes)
-        rerun = profile_.recompute_transient_bytes
-        out.append(
-            replace(
-                profile_,
-                transient_bytes=profile_.transient_bytes + later,
-                recompute_transient_bytes=None if rerun is None else rerun + later,
-                later_gradient_bytes=later,
-            )
-        )
+        out.append(profile_.with_later_gradients(later))
         later += own_bytes
     return out[::-1]
 
