@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import remat
+from remat.engine import determinism
 
 STEPS = 40
 P = 0.5
@@ -154,3 +155,23 @@ def test_quiet_rng_gives_the_forward_mask(engine):
         model(x).square().mean().backward()
         got, want = _grads(model), _forward_mask_grads(model, dropout, x)
         assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.parametrize("n", [100, 10_000])
+def test_the_after_draw_check_compares_where_a_float_tensor_is_zero(n):
+    """A layer norm's mean and rstd are saved without grad after a dropout drew: rerun on
+    a copy at another address, a vectorised reduction may change their last bits, which
+    is no other draw. Another dropout mask changes where values are zero, which is."""
+    torch.manual_seed(0)
+    x = torch.randn(n) * (torch.rand(n) > 0.1)  # a dropout's output: zeros where dropped
+    forward = determinism.record(x, "metadata", after_draw=True)
+    rerun = torch.where(x == 0, x, torch.nextafter(x, x + 1))  # every nonzero one bit off
+    last_bits = determinism.record(rerun, "metadata", after_draw=True)
+    assert last_bits.same_as(forward)
+    redrawn = x * (torch.rand(n) > 0.1)
+    assert not determinism.record(redrawn, "metadata", after_draw=True).same_as(forward)
+    mask = torch.rand(n) > 0.1  # a bool mask: its bits
+    other = mask.clone()
+    other[n // 2] = ~other[n // 2]
+    record = determinism.record(mask, "metadata", after_draw=True)
+    assert not determinism.record(other, "metadata", after_draw=True).same_as(record)

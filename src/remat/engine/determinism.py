@@ -118,6 +118,30 @@ def _dense_values(x: Tensor) -> Tensor:
     return x
 
 
+# A float tensor's zero pattern is counted this many rows at a time (a bool copy of a
+# chunk, not of the whole tensor).
+_ZERO_CHUNKS = 16
+
+
+def _zero_pattern(x: Tensor) -> tuple[Tensor, ...]:
+    """Where a float tensor is exactly zero, counted per row of about sqrt(n) elements:
+    what another draw of a dropout changes (its mask, the noise ``bernoulli_`` made and
+    scaled, the activations it zeroed), while a float kernel rerun on a copy at another
+    address may change last bits (a layer norm's mean and rstd: vectorised reductions
+    depend on the alignment) but not which values are exactly zero."""
+    with torch.no_grad():
+        flat = _dense_block(_dense_values(x.detach())).reshape(-1)
+        n = flat.numel()
+        if n <= _SMALL_WORDS:
+            return (flat == 0,)
+        columns = 1 << (n.bit_length() // 2)
+        rows = n // columns
+        grid = flat[: rows * columns].view(rows, columns)
+        step = max(1, -(-rows // _ZERO_CHUNKS))
+        counts = torch.cat([(grid[i : i + step] == 0).sum(1) for i in range(0, rows, step)])
+        return counts, flat[rows * columns :] == 0
+
+
 # A tensor of at most this many words is its own checksum.
 _SMALL_WORDS = 256
 # The words a checksum sums, widest first: the widest that divides the tensor's bytes.
@@ -126,7 +150,8 @@ _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 def _bits(x: Tensor) -> tuple[Tensor, ...] | None:
     """A checksum of ``x``'s bits that any change of the numbers a random op drew changes:
-    row sums of its memory, read as int64 words in rows of about sqrt(n) words.
+    row sums of its memory, read as int64 words in rows of about sqrt(n) words; for a
+    float tensor, of where it is zero (``_zero_pattern``).
 
     Integer sums are exact in any order (wrapping), so a recomputation with the same bits
     gives the same checksum on any device. Another draw changes about every other element
@@ -143,6 +168,8 @@ def _bits(x: Tensor) -> tuple[Tensor, ...] | None:
     base = x._base if x._is_view() else x
     if isinstance(base, nn.Parameter):
         return None
+    if x.is_floating_point() or x.is_complex():
+        return _zero_pattern(x)
     with torch.no_grad():
         raw = _dense_block(_dense_values(x.detach())).reshape(-1).view(torch.uint8)
         dtype = next(d for d in _WORDS if raw.numel() % d.itemsize == 0)
@@ -184,9 +211,10 @@ def record(x: Tensor, check: str, *, after_draw: bool = False) -> TensorRecord:
         with _disable_current_modes():
             fingerprint = _fingerprint(x)
     elif after_draw and check == "metadata" and x.grad_fn is None and not x.requires_grad:
-        # Only what autograd does not differentiate: a dropout's mask or noise, indices.
-        # Their values follow from the draw alone, while a float activation recomputed by
-        # a matmul may differ in its last bits (MKL's results depend on alignment).
+        # Only what autograd does not differentiate: a dropout's mask or noise, indices
+        # (and a norm's statistics). Their values follow from the draw, while a float
+        # activation recomputed by a matmul may differ in its last bits (MKL's results
+        # depend on alignment); of a float tensor, only where it is zero is compared.
         with _disable_current_modes():
             bits = _bits(x)
     return TensorRecord(
