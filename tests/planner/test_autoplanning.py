@@ -153,6 +153,45 @@ def test_a_region_holding_bytes_outside_the_graph_is_only_stored():
     assert measure_step_peak(m, (x,), loss_fn) == plan.predicted_peak_bytes
 
 
+class _BranchesAsRegions(nn.Module):
+    """Residual adds outside the regions, as XLM splits its layers: ``x = norm(x + ffn(x))``
+    with ``ffn`` and ``norm`` the regions. The add hands the feed-forward's output gradient
+    to ``x``'s other path too, which holds it through the feed-forward's backward."""
+
+    def __init__(self, d: int, n: int = 3) -> None:
+        super().__init__()
+        self.ffns = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(n)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
+
+    def forward(self, x):
+        for ffn, norm in zip(self.ffns, self.norms):
+            x = norm(x + ffn(x))
+        return x
+
+
+def test_an_output_gradient_held_outside_the_region_is_counted():
+    torch.manual_seed(0)
+    d, n = 16, 3
+    model = _BranchesAsRegions(d, n)
+    x = torch.randn(512, d, requires_grad=True)  # activations, not weights, make the peak
+
+    def loss_fn(out):
+        return out.square().mean()
+
+    names = [name for i in range(n) for name in (f"ffns.{i}", f"norms.{i}")]
+    prof = remat.profile(model, x, loss_fn=loss_fn, regions=names)
+    for i in range(0, 2 * n, 2):  # each feed-forward recomputed alone, and all of them
+        choices = ["store"] * (2 * n)
+        choices[i] = "recompute"
+        for plan_choices in (choices, ["recompute", "store"] * n):
+            plan = remat.plan_from_choices(prof, plan_choices)
+            m = copy.deepcopy(model)
+            remat.apply_plan(m, plan)
+            assert measure_step_peak(m, (x,), loss_fn) <= plan.predicted_peak_bytes, plan_choices
+
+
 def test_profile_marks_the_op_outputs_autograd_saves():
     """A projection's output feeds a residual add, which saves nothing: saving it keeps it
     in the selective-checkpoint cache only. Which outputs are saved must not depend on which

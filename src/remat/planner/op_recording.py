@@ -58,9 +58,11 @@ class OpRecorder(TorchDispatchMode):
         timed: bool,
         sync: Callable[[], None],
         target: Target | None = None,
+        records: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
         self.current, self.timed, self.sync, self.target = current, timed, sync, target
+        self.records = records
         self.ops: dict[str, list[OpRecord]] = {}
         self.counts: dict[str, dict[str, int]] = {}
         # storage key -> (region, op record) of the op whose output lives there now. A key
@@ -81,6 +83,8 @@ class OpRecorder(TorchDispatchMode):
         start = time.perf_counter() if self.timed and region else 0.0
         out = func(*args, **(kwargs or {}))
         # prim.device and the like: metadata queries a FakeTensor dispatches, not kernels
+        if region is None and func in _GRADIENT_PASSING and self.records is not None:
+            mark_gradient_held(self.records, args)
         if region is None or self.paused or getattr(func, "namespace", "") == "prim":
             return out
         if self.timed:
@@ -115,6 +119,27 @@ class OpRecorder(TorchDispatchMode):
         self.ops.setdefault(region, []).append(record)
         self.producer.update(dict.fromkeys(keys, (region, record)))
         return out
+
+
+# Ops whose backward hands the output's gradient itself to an operand (no new tensor).
+_GRADIENT_PASSING = frozenset(
+    {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.sub.Tensor}
+)
+
+
+def mark_gradient_held(records: dict[str, dict[str, Any]], args: tuple) -> None:
+    """An add outside the regions of a region's output and its input (``x + ffn(x)`` with
+    the feed-forward as the region, as XLM's layers are split): its backward hands the
+    same gradient to the region and to ``x``'s other path, which holds it until the
+    region's input gradient is added to it, through the region's whole backward. Run
+    alone, the region frees its output's gradient once its last op used it: its
+    transients are then measured with that gradient held (``rec["gradient_held"]``)."""
+    keys = {t.untyped_storage()._cdata for t in args if isinstance(t, Tensor) and t.requires_grad}
+    if len(keys) < 2:
+        return
+    for rec in records.values():
+        if "output" in rec and rec["output"][0] & keys and rec["input"][0] & keys:
+            rec["gradient_held"] = True
 
 
 def pre_hook(name, stack, records, exclude, sync):
@@ -158,6 +183,7 @@ def post_hook(name, stack, records, exclude, sync):
             rec["output_refs"] = [
                 weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)
             ]
+
         versions = rec.pop("input_versions", ())
         if any(t._version != v for t, v in versions):  # checkpointing it would raise
             rec["writes_input"] = True

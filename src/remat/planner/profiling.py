@@ -263,7 +263,7 @@ def _profile(
 
     try:
         timed = not on_meta and target is None
-        recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target)
+        recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target, records)
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), recorder:
             loss = loss_of(model(*inputs, **kwargs))
         forward_running[0] = False
@@ -319,12 +319,13 @@ def _profile(
         # the producer still needs what it hands on in its own backward, after the
         # consumer's backward has released it
         moved = sum(rec["saved"][k] for k in handed[i])
-        forward_transient, transient = transient_bytes(module, *rec["call"])
+        gradient_held = rec.get("gradient_held", False)
+        forward_transient, transient = transient_bytes(module, *rec["call"], gradient_held)
         # A region that writes its input is never recomputed alone (store_only)
         rerun_forward, rerun, held = (
             (None, None, 0)
             if rec.get("writes_input")
-            else recompute_transient_bytes(module, *rec["call"])
+            else recompute_transient_bytes(module, *rec["call"], gradient_held)
         )
         ops = recorder.ops.get(name, [])
         if target is not None:  # predicted seconds on the target

@@ -106,7 +106,10 @@ def step_seconds(
 
 
 def transient_bytes(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    gradient_held: bool = False,
 ) -> tuple[int, int]:
     """Run the region alone, forward and backward, and return what it allocates on top of
     its saved activations and output: (the forward's excess over what it keeps, the larger
@@ -116,12 +119,15 @@ def transient_bytes(
     # (the later regions' ones are added by with_gradient_bytes). The parameters must keep
     # requiring grad: without, a Linear saves no input and runs a smaller graph.
     with own_gradients(module):
-        forward, backward, _ = excess_bytes(module, args, kwargs)
+        forward, backward, _ = excess_bytes(module, args, kwargs, gradient_held=gradient_held)
         return forward, backward
 
 
 def recompute_transient_bytes(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    gradient_held: bool = False,
 ) -> tuple[int, int, int]:
     """Run the region alone under its own checkpoint (``apply_plan``'s ``Recompute``),
     forward and backward, and return what it allocates beyond its input (which the
@@ -133,7 +139,7 @@ def recompute_transient_bytes(
     model fills even in training, as XLM's): the checkpoint does not free it."""
     args, kwargs = fresh_inputs(args, kwargs)
     with own_gradients(module):
-        return excess_bytes(module, args, kwargs, Recompute())
+        return excess_bytes(module, args, kwargs, Recompute(), gradient_held=gradient_held)
 
 
 @contextlib.contextmanager
@@ -188,11 +194,15 @@ def excess_bytes(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     treatment: Treatment | None = None,
+    gradient_held: bool = False,
 ) -> tuple[int, int, int]:
     """(forward excess, backward excess, left after the forward): the backward's counted
     beyond the output's gradient, which the memory model adds itself
     (``Region.backward_bytes``); ``left``: what is live after the forward beyond the
-    output. The inputs were made before the tracker started: they are never counted."""
+    output. The inputs were made before the tracker started: they are never counted.
+    ``gradient_held``: something outside the region holds its output's gradient through
+    its backward (``op_recording.mark_gradient_held``): the backward is measured with the
+    gradient held by the caller throughout, not freed once the region's last op used it."""
     with MemoryTracker(timeline=False) as tracker:
         out = module(*args, **kwargs) if treatment is None else treatment.run(module, args, kwargs)
         after_forward = tracker.current_bytes
@@ -200,7 +210,12 @@ def excess_bytes(
         forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
         grad_bytes = sum(t.numel() * t.element_size() for t in outs)
-        if outs:
+        if outs and gradient_held:
+            grads = [torch.ones_like(t) for t in outs]
+            before_backward = tracker.current_bytes  # the gradients included
+            torch.autograd.backward(outs, grads)
+            backward_excess = tracker.peak_by_phase["backward"] - before_backward
+        elif outs:
             seed = _SeedGradients.apply(*outs)
             start = torch.ones_like(seed)
             before_backward = tracker.current_bytes
