@@ -826,3 +826,44 @@ def test_no_planned_segment_spans_code_between_blocks_and_every_plan_is_exact():
         assert not any(a < 2 < b for a, b in p.segments)
         remat.apply_plan(model, p)
         assert measure_step_peak(model, (x,), loss) == p.predicted_peak_bytes
+
+
+class _Composite(nn.Module):
+    """A vision stack and a text stack; text input runs the text stack only."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.vision = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(3)
+        )
+
+    def forward(self, x, image=None):
+        if image is not None:
+            for block in self.vision:
+                image = block(image)
+            x = x + image
+        for block in self.layers:
+            x = x + block(x)
+        return x
+
+
+def test_default_regions_the_forward_does_not_run_are_left_out():
+    torch.manual_seed(0)
+    d = 16
+    model = _Composite(d)
+    x = torch.randn(64, d, requires_grad=True)
+
+    def loss_fn(out):
+        return out.square().mean()
+
+    prof = remat.profile(model, x, loss_fn=loss_fn)
+    assert [r.name for r in prof.regions] == ["layers.0", "layers.1", "layers.2"]
+    assert prof.meta["regions_not_run"] == ["vision.0", "vision.1"]
+    plan = remat.plan_from_choices(prof, ["recompute", "store", "recompute"])
+    m = copy.deepcopy(model)
+    remat.apply_plan(m, plan)  # the vision blocks are not missing from the plan
+    # to the byte: the vision blocks' parameters get no gradient, and none is counted
+    assert measure_step_peak(m, (x,), loss_fn) == plan.predicted_peak_bytes
+    with pytest.raises(remat.PlanError, match="'vision.0' did not run"):
+        remat.profile(model, x, loss_fn=loss_fn, regions=["vision.0", "layers.0"])

@@ -121,6 +121,7 @@ def _with_outside(profile: Profile, result: Plan) -> Plan:
             "forward_flops": sum(r.flops for r in profile.regions),
             **({"target": profile.meta["target"]} if "target" in profile.meta else {}),
             "default_regions": profile.meta.get("default_regions", False),
+            "regions_not_run": profile.meta.get("regions_not_run", []),
         },
     )
 

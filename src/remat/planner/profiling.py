@@ -158,6 +158,22 @@ def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
     return sum(n for key, n in shared.sizes.items() if key in keys)
 
 
+def _default_regions_that_ran(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
+) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The default regions the forward ran, and the names of those it did not: a
+    composite's vision or audio tower on text input, a cross-attention layer without an
+    image. Those hold nothing in this step; a plan leaves them as they are."""
+    ran = [(name, module) for name, module in chosen if "input" in records[name]]
+    if not ran:
+        raise PlanError(
+            f"remat.profile: none of the {len(chosen)} default regions of "
+            f"{type(model).__name__} ({chosen[0][0]}, ...) ran in the forward pass; pass "
+            "regions= naming the modules it runs"
+        )
+    return ran, [name for name, _ in chosen if "input" not in records[name]]
+
+
 def _held_note(held: int) -> str:
     return (
         f"its forward leaves {held:,} B held outside autograd's graph (a cache the model "
@@ -267,6 +283,9 @@ def _profile(
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), recorder:
             loss = loss_of(model(*inputs, **kwargs))
         forward_running[0] = False
+        not_run: list[str] = []
+        if regions is None:
+            chosen, not_run = _default_regions_that_ran(model, chosen, records)
         _check_called_once(chosen, records)
         # The chain runs in forward order, whatever order the module lists give (XLM keeps
         # its attentions, norms and feed-forwards in four lists, called interleaved).
@@ -397,6 +416,7 @@ def _profile(
         head_left,
         step.loss,
         _shared_gradient_bytes(shared, [records[name].get("call", ()) for name, _ in chosen]),
+        set(grad_order.seen),
     )
     # The tail sits on top of everything the chain keeps. The shared inputs no region saves
     # that the measured step had freed by the chain's backward are back (a checkpoint holding
@@ -427,6 +447,7 @@ def _profile(
         meta={
             "model": type(model).__name__,
             "default_regions": regions is None,
+            "regions_not_run": not_run,
             **({} if target is None else {"target": target.name}),
         },
     )

@@ -248,6 +248,7 @@ def with_gradient_bytes(
     head_left: int | None = None,
     loss_bytes: int = 0,
     input_gradient_bytes: int = 0,
+    accumulated: set[int] | None = None,
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
 
@@ -261,11 +262,17 @@ def with_gradient_bytes(
     loss and its gradient (``StepMemory.loss``), live through every region's backward.
     ``input_gradient_bytes``: the gradients of inputs several regions share that require
     grad (a learned position bias): each accumulates over the regions' backwards and is
-    live through the whole chain's backward.
+    live through the whole chain's backward. ``accumulated``: the ids of the parameters
+    the profiled backward gave a gradient (``None``: all that require grad); a tower the
+    forward did not run gets none.
     """
 
     def grad_bytes(params: Any) -> int:
-        return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        return sum(
+            p.numel() * p.element_size()
+            for p in params
+            if p.requires_grad and (accumulated is None or id(p) in accumulated)
+        )
 
     own = [grad_bytes(module.parameters()) for _, module in chosen]
     inside = {id(p) for _, module in chosen for p in module.parameters()}
