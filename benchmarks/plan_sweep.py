@@ -512,6 +512,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         *(f"| {status} | {count} |" for status, count in by.items() if count),
         f"| plans measured | {s['plans measured']} |",
         *(f"| plans {k} | {v} |" for k, v in s["plans not measured"].items()),
+        f"| plans over their prediction | {sum(s['over prediction'].values())} |",
         *(f"| over prediction, {k}-level | {v} |" for k, v in s["over prediction"].items() if v),
         f"| wrong gradients | {len(s['wrong gradients'])} |",
         f"| meta = CPU | {s['meta = CPU']} of {by.get('profiled', 0)} |",
