@@ -29,6 +29,10 @@ def loss_of(workload):
     return lambda out: workload.loss_fn(out, workload.targets)
 
 
+def _mean_square(out):
+    return out.square().mean()
+
+
 def assert_same_gradients(workload, reference):
     """One seeded training step of each; the gradients must be bitwise equal."""
     for w in (reference, workload):
@@ -86,10 +90,7 @@ def test_a_branch_the_forward_drops_is_not_counted_as_saved():
     model = nn.Sequential(*[_DroppedBranchBlock(d) for _ in range(4)])
     x = torch.randn(8, d, requires_grad=True)
 
-    def loss_fn(out):
-        return out.square().mean()
-
-    prof = remat.profile(model, x, loss_fn=loss_fn)
+    prof = remat.profile(model, x, loss_fn=_mean_square)
     act, weight = 8 * d * 4, d * d * 4
     # lin input (the first block's is the batch: not new), tanh output, the used branch's
     # exp result and -exp (the matmul's operand)
@@ -99,7 +100,7 @@ def test_a_branch_the_forward_drops_is_not_counted_as_saved():
         plan = remat.plan_from_choices(prof, choices)
         m = copy.deepcopy(model)
         remat.apply_plan(m, plan)
-        measured = measure_step_peak(m, (x,), loss_fn)
+        measured = measure_step_peak(m, (x,), _mean_square)
         assert measured == plan.predicted_peak_bytes, choices
 
 
@@ -137,10 +138,7 @@ def test_a_region_holding_bytes_outside_the_graph_is_only_stored():
     model = _CachingModel(d)
     x = torch.randn(8, d, requires_grad=True)
 
-    def loss_fn(out):
-        return out.square().mean()
-
-    prof = remat.profile(model, x, loss_fn=loss_fn, regions=[f"blocks.{i}" for i in range(4)])
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"blocks.{i}" for i in range(4)])
     assert [r.held_bytes for r in prof.regions] == [0, 8 * d * 4, 0, 8 * d * 4]
     chain = prof.to_chain()
     assert [len(r.menu()) > 1 for r in chain.regions] == [True, False, True, False]
@@ -150,7 +148,7 @@ def test_a_region_holding_bytes_outside_the_graph_is_only_stored():
     plan = remat.plan_from_choices(prof, ["recompute", "store", "recompute", "store"])
     m = copy.deepcopy(model)
     remat.apply_plan(m, plan)
-    assert measure_step_peak(m, (x,), loss_fn) == plan.predicted_peak_bytes
+    assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes
 
 
 class _BranchesAsRegions(nn.Module):
@@ -177,11 +175,8 @@ def test_an_output_gradient_held_outside_the_region_is_counted():
     model = _BranchesAsRegions(d, n)
     x = torch.randn(512, d, requires_grad=True)  # activations, not weights, make the peak
 
-    def loss_fn(out):
-        return out.square().mean()
-
     names = [name for i in range(n) for name in (f"ffns.{i}", f"norms.{i}")]
-    prof = remat.profile(model, x, loss_fn=loss_fn, regions=names)
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=names)
     for i in range(0, 2 * n, 2):  # each feed-forward recomputed alone, and all of them
         choices = ["store"] * (2 * n)
         choices[i] = "recompute"
@@ -189,7 +184,9 @@ def test_an_output_gradient_held_outside_the_region_is_counted():
             plan = remat.plan_from_choices(prof, plan_choices)
             m = copy.deepcopy(model)
             remat.apply_plan(m, plan)
-            assert measure_step_peak(m, (x,), loss_fn) <= plan.predicted_peak_bytes, plan_choices
+            assert measure_step_peak(m, (x,), _mean_square) <= plan.predicted_peak_bytes, (
+                plan_choices
+            )
 
 
 def test_profile_marks_the_op_outputs_autograd_saves():
@@ -854,16 +851,13 @@ def test_default_regions_the_forward_does_not_run_are_left_out():
     model = _Composite(d)
     x = torch.randn(64, d, requires_grad=True)
 
-    def loss_fn(out):
-        return out.square().mean()
-
-    prof = remat.profile(model, x, loss_fn=loss_fn)
+    prof = remat.profile(model, x, loss_fn=_mean_square)
     assert [r.name for r in prof.regions] == ["layers.0", "layers.1", "layers.2"]
     assert prof.meta["regions_not_run"] == ["vision.0", "vision.1"]
     plan = remat.plan_from_choices(prof, ["recompute", "store", "recompute"])
     m = copy.deepcopy(model)
     remat.apply_plan(m, plan)  # the vision blocks are not missing from the plan
     # to the byte: the vision blocks' parameters get no gradient, and none is counted
-    assert measure_step_peak(m, (x,), loss_fn) == plan.predicted_peak_bytes
+    assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes
     with pytest.raises(remat.PlanError, match="'vision.0' did not run"):
-        remat.profile(model, x, loss_fn=loss_fn, regions=["vision.0", "layers.0"])
+        remat.profile(model, x, loss_fn=_mean_square, regions=["vision.0", "layers.0"])

@@ -183,7 +183,6 @@ def post_hook(name, stack, records, exclude, sync):
             rec["output_refs"] = [
                 weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)
             ]
-
         versions = rec.pop("input_versions", ())
         if any(t._version != v for t, v in versions):  # checkpointing it would raise
             rec["writes_input"] = True

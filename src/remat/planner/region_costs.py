@@ -209,13 +209,13 @@ def excess_bytes(
         left = after_forward - tracker.live_bytes_of(tree_leaves(out))
         forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
         outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
-        grad_bytes = sum(t.numel() * t.element_size() for t in outs)
         if outs and gradient_held:
             grads = [torch.ones_like(t) for t in outs]
             before_backward = tracker.current_bytes  # the gradients included
             torch.autograd.backward(outs, grads)
             backward_excess = tracker.peak_by_phase["backward"] - before_backward
         elif outs:
+            grad_bytes = sum(t.numel() * t.element_size() for t in outs)
             seed = _SeedGradients.apply(*outs)
             start = torch.ones_like(seed)
             before_backward = tracker.current_bytes
