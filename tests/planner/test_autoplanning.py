@@ -189,6 +189,53 @@ def test_an_output_gradient_held_outside_the_region_is_counted():
             )
 
 
+class _AttentionReturningProbs(nn.Module):
+    """A layer that returns its attention probabilities beside its output, as many
+    transformers layers do; the model drops them, so they never get a gradient."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return x + self.out(probs @ v), probs
+
+
+class _DropsProbs(nn.Module):
+    def __init__(self, d: int, n: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_AttentionReturningProbs(d) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x
+
+
+def test_an_output_the_model_drops_gets_no_gradient_in_the_prediction():
+    torch.manual_seed(0)
+    d, n = 16, 3
+    model = _DropsProbs(d, n)
+    x = torch.randn(4, 64, d, requires_grad=True)  # the probabilities outweigh the output
+
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    out, probs = 4 * 64 * d * 4, 4 * 64 * 64 * 4
+    assert [(r.output_bytes, r.output_gradient_bytes) for r in prof.regions] == [
+        (out + probs, out)
+    ] * n
+    for choices in (
+        ["recompute"] * n,
+        ["store", "recompute", "store"],
+        ["store"] * (n - 1) + ["recompute"],
+    ):
+        plan = remat.plan_from_choices(prof, choices)
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+
+
 def test_profile_marks_the_op_outputs_autograd_saves():
     """A projection's output feeds a residual add, which saves nothing: saving it keeps it
     in the selective-checkpoint cache only. Which outputs are saved must not depend on which

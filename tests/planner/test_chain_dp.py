@@ -20,6 +20,7 @@ from remat.planner import (
     Chain,
     Region,
     RegionOption,
+    SharedInput,
     every_n_plan,
     greedy_plan,
     min_peak_bytes,
@@ -30,7 +31,7 @@ from remat.planner import (
     store_all_peak,
 )
 from remat.planner.chain_dp import discretize
-from remat.planner.memory_model import plan_from_choices
+from remat.planner.memory_model import plan_from_choices, shared_live
 
 
 def random_chain(
@@ -192,6 +193,85 @@ def test_unsaved_input_by_hand():
     # input, the ReLU's input, its output (fc2's input), fc2's output and that gradient.
     seg = ("seg", 1, 3, [("leaf", 1, 0), ("leaf", 2, 0)])
     assert simulate(chain, [("leaf", 0, 0), seg]) == (50, 2.0)
+
+
+def test_shared_input_by_hand():
+    """A mask that regions b and d take, that attention adds and does not save: live in the
+    forward; in the backward only while a region taking it, and holding it (its own
+    checkpoint, a segment, or saving it), has not run its backward."""
+
+    def region(name):
+        return Region(name=name, fwd_cost=1, input_bytes=10, saved_bytes=30, output_bytes=10)
+
+    regions = [region(n) for n in "abcd"]
+    chain = Chain(regions, shared_inputs=[SharedInput(nbytes=100, takers=(1, 3))])
+
+    def leaves(*choices):  # 0: store, 1: recompute
+        return [("leaf", i, k) for i, k in enumerate(choices)]
+
+    # stored everywhere, the mask dies with the forward: the peak is d's forward, with the
+    # mask, a..c's saved bytes and d's own saved bytes and output
+    assert simulate(chain, leaves(0, 0, 0, 0))[0] == 100 + 3 * 30 + 30 + 10
+    assert shared_live(chain, leaves(0, 0, 0, 0)) == [0] * 5
+    # d recomputed: its checkpoint holds the mask through d's backward (stop 4, the tail
+    # too), then it dies; b recomputed: held through d's, c's and b's backward
+    assert shared_live(chain, leaves(0, 0, 0, 1)) == [0, 0, 0, 0, 100]
+    assert shared_live(chain, leaves(0, 1, 0, 0)) == [0, 0, 100, 100, 100]
+    # b recomputed: d's backward has the mask (b still holds it) beside a's saved bytes,
+    # b's input, c's saved bytes, d's saved bytes and its output's gradient
+    assert simulate(chain, leaves(0, 1, 0, 0))[0] == 100 + 30 + 10 + 30 + 30 + 10
+    # a segment [a, c) holds what b takes until the segment's backward is done
+    seg = ("seg", 0, 2, leaves(0, 0)[:2])
+    assert shared_live(chain, [seg, ("leaf", 2, 0), ("leaf", 3, 0)]) == [0, 0, 100, 100, 100]
+    # saved by d when stored, or held by the model: live until d's backward, or throughout
+    saved = SharedInput(nbytes=100, takers=(1, 3), saved_by=(3,))
+    assert shared_live(Chain(regions, shared_inputs=[saved]), leaves(0, 0, 0, 0)) == [
+        0,
+        0,
+        0,
+        0,
+        100,
+    ]
+    held = SharedInput(nbytes=100, takers=(1, 3), held_outside=True)
+    assert shared_live(Chain(regions, shared_inputs=[held]), leaves(0, 0, 0, 0)) == [100] * 5
+    assert Chain.from_json(chain.to_json()) == chain
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plans_with_shared_inputs_fit_their_budget(seed):
+    """The DP counts shared inputs live throughout (a bound); every plan's exact peak then
+    fits the budget, and the least-memory plan's peak is the least feasible budget."""
+    rng = random.Random(3000 + seed)
+    base = random_chain(rng, 5, tail=True)
+    shared = []
+    for _ in range(rng.randint(1, 3)):
+        takers = sorted(rng.sample(range(5), rng.randint(2, 4)))
+        saved_by = [i for i in takers if rng.random() < 0.3]
+        shared.append(
+            SharedInput(
+                nbytes=rng.randint(1, 20),
+                takers=takers,
+                saved_by=saved_by,
+                held_outside=rng.random() < 0.2,
+            )
+        )
+    chain = Chain(base.regions, tail_bytes=base.tail_bytes, shared_inputs=shared)
+    scored = [simulate(chain, items) for items in nested_plans(chain, 0, len(chain))]
+    lo, hi = min(p for p, _ in scored), max(p for p, _ in scored)
+    least = min_peak_bytes(chain)
+    assert lo <= least
+    for budget in range(max(1, lo - 1), hi + 2):
+        best = min((c for p, c in scored if p <= budget), default=None)
+        try:
+            plan = solve_chain(chain, budget, resolution_bytes=1)
+        except BudgetError as e:
+            assert e.min_feasible_bytes == least > budget
+            continue
+        assert plan.predicted_peak_bytes <= budget
+        assert best is not None and plan.extra_cost >= best - 1e-9
+    front = pareto(chain, resolution_bytes=1)
+    assert front[0].predicted_peak_bytes == least
+    assert all(lo <= p.predicted_peak_bytes <= hi for p in front)
 
 
 @pytest.mark.slow

@@ -179,6 +179,8 @@ class MemoryTracker:
         self.host_bytes = 0
         self.host_peak_bytes = 0
         self._live: dict[int, int] = {}  # storage key -> bytes
+        self.allocations = 0  # storages made so far (device and host)
+        self._born: dict[int, int] = {}  # storage key -> allocations when it was made
         self._host_live: dict[int, int] = {}  # the same, host buffers (host_memory)
         self._finalizers: list[weakref.finalize] = []
         self._held: dict[int, list] = {}  # storage key -> [holders, bytes, modules]
@@ -278,6 +280,8 @@ class MemoryTracker:
     # ---- storage accounting ----------------------------------------------------------
     def _add_storage(self, st: torch.UntypedStorage, host: bool = False) -> None:
         key, nbytes = st._cdata, st.nbytes()
+        self.allocations += 1
+        self._born[key] = self.allocations
         if host:  # made inside host_memory(): counted apart from the device's bytes
             self._host_live[key] = nbytes
             self.host_bytes += nbytes
@@ -300,6 +304,13 @@ class MemoryTracker:
         keys = {st._cdata for t in iter_tensors(values) if (st := storage_of(t)) is not None}
         with self._lock:
             return sum(self._live.get(k, 0) for k in keys)
+
+    def made_after(self, t: Tensor, allocations: int) -> bool:
+        """Whether the tracker made ``t``'s storage once it had made ``allocations``
+        storages (``allocations`` read then): a storage made before it started is not."""
+        st = storage_of(t)
+        with self._lock:
+            return st is not None and self._born.get(st._cdata, 0) > allocations
 
     def start_window(self) -> None:
         """Start ``window_peak_bytes`` over: from now on, the highest live total since this

@@ -14,7 +14,7 @@ from remat.planner.chain_dp import min_peak_bytes, pareto, solve_chain, store_al
 from remat.planner.heuristics import every_n_plan, greedy_plan, sqrt_plan
 from remat.planner.memory_model import evaluate, plan_from_choices, simulate
 from remat.planner.op_menu import Op, knapsack_dp, knapsack_milp, solve_ops, with_ops
-from remat.planner.problem import Chain, Region, RegionOption
+from remat.planner.problem import Chain, Region, RegionOption, SharedInput
 from remat.planner.solution import Plan, RegionPlan
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Op",
     "Region",
     "RegionOption",
+    "SharedInput",
     # answer
     "Plan",
     "RegionPlan",

@@ -63,7 +63,7 @@ def _sizes(chain: Chain) -> list[int]:
     out = []
     for r in chain.regions:
         out += [r.input_bytes, r.saved_bytes, r.output_bytes, r.transient_bytes]
-        out += [r.forward_extra_bytes, r.later_gradient_bytes]
+        out += [r.forward_extra_bytes, r.later_gradient_bytes, r.output_gradient]
         out += [
             x
             for x in (r.recompute_forward_transient_bytes, r.recompute_transient_bytes)
@@ -112,6 +112,7 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 recompute_forward_transient_bytes=up_or_none(r.recompute_forward_transient_bytes),
                 recompute_transient_bytes=up_or_none(r.recompute_transient_bytes),
                 later_gradient_bytes=up(r.later_gradient_bytes),
+                output_gradient_bytes=up_or_none(r.output_gradient_bytes),
             )
         )
     return Chain(regions, tail_bytes=up(chain.tail_bytes))
@@ -260,6 +261,9 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
     recompute for the same peak in its backward (a region that cannot recompute has its
     op-level options instead). Offload is left out, so with it on the menu this is an
     upper bound (it can keep less than recompute where nothing saves a region's input).
+    The chain's shared inputs are counted live throughout, an upper bound too: whether one
+    is live in the backward depends on every region before, which a chain DP cannot see
+    (``simulate`` counts them exactly).
     """
     import numpy as np  # lazily: `import remat` must work without numpy
 
@@ -325,12 +329,13 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
             held = False
         return items
 
-    return int(M[0, n]), seq(0, n, False)
+    return int(M[0, n]) + chain.shared_bytes, seq(0, n, False)
 
 
 def min_peak_bytes(chain: Chain, *, nested: bool = True) -> int:
-    """The least peak any plan without offload can reach under the memory model, in bytes."""
-    return _min_peak(chain, nested)[0]
+    """The least peak any plan without offload can reach under the memory model, in bytes
+    (with shared inputs, that of the plan least under the DP's bound, counted exactly)."""
+    return simulate(chain, _min_peak(chain, nested)[1])[0]
 
 
 def store_all_peak(chain: Chain) -> int:
@@ -424,11 +429,12 @@ def solve_chain(
     kw = {"budget_bytes": budget, "solver": "chain"}
     if store_all_peak(chain) <= budget:
         return plan_from_choices(chain, [0] * n, **kw)
-    runs = [nested]
+    # The DP counts the shared inputs live throughout (see ``_min_peak``).
+    runs = [nested] if budget > chain.shared_bytes else []
     candidates = []
     while runs:
         nest = runs.pop(0)
-        q, C, H, r, exact = _dp(chain, budget, nest, resolution_bytes, slots)
+        q, C, H, r, exact = _dp(chain, budget - chain.shared_bytes, nest, resolution_bytes, slots)
         if nest and (_offers_offload(chain) or (not exact and resolution_bytes is None)):
             runs.append(False)
         if np.isfinite(C[0, n if nest else 0, -1]):
@@ -436,7 +442,8 @@ def solve_chain(
             candidates.append(items_to_plan(chain, items, resolution_bytes=r, **kw))
     if candidates:
         return min(candidates, key=lambda p: p.extra_cost)  # stable: nested wins ties
-    least, items = _min_peak(chain, nested)
+    items = _min_peak(chain, nested)[1]
+    least = simulate(chain, items)[0]
     if least > budget:
         raise BudgetError(
             f"no plan fits {budget} bytes: the least peak is {least} bytes",
@@ -470,7 +477,9 @@ def pareto(
     runs = [nested]
     while runs:
         nest = runs.pop(0)
-        q, C, H, r, exact = _dp(chain, top, nest, resolution_bytes, slots)
+        q, C, H, r, exact = _dp(
+            chain, max(1, top - chain.shared_bytes), nest, resolution_bytes, slots
+        )
         if nest and (_offers_offload(chain) or (not exact and resolution_bytes is None)):
             runs.append(False)
         costs = C[0, n if nest else 0, :]

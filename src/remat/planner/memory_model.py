@@ -13,10 +13,11 @@ items (Rotor's recursion; in PyTorch terms a nested ``checkpoint``). A sequence 
   backward, the rest being on the host (``planner.problem.offload_cost`` prices the copies);
 * backward, items in reverse, ``K`` = bytes held by the items before: a leaf ``i`` first
   recomputes whatever its option did not keep, so whatever the option it peaks at
-  ``K + saved_i + out_i + tr_i`` (its ``backward_bytes``) and frees everything;
+  ``K + saved_i + g_i + tr_i`` (its ``backward_bytes``; ``g_i`` the gradient its output
+  receives, ``out_i`` unless the model drops part of the output) and frees everything;
   a segment reruns its inner sequence (forward then backward) on top of ``K``; its input,
   held by the checkpoint, is the same storage as its first region's input, counted there;
-  the gradient of its output (``out`` of its last region) and the parameter gradients
+  the gradient of its output (``g`` of its last region) and the parameter gradients
   made so far (its last region's ``later_gradient_bytes``) are live throughout that rerun's
   forward; the backward peaks of its regions, measured in a real backward, include them.
 
@@ -48,7 +49,15 @@ from remat.planner.problem import (
 )
 from remat.planner.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
 
-__all__ = ["evaluate", "items_to_plan", "leaf_bytes", "plan_from_choices", "plan_tree", "simulate"]
+__all__ = [
+    "evaluate",
+    "items_to_plan",
+    "leaf_bytes",
+    "plan_from_choices",
+    "plan_tree",
+    "shared_live",
+    "simulate",
+]
 
 
 Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
@@ -81,7 +90,7 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
         if measured_fwd is not None:
             fwd = kept + region.output_bytes + measured_fwd
         if measured_bwd is not None:
-            bwd = kept + region.output_bytes + measured_bwd
+            bwd = kept + region.output_gradient + measured_bwd
         return kept, fwd, bwd
     # Op-level: the ops it keeps live from the start of its forward and of its
     # recomputation, while a full recomputation makes them as it goes, so at any moment it
@@ -90,14 +99,14 @@ def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tupl
     if measured_fwd is not None:
         fwd = max(fwd, kept + region.output_bytes + measured_fwd)
     if measured_bwd is not None:
-        bwd = max(bwd, kept + region.output_bytes + measured_bwd)
+        bwd = max(bwd, kept + region.output_gradient + measured_bwd)
     return kept, fwd, bwd
 
 
 def rerun_pending_bytes(region: Region) -> int:
     """What waits while a segment ending with ``region`` reruns its forward: its output's
     gradient, and the parameter gradients of the regions after it."""
-    return region.output_bytes + region.later_gradient_bytes
+    return region.output_gradient + region.later_gradient_bytes
 
 
 def pending_bytes(q: Chain) -> list[int]:
@@ -136,43 +145,95 @@ def simulate(
     held: bool = False,
     tail: int | None = None,
     pending: int = 0,
+    *,
+    shared: Sequence[int] | None = None,
+    forward_shared: int | None = None,
 ) -> tuple[int, float]:
     """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes
     (``held``: a checkpoint holds the input of the first item, as in a segment's rerun;
     ``tail``: bytes added between the forward and the backward, default the chain's
     ``tail_bytes``; a segment's rerun has none; ``pending``: bytes live during the forward
-    only, as the gradient of a segment's output is while the segment reruns its forward)."""
+    only, as the gradient of a segment's output is while the segment reruns its forward).
+    ``shared``: per stop ``p``, the chain's shared inputs live while regions ``[0, p)`` have
+    yet to run backward (``shared_live``; default: from ``items``, the whole chain's plan);
+    ``forward_shared``: those live in the forward (default: all of them)."""
     if tail is None:
         tail = chain.tail_bytes
+    if shared is None:
+        shared = shared_live(chain, items)
+    if forward_shared is None:
+        forward_shared = chain.shared_bytes
     regs = chain.regions
     live, peak, cost, kept, needs = base, base, 0.0, [], []
     for pos, it in enumerate(items):  # forward
         if it[0] == "leaf":
             r = regs[it[1]]
             h, fwd, bwd = leaf_bytes(r, r.menu()[it[2]], held and pos == 0)
-            peak = max(peak, live + pending + fwd)
+            peak = max(peak, live + pending + fwd + forward_shared)
             needs.append(bwd)
         else:
             a, b = it[1], it[2]
             for j in range(a, b):
-                peak = max(peak, live + pending + _segment_forward_at(regs, a, j))
+                peak = max(peak, live + pending + _segment_forward_at(regs, a, j) + forward_shared)
                 cost += regs[j].fwd_cost
             h = regs[a].input_bytes
             needs.append(0)
         live += h
         kept.append(h)
-    peak = max(peak, live + pending + tail)
+    peak = max(peak, live + pending + tail + shared[-1])
     for it, h, bwd in zip(reversed(items), reversed(kept), reversed(needs)):  # backward
         live -= h
         if it[0] == "leaf":
-            peak = max(peak, live + bwd)
+            peak = max(peak, live + bwd + shared[it[1] + 1])
             cost += regs[it[1]].menu()[it[2]].recompute_cost
         else:
-            # its output's gradient, and later parameters', wait while it reruns its forward
+            # its output's gradient, and later parameters', wait while it reruns its forward;
+            # its takers hold the shared inputs they take through the whole rerun
             waiting = rerun_pending_bytes(regs[it[2] - 1])
-            p, c = simulate(chain, it[3], live, held=True, tail=0, pending=waiting)
+            now = shared[it[2]]
+            p, c = simulate(
+                chain,
+                it[3],
+                live,
+                held=True,
+                tail=0,
+                pending=waiting,
+                shared=[now] * (len(regs) + 1),
+                forward_shared=now,
+            )
             peak, cost = max(peak, p), cost + c
     return peak, cost
+
+
+def shared_live(chain: Chain, items: Sequence[Item]) -> list[int]:
+    """Per stop ``p`` (``0..n``): the bytes of the chain's shared inputs live while regions
+    ``[0, p)`` have yet to run backward, under the plan ``items`` (``p = n``: the tail).
+    One is live while something outside holds it or while the first region to hold it
+    (``SharedInput``) has not run backward."""
+    n = len(chain)
+    if not chain.shared_inputs:
+        return [0] * (n + 1)
+    checkpointed: set[int] = set()
+    _mark_checkpointed(chain, items, False, checkpointed)
+    live = [0] * (n + 1)
+    for t in chain.shared_inputs:
+        holders = [i for i in t.takers if i in checkpointed or i in t.saved_by]
+        first = 0 if t.held_outside else (holders[0] + 1 if holders else n + 1)
+        for p in range(first, n + 1):
+            live[p] += t.nbytes
+    return live
+
+
+def _mark_checkpointed(
+    chain: Chain, items: Sequence[Item], in_segment: bool, out: set[int]
+) -> None:
+    """The regions whose inputs a checkpoint holds until their backward: under their own
+    (any option but store) or inside a segment."""
+    for it in items:
+        if it[0] == "seg":
+            _mark_checkpointed(chain, it[3], True, out)
+        elif in_segment or chain.regions[it[1]].menu()[it[2]].kind != STORE:
+            out.add(it[1])
 
 
 def plan_tree(choices: Sequence[int], segs: Sequence[tuple[int, int]], lo: int, hi: int) -> list:

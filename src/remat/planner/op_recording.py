@@ -4,6 +4,7 @@ its ops (dispatch mode) and their times, through forward pre/post hooks.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from collections.abc import Callable
@@ -20,7 +21,15 @@ from remat.engine.tape import writes_to_arguments
 from remat.planner.targets import Target, bytes_moved, op_flops
 from remat.policy.op_level import draws_random_numbers
 
-__all__ = ["OpRecord", "OpRecorder", "post_hook", "pre_hook", "region_flops"]
+__all__ = [
+    "OpRecord",
+    "OpRecorder",
+    "post_hook",
+    "pre_hook",
+    "received_output_gradient",
+    "region_flops",
+    "watch_output_gradients",
+]
 
 
 def storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
@@ -82,6 +91,8 @@ class OpRecorder(TorchDispatchMode):
         region = self.current()
         start = time.perf_counter() if self.timed and region else 0.0
         out = func(*args, **(kwargs or {}))
+        if self.records is not None and not self.paused:
+            mark_used_outputs(self.records, region, (args, kwargs))
         # prim.device and the like: metadata queries a FakeTensor dispatches, not kernels
         if region is None and func in _GRADIENT_PASSING and self.records is not None:
             mark_gradient_held(self.records, args)
@@ -183,6 +194,7 @@ def post_hook(name, stack, records, exclude, sync):
             rec["output_refs"] = [
                 weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)
             ]
+            watch_output_gradients(rec, output)
         versions = rec.pop("input_versions", ())
         if any(t._version != v for t, v in versions):  # checkpointing it would raise
             rec["writes_input"] = True
@@ -190,6 +202,46 @@ def post_hook(name, stack, records, exclude, sync):
             stack.pop()
 
     return hook
+
+
+def watch_output_gradients(rec: dict[str, Any], output: Any) -> None:
+    """Note in ``rec`` which of the region's outputs (positions among its tensor leaves)
+    get a gradient from the rest of the step, and their sizes: an output the model drops
+    (the attention probabilities a layer returns beside its hidden state) gets none, so
+    its region's backward runs without that gradient. Two marks, both needed: an op
+    outside the region takes the output (``mark_used_outputs``: a hook on the tensor also
+    fires for the region's own uses of it), and a gradient reaches it in the backward."""
+    rec["output_sizes"] = {}
+    rec["output_gradients"] = set()
+    rec["used_outside"] = set()
+    rec["output_positions"] = positions = {}
+    for i, t in enumerate(tree_leaves(output)):
+        if isinstance(t, Tensor) and t.requires_grad:
+            rec["output_sizes"][i] = t.numel() * t.element_size()
+            t.register_hook(functools.partial(_received_gradient, rec["output_gradients"], i))
+            st = t.untyped_storage()
+            if st._cdata not in positions:  # a storage freed may be reused by another tensor
+                weakref.finalize(st, positions.pop, st._cdata, None)
+            positions.setdefault(st._cdata, set()).add(i)
+
+
+def _received_gradient(received: set[int], position: int, grad: Tensor) -> None:
+    received.add(position)
+
+
+def mark_used_outputs(records: dict[str, dict[str, Any]], region: str | None, args: Any) -> None:
+    """The outputs of regions other than the running one (``region``) that an op takes."""
+    keys = {t.untyped_storage()._cdata for t in tree_leaves(args) if isinstance(t, Tensor)}
+    for name, rec in records.items():
+        positions = rec.get("output_positions")
+        if name != region and positions:
+            for key in keys & positions.keys():
+                rec["used_outside"] |= positions[key]
+
+
+def received_output_gradient(rec: dict[str, Any]) -> frozenset[int]:
+    """The positions of the region's outputs that get a gradient from the rest of the step."""
+    return frozenset(rec["output_gradients"] & rec["used_outside"])
 
 
 def region_flops(model, chosen, inputs, kwargs) -> dict[str, int]:

@@ -18,6 +18,7 @@ __all__ = [
     "Chain",
     "Region",
     "RegionOption",
+    "SharedInput",
     "check_bytes",
     "check_cost",
     "offload_cost",
@@ -141,6 +142,9 @@ class Region:
             model fills even in training, as XLM's attention does): no checkpoint, op-level
             policy or offload frees it, and whoever holds it may keep it past the region's
             backward, so the region is only stored (``menu``) and never in a segment.
+        output_gradient_bytes: the gradient its output receives, live while it runs
+            backward (``None``: ``output_bytes``); less when the model drops part of the
+            output (a layer's attention probabilities), which gets no gradient.
     """
 
     name: str
@@ -160,6 +164,7 @@ class Region:
     recompute_transient_bytes: int | None = None
     later_gradient_bytes: int = 0
     held_bytes: int = 0
+    output_gradient_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -192,6 +197,7 @@ class Region:
             "forward_transient_bytes",
             "recompute_forward_transient_bytes",
             "recompute_transient_bytes",
+            "output_gradient_bytes",
         ):
             if getattr(self, attr) is not None:
                 check_bytes(owner, attr, getattr(self, attr))
@@ -239,7 +245,13 @@ class Region:
     def backward_bytes(self) -> int:
         """Bytes live for this region while it runs backward, its input aside when nothing
         saves it (``input_saved=False``): then a checkpoint holding it adds it."""
-        return self.saved_bytes + self.output_bytes + self.transient_bytes
+        return self.saved_bytes + self.output_gradient + self.transient_bytes
+
+    @property
+    def output_gradient(self) -> int:
+        """The gradient its output receives: ``output_gradient_bytes``, else ``output_bytes``."""
+        grad = self.output_gradient_bytes
+        return self.output_bytes if grad is None else grad
 
     @property
     def why_stored_only(self) -> str:
@@ -286,6 +298,54 @@ class Region:
         return tuple(menu)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SharedInput:
+    """A tensor made outside the chain that several regions take (an attention mask, rotary
+    tables): counted once, here, and in none of its takers' bytes.
+
+    It is live through the forward. In the backward (and the tail before it) it is live
+    only while something holds it: ``held_outside`` (the model, or an op outside the
+    regions, keeps it), or a region taking it whose backward has not run yet and that holds
+    it until then: under its own checkpoint (any option but store), inside a segment, or,
+    stored, when autograd saves it (``saved_by``). A mask only odd layers take, which
+    attention adds and does not save, dies once the first odd layer's backward is done
+    when those layers recompute, and with the forward when they are stored.
+
+    Attributes:
+        nbytes: its bytes.
+        takers: the regions that take it (indices into the chain, ascending).
+        saved_by: those whose stored backward saves it.
+        held_outside: something outside the regions keeps it through the backward.
+    """
+
+    nbytes: int
+    takers: tuple[int, ...]
+    saved_by: tuple[int, ...] = ()
+    held_outside: bool = False
+
+    def __post_init__(self) -> None:
+        check_bytes("SharedInput", "nbytes", self.nbytes)
+        object.__setattr__(self, "takers", tuple(self.takers))
+        object.__setattr__(self, "saved_by", tuple(self.saved_by))
+        if not all(_is_index(i) for i in self.takers) or list(self.takers) != sorted(
+            set(self.takers)
+        ):
+            raise ValueError(
+                f"SharedInput: takers must be distinct region indices in ascending order, "
+                f"got {self.takers!r}"
+            )
+        if not set(self.saved_by) <= set(self.takers):
+            raise ValueError(
+                f"SharedInput: saved_by {self.saved_by!r} must be among its takers {self.takers!r}"
+            )
+        if not isinstance(self.held_outside, bool):
+            raise ValueError(f"SharedInput: held_outside must be a bool, got {self.held_outside!r}")
+
+
+def _is_index(i: Any) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class Chain:
     """A chain of regions run one after the other: the planner's problem.
@@ -293,6 +353,8 @@ class Chain:
     ``tail_bytes``: what the rest of the model (a head, the loss) adds, between the chain's
     forward and its backward, on top of everything the chain holds then: the peak of an LM
     head's logits and their gradient sits on top of every block's kept activations.
+    ``shared_inputs``: the tensors several regions take (:class:`SharedInput`), counted
+    once, live or not in the backward depending on the plan.
 
     Example:
         >>> Chain([Region(name="a", fwd_cost=1, input_bytes=4, saved_bytes=8, output_bytes=4)])
@@ -300,8 +362,14 @@ class Chain:
 
     regions: tuple[Region, ...]
     tail_bytes: int = 0
+    shared_inputs: tuple[SharedInput, ...] = ()
 
-    def __init__(self, regions: Iterable[Region], tail_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        regions: Iterable[Region],
+        tail_bytes: int = 0,
+        shared_inputs: Iterable[SharedInput] = (),
+    ) -> None:
         check_bytes("Chain", "tail_bytes", tail_bytes)
         regs = tuple(Region(**r) if isinstance(r, dict) else r for r in regions)
         if not regs:
@@ -313,8 +381,23 @@ class Chain:
             if r.name in seen:
                 raise ValueError(f"Chain: duplicate region name {r.name!r}")
             seen.add(r.name)
+        shared = tuple(SharedInput(**t) if isinstance(t, dict) else t for t in shared_inputs)
+        for t in shared:
+            if not isinstance(t, SharedInput):
+                raise TypeError(f"Chain: expected SharedInput, got {type(t).__name__}")
+            if t.takers and t.takers[-1] >= len(regs):
+                raise ValueError(
+                    f"Chain: a shared input's takers {t.takers!r} name regions beyond the "
+                    f"chain's {len(regs)}"
+                )
         object.__setattr__(self, "regions", regs)
         object.__setattr__(self, "tail_bytes", tail_bytes)
+        object.__setattr__(self, "shared_inputs", shared)
+
+    @property
+    def shared_bytes(self) -> int:
+        """The shared inputs' bytes: all live through the forward."""
+        return sum(t.nbytes for t in self.shared_inputs)
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -325,7 +408,11 @@ class Chain:
         return float(sum(r.fwd_cost for r in self.regions))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"regions": [asdict(r) for r in self.regions], "tail_bytes": self.tail_bytes}
+        return {
+            "regions": [asdict(r) for r in self.regions],
+            "tail_bytes": self.tail_bytes,
+            "shared_inputs": [asdict(t) for t in self.shared_inputs],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Chain:
@@ -333,7 +420,8 @@ class Chain:
         for r in data["regions"]:
             opts = tuple(RegionOption(**o) for o in r.get("options", ()))
             regions.append(Region(**{**r, "options": opts}))
-        return cls(regions, tail_bytes=data.get("tail_bytes", 0))
+        shared = [SharedInput(**t) for t in data.get("shared_inputs", ())]
+        return cls(regions, tail_bytes=data.get("tail_bytes", 0), shared_inputs=shared)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from remat.planner.op_menu import Op, saving_option, with_ops
-from remat.planner.problem import Chain, Region, offload_cost
+from remat.planner.problem import Chain, Region, SharedInput, offload_cost
 from remat.policy.op_level import OP_PRESETS
 
 __all__ = ["OP_ENGINE_CHOICES", "OpProfile", "Profile", "RegionProfile", "op_engine"]
@@ -48,6 +48,9 @@ class RegionProfile:
         saved_bytes: what autograd keeps for its backward when it runs normally, its input
             included when something saves it (``input_saved``).
         output_bytes: its output.
+        output_gradient_bytes: the gradients its outputs receive in the step (``None``:
+            ``output_bytes``); less when the model drops an output (the attention
+            probabilities a layer returns beside its hidden state), which gets none.
         transient_bytes: the most it allocates beyond its saved activations and output while
             it runs forward or backward on its own (gradients in flight, workspaces), with
             the parameter gradients live during its backward.
@@ -100,6 +103,7 @@ class RegionProfile:
     recompute_transient_bytes: int | None = None
     later_gradient_bytes: int = 0
     held_bytes: int = 0
+    output_gradient_bytes: int | None = None
 
     def with_later_gradients(self, nbytes: int) -> RegionProfile:
         """The region with ``nbytes`` more parameter gradients live beside its backward
@@ -141,6 +145,7 @@ class RegionProfile:
             recompute_transient_bytes=self.recompute_transient_bytes,
             later_gradient_bytes=self.later_gradient_bytes,
             held_bytes=self.held_bytes,
+            output_gradient_bytes=self.output_gradient_bytes,
         )
 
 
@@ -170,6 +175,9 @@ class Profile:
         host_bandwidth: bytes per second between the device and host memory, when costs
             are seconds on a device apart from the host (a GPU ``target_device``); then
             offloading is on each region's menu (``problem.offload_cost``). ``0``: it is not.
+        shared_inputs: the tensors several regions take (a mask, rotary tables), counted
+            once, by the chain, live or not in the backward depending on the plan
+            (``planner.SharedInput``); not in ``outside_bytes``.
     """
 
     regions: tuple[RegionProfile, ...]
@@ -183,6 +191,7 @@ class Profile:
     host_bandwidth: float = 0.0
     before_chain_peak_bytes: int = 0
     after_chain_peak_bytes: int = 0
+    shared_inputs: tuple[SharedInput, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def step_peak_for(self, chain_peak_bytes: int) -> int:
@@ -224,7 +233,7 @@ class Profile:
                 cost = offload_cost(moved, r.cost, self.host_bandwidth)
                 region = replace(region, offload_cost=cost)
             regions.append(region)
-        return Chain(regions, tail_bytes=self.tail_bytes)
+        return Chain(regions, tail_bytes=self.tail_bytes, shared_inputs=self.shared_inputs)
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(asdict(self), indent=indent)
@@ -236,7 +245,8 @@ class Profile:
             RegionProfile(**{**r, "ops": tuple(OpProfile(**o) for o in r["ops"])})
             for r in data.pop("regions")
         )
-        return cls(regions=regions, **data)
+        shared = tuple(SharedInput(**t) for t in data.pop("shared_inputs", ()))
+        return cls(regions=regions, shared_inputs=shared, **data)
 
 
 OP_ENGINE_CHOICES = ("auto", "replay")

@@ -39,13 +39,21 @@ from remat.measure.training_call import (
 )
 from remat.measure.versions import Versioned
 from remat.planner.estimation import faked_meta_model
-from remat.planner.op_recording import OpRecorder, post_hook, pre_hook, region_flops
+from remat.planner.op_recording import (
+    OpRecorder,
+    post_hook,
+    pre_hook,
+    received_output_gradient,
+    region_flops,
+)
+from remat.planner.problem import SharedInput
 from remat.planner.profile_data import OP_ENGINE_CHOICES, OpProfile, Profile, RegionProfile
 from remat.planner.region_costs import op_overheads, recompute_transient_bytes, transient_bytes
 from remat.planner.regions import default_regions
 from remat.planner.step_memory import (
     GradientOrder,
     SharedInputs,
+    StepMemory,
     handed_on,
     measure_step,
     saved_union,
@@ -156,6 +164,41 @@ def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
         if isinstance(t, Tensor) and t.requires_grad
     }
     return sum(n for key, n in shared.sizes.items() if key in keys)
+
+
+def _first_shared(shared: SharedInputs) -> int:
+    """The bytes of the shared inputs the first region takes (in its measured input)."""
+    return sum(n for k, n in shared.sizes.items() if shared.takers[k][0] == 0)
+
+
+def _shared_in_step(
+    shared: SharedInputs, calls: Sequence[Any], step: StepMemory
+) -> tuple[tuple[SharedInput, ...], int, int]:
+    """The chain's shared inputs, and the bytes of those the measured step had made before
+    the chain and of those it still held at the chain's backward. One unsaved and still
+    held then is held outside the regions (by the model); one a region saves may be held
+    outside too, which the stored step cannot tell: it is taken as held (an upper bound).
+    One not found in its first taker's call counts as made later and held (the same)."""
+    out, made_before, live = [], 0, 0
+    for key, nbytes in shared.sizes.items():
+        first = shared.takers[key][0]
+        at = {
+            (first, i)
+            for i, t in enumerate(tree_leaves(calls[first]))
+            if isinstance(t, Tensor) and t.untyped_storage()._cdata == key
+        }
+        is_live = not at or bool(at & step.inputs_live_at_chain_backward)
+        made_before += nbytes if at & step.inputs_made_before_chain else 0
+        live += nbytes if is_live else 0
+        out.append(
+            SharedInput(
+                nbytes=nbytes,
+                takers=shared.takers[key],
+                saved_by=shared.saved_by[key],
+                held_outside=is_live,
+            )
+        )
+    return tuple(out), made_before, live
 
 
 def _default_regions_that_ran(
@@ -310,24 +353,23 @@ def _profile(
             h.remove()
         for f in finalizers:
             f.detach()
-    step = measure_step(model, inputs, loss_of, kwargs, first=chosen[0][1], last=chosen[-1][1])
+    step = measure_step(
+        model,
+        inputs,
+        loss_of,
+        kwargs,
+        first=chosen[0][1],
+        last=chosen[-1][1],
+        regions=[module for _, module in chosen],
+    )
 
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
     shared = shared_inputs([records[name] for name, _ in chosen])
 
-    first_call = tree_leaves(records[chosen[0][0]].get("call", ()))
-    positions: dict[int, set[int]] = {}  # a shared input of the first region: its positions
-    for i, t in enumerate(first_call):
-        if isinstance(t, Tensor) and t.untyped_storage()._cdata in shared.first:
-            positions.setdefault(t.untyped_storage()._cdata, set()).add(i)
-
-    def freed(live: frozenset[int]) -> int:
-        """The first region's shared inputs no region saves that the measured step no
-        longer held (``live``: the positions of its inputs it still held)."""
-        unsaved = shared.first & shared.unsaved
-        return sum(shared.sizes[k] for k in unsaved if not positions.get(k, set()) & live)
+    calls = [records[name].get("call", ()) for name, _ in chosen]
+    chain_shared, made_before, live_at_backward = _shared_in_step(shared, calls, step)
 
     handed = handed_on([records[name] for name, _ in chosen])
     profiles = []
@@ -339,12 +381,13 @@ def _profile(
         # consumer's backward has released it
         moved = sum(rec["saved"][k] for k in handed[i])
         gradient_held = rec.get("gradient_held", False)
-        forward_transient, transient = transient_bytes(module, *rec["call"], gradient_held)
+        seeded = received_output_gradient(rec)
+        forward_transient, transient = transient_bytes(module, *rec["call"], gradient_held, seeded)
         # A region that writes its input is never recomputed alone (store_only)
         rerun_forward, rerun, held = (
             (None, None, 0)
             if rec.get("writes_input")
-            else recompute_transient_bytes(module, *rec["call"], gradient_held)
+            else recompute_transient_bytes(module, *rec["call"], gradient_held, seeded)
         )
         ops = recorder.ops.get(name, [])
         if target is not None:  # predicted seconds on the target
@@ -367,6 +410,7 @@ def _profile(
                 saved_bytes=saved_bytes,
                 input_saved=input_saved,
                 output_bytes=rec["output"][1],
+                output_gradient_bytes=sum(rec["output_sizes"][k] for k in seeded),
                 transient_bytes=transient + moved,
                 forward_transient_bytes=forward_transient,
                 recompute_ops=rec.get("rerun_ops", 0),
@@ -390,23 +434,18 @@ def _profile(
                 ),
             )
         )
-    # Live through the whole chain, outside it: what ran before the chain saved, and the
-    # inputs regions share (a mask, rotary tables), counted here once, not per region. The
-    # step measured those the first region takes at its start; the others may be made
-    # later (an encoder's output), and are added whole to what lives outside: the head's
-    # leftovers and the tail, measured, are taken beside ``base`` alone, so they count them
-    # again where the step held them (an upper bound either way).
-    base = max(0, step.at_chain_start - (step.first_input - shared.first_bytes))
+    # Live through the whole chain, outside it: what ran before the chain saved. The step
+    # measured it at the chain's start, beside the first region's input and the shared
+    # inputs made by then, which the chain counts (``SharedInput``).
+    base = max(0, step.at_chain_start - step.first_input - made_before + _first_shared(shared))
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
-    # the shared inputs no region saves that the measured step had freed by its backward
-    freed_by_backward = freed(step.first_inputs_live_at_chain_backward)
+    # what the measured step held at the chain's backward beside the chain: the shared
+    # inputs still live then are the chain's
+    beside = base + live_at_backward + chain_kept
     head_left = (
         None
         if step.at_chain_backward is None
-        else max(
-            0,
-            step.at_chain_backward - (base - freed_by_backward) - chain_kept - step.output_gradient,
-        )
+        else max(0, step.at_chain_backward - beside - step.output_gradient)
     )
     profiles = with_gradient_bytes(
         model,
@@ -418,15 +457,12 @@ def _profile(
         _shared_gradient_bytes(shared, [records[name].get("call", ()) for name, _ in chosen]),
         set(grad_order.seen),
     )
-    # The tail sits on top of everything the chain keeps. The shared inputs no region saves
-    # that the measured step had freed by the chain's backward are back (a checkpoint holding
-    # them keeps them; a plan that checkpoints nothing is the measured step itself): the
-    # model's forward may hold them into the tail, and let them go before its peak.
-    tail = max(0, step.tail_peak - (base - freed_by_backward) - chain_kept)
-    chain_peak = store_all_peak_of(profiles, tail)
+    # The tail sits on top of everything the chain keeps and the shared inputs live then.
+    tail = max(0, step.tail_peak - beside)
+    chain_peak = store_all_peak_of(profiles, tail, chain_shared)
     # What the model above leaves unexplained of the measured step is added where the chain
     # is, so that no plan is predicted under what the step measured.
-    outside = base + shared.later_bytes
+    outside = base
     explained = max(step.before_chain_peak, step.after_chain_peak, outside + chain_peak)
     outside += max(0, step.peak - explained)
     return Profile(
@@ -436,6 +472,7 @@ def _profile(
         device=str(device),
         step_peak_bytes=step.peak,
         outside_bytes=outside,
+        shared_inputs=chain_shared,
         before_chain_peak_bytes=step.before_chain_peak,
         after_chain_peak_bytes=step.after_chain_peak,
         forward_cost=sum(p.cost for p in profiles),

@@ -110,16 +110,20 @@ def transient_bytes(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     gradient_held: bool = False,
+    seeded: frozenset[int] | None = None,
 ) -> tuple[int, int]:
     """Run the region alone, forward and backward, and return what it allocates on top of
     its saved activations and output: (the forward's excess over what it keeps, the larger
-    of that and the backward's excess over what is live when it starts)."""
+    of that and the backward's excess over what is live when it starts). ``seeded``: the
+    positions of the outputs that get a gradient (``excess_bytes``)."""
     args, kwargs = fresh_inputs(args, kwargs)
     # The region's own parameter gradients appear during its backward as in the real step
     # (the later regions' ones are added by with_gradient_bytes). The parameters must keep
     # requiring grad: without, a Linear saves no input and runs a smaller graph.
     with own_gradients(module):
-        forward, backward, _ = excess_bytes(module, args, kwargs, gradient_held=gradient_held)
+        forward, backward, _ = excess_bytes(
+            module, args, kwargs, gradient_held=gradient_held, seeded=seeded
+        )
         return forward, backward
 
 
@@ -128,6 +132,7 @@ def recompute_transient_bytes(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     gradient_held: bool = False,
+    seeded: frozenset[int] | None = None,
 ) -> tuple[int, int, int]:
     """Run the region alone under its own checkpoint (``apply_plan``'s ``Recompute``),
     forward and backward, and return what it allocates beyond its input (which the
@@ -139,7 +144,9 @@ def recompute_transient_bytes(
     model fills even in training, as XLM's): the checkpoint does not free it."""
     args, kwargs = fresh_inputs(args, kwargs)
     with own_gradients(module):
-        return excess_bytes(module, args, kwargs, Recompute(), gradient_held=gradient_held)
+        return excess_bytes(
+            module, args, kwargs, Recompute(), gradient_held=gradient_held, seeded=seeded
+        )
 
 
 @contextlib.contextmanager
@@ -195,6 +202,7 @@ def excess_bytes(
     kwargs: dict[str, Any],
     treatment: Treatment | None = None,
     gradient_held: bool = False,
+    seeded: frozenset[int] | None = None,
 ) -> tuple[int, int, int]:
     """(forward excess, backward excess, left after the forward): the backward's counted
     beyond the output's gradient, which the memory model adds itself
@@ -202,13 +210,20 @@ def excess_bytes(
     output. The inputs were made before the tracker started: they are never counted.
     ``gradient_held``: something outside the region holds its output's gradient through
     its backward (``op_recording.mark_gradient_held``): the backward is measured with the
-    gradient held by the caller throughout, not freed once the region's last op used it."""
+    gradient held by the caller throughout, not freed once the region's last op used it.
+    ``seeded``: the positions, among the output's tensor leaves, of the outputs that get a
+    gradient in the step (``None``: all that require one); an output the model drops gets
+    none, and its gradient is neither made nor counted here."""
     with MemoryTracker(timeline=False) as tracker:
         out = module(*args, **kwargs) if treatment is None else treatment.run(module, args, kwargs)
         after_forward = tracker.current_bytes
         left = after_forward - tracker.live_bytes_of(tree_leaves(out))
         forward_excess = tracker.peak_bytes - after_forward  # before the gradients below
-        outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+        outs = [
+            t
+            for i, t in enumerate(tree_leaves(out))
+            if isinstance(t, Tensor) and t.requires_grad and (seeded is None or i in seeded)
+        ]
         if outs and gradient_held:
             grads = [torch.ones_like(t) for t in outs]
             before_backward = tracker.current_bytes  # the gradients included

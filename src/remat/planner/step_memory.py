@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 from remat.measure.storage import iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker
 from remat.planner.chain_dp import store_all_peak
-from remat.planner.problem import Chain
+from remat.planner.problem import Chain, SharedInput
 from remat.planner.profile_data import RegionProfile
 
 __all__ = [
@@ -89,10 +89,12 @@ class StepMemory:
             runs before the chain, backward; every parameter gradient is live).
         loss: the loss and the gradient ``backward()`` starts from (as large), live until
             the backward returns.
-        first_inputs_live_at_chain_backward: which of the first region's tensor inputs
-            (positions in ``tree_leaves((args, kwargs))``) are still held when the last
-            region's output gradient is ready: the inputs regions share may be freed by
-            then, or held by the model.
+        inputs_live_at_chain_backward: which regions' tensor inputs, as (region, position
+            in ``tree_leaves((args, kwargs))``) on its first call, are still held when the
+            last region's output gradient is ready: the inputs regions share may be freed
+            by then, or held by the model.
+        inputs_made_before_chain: the same pairs for the inputs made before the first
+            region's forward started (live then, so in ``at_chain_start``).
     """
 
     peak: int
@@ -104,7 +106,8 @@ class StepMemory:
     at_chain_backward: int | None = None
     output_gradient: int = 0
     loss: int = 0
-    first_inputs_live_at_chain_backward: frozenset[int] = frozenset()
+    inputs_live_at_chain_backward: frozenset[tuple[int, int]] = frozenset()
+    inputs_made_before_chain: frozenset[tuple[int, int]] = frozenset()
 
 
 def measure_step(
@@ -114,22 +117,39 @@ def measure_step(
     kwargs: dict[str, Any],
     first: nn.Module | None = None,
     last: nn.Module | None = None,
+    regions: Sequence[nn.Module] = (),
 ) -> StepMemory:
     """One training step under :class:`MemoryTracker`, and its memory before, around and
-    after the chain from ``first`` to ``last`` (both ``None``: the peak alone)."""
+    after the chain from ``first`` to ``last`` (both ``None``: the peak alone); ``regions``:
+    the chain's regions in order, whose inputs are followed (``inputs_live_at_chain_backward``)."""
     model.zero_grad(set_to_none=True)
     held = list(iter_tensors(list(model.parameters()), list(model.buffers()), inputs, kwargs))
     existing = unique_storage_bytes(held)
     existing_keys = {t.untyped_storage()._cdata for t in held}
     seen: dict[str, int] = {}
-    live: dict[str, frozenset[int]] = {}
-    # the first region's tensor inputs, by position, to tell when each is freed
-    first_inputs: list[tuple[int, weakref.ref]] = []
+    live: dict[str, frozenset[tuple[int, int]]] = {}
+    # each region's tensor inputs on its first call, by position, to tell when each is freed
+    region_inputs: dict[tuple[int, int], weakref.ref] = {}
+    made_before: set[tuple[int, int]] = set()
 
-    def first_inputs_live() -> frozenset[int]:
-        return frozenset(i for i, storage in first_inputs if storage() is not None)
+    def inputs_live() -> frozenset[tuple[int, int]]:
+        return frozenset(at for at, storage in region_inputs.items() if storage() is not None)
 
     with MemoryTracker(module=model, count_existing=held, timeline=False) as tracker:
+
+        def follow_inputs(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, kwargs_: Any) -> None:
+                if index == 0 and "allocations" not in seen:
+                    seen["allocations"] = tracker.allocations
+                if any(at[0] == index for at in region_inputs) or "allocations" not in seen:
+                    return  # its first call in the chain only
+                for i, t in enumerate(tree_leaves((args, kwargs_))):
+                    if isinstance(t, Tensor):
+                        region_inputs[(index, i)] = weakref.ref(t.untyped_storage())
+                        if not tracker.made_after(t, seen["allocations"]):
+                            made_before.add((index, i))
+
+            return hook
 
         def before_first(module: nn.Module, args: Any, kwargs_: Any) -> None:
             if "at_chain_start" in seen:
@@ -138,11 +158,6 @@ def measure_step(
             seen["at_chain_start"] = tracker.current_bytes
             leaves = tree_leaves((args, kwargs_))
             tensors = [t for t in leaves if isinstance(t, Tensor)]
-            first_inputs.extend(
-                (i, weakref.ref(t.untyped_storage()))
-                for i, t in enumerate(leaves)
-                if isinstance(t, Tensor)
-            )
             seen["first_input"] = unique_storage_bytes(tensors) - unique_storage_bytes(
                 t for t in tensors if t.untyped_storage()._cdata in existing_keys
             )
@@ -169,7 +184,7 @@ def measure_step(
                         seen["tail_peak"] = tracker.window_peak_bytes
                         seen["at_chain_backward"] = tracker.current_bytes
                         seen["output_gradient"] = unique_storage_bytes([grad])
-                        live["at_chain_backward"] = first_inputs_live()
+                        live["at_chain_backward"] = inputs_live()
 
                 outs[0].register_hook(at_gradient)
 
@@ -178,6 +193,8 @@ def measure_step(
             handles.append(first.register_forward_pre_hook(before_first, with_kwargs=True))
         if last is not None:
             handles.append(last.register_forward_hook(after_last))
+        for index, region in enumerate(regions):
+            handles.append(region.register_forward_pre_hook(follow_inputs(index), with_kwargs=True))
         try:
             loss = loss_fn(model(*inputs, **kwargs))
             # the loss, and the gradient backward() starts from: live until it returns
@@ -203,7 +220,8 @@ def measure_step(
         at_chain_backward=new("at_chain_backward") if "at_chain_backward" in seen else None,
         output_gradient=seen.get("output_gradient", 0),
         loss=seen.get("loss", 0),
-        first_inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
+        inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
+        inputs_made_before_chain=frozenset(made_before),
     )
 
 
@@ -294,30 +312,18 @@ class SharedInputs:
 
     Attributes:
         sizes: their bytes.
-        first: those the first region takes (made before the chain; live when it starts).
-        unsaved: those no region saves: when every region stores, what else holds them
-            decides how long they live (the model's own forward, or nothing once their last
-            region ran), while a checkpoint of a region holds them until its backward.
+        takers: the regions that take each (indices, ascending).
+        saved_by: the regions whose autograd saves each when they store.
     """
 
     sizes: dict[int, int]
-    first: frozenset[int]
-    unsaved: frozenset[int]
-
-    @property
-    def first_bytes(self) -> int:
-        return sum(self.sizes[k] for k in self.first)
-
-    @property
-    def later_bytes(self) -> int:
-        """Those only later regions take: made before the chain, or inside it (between an
-        encoder and a decoder), counted as live through the whole chain (an upper bound)."""
-        return sum(n for k, n in self.sizes.items() if k not in self.first)
+    takers: dict[int, tuple[int, ...]]
+    saved_by: dict[int, tuple[int, ...]]
 
 
 def shared_inputs(recs: Sequence[dict[str, Any]]) -> SharedInputs:
     """Take the inputs that several regions take and no region makes out of every region's
-    inputs and saved tensors: they are counted once, with what lives outside the chain, not
+    inputs and saved tensors: they are counted once, as the chain's shared inputs, not
     once per region that holds or saves them (:class:`SharedInputs`)."""
     made = set().union(*(r["output"][0] for r in recs))
     takers: dict[int, list[int]] = {}
@@ -326,7 +332,7 @@ def shared_inputs(recs: Sequence[dict[str, Any]]) -> SharedInputs:
             takers.setdefault(key, []).append(i)
     shared = {k for k, who in takers.items() if len(who) > 1 and k not in made}
     sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
-    unsaved = {k for k in shared if not any(k in r["saved"] for r in recs)}
+    saved_by = {k: tuple(i for i in takers[k] if k in recs[i]["saved"]) for k in shared}
     for rec in recs:
         keys, total = rec["input"]
         common = keys & shared
@@ -334,8 +340,9 @@ def shared_inputs(recs: Sequence[dict[str, Any]]) -> SharedInputs:
         for k in common:
             rec["input_sizes"].pop(k)
             rec["saved"].pop(k, None)
-    first = frozenset(k for k in shared if takers[k][0] == 0)
-    return SharedInputs(sizes=sizes, first=first, unsaved=frozenset(unsaved))
+    return SharedInputs(
+        sizes=sizes, takers={k: tuple(takers[k]) for k in shared}, saved_by=saved_by
+    )
 
 
 def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
@@ -368,6 +375,10 @@ def saved_union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tu
     return own + sum(rec["input_sizes"][k] for k in saved_inputs), saved_inputs == keys
 
 
-def store_all_peak_of(profiles: Sequence[RegionProfile], tail: int) -> int:
+def store_all_peak_of(
+    profiles: Sequence[RegionProfile], tail: int, shared: Sequence[SharedInput] = ()
+) -> int:
 
-    return store_all_peak(Chain([p.to_region() for p in profiles], tail_bytes=tail))
+    return store_all_peak(
+        Chain([p.to_region() for p in profiles], tail_bytes=tail, shared_inputs=shared)
+    )
