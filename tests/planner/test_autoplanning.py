@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import dataclasses
 
 import pytest
@@ -187,6 +188,55 @@ def test_an_output_gradient_held_outside_the_region_is_counted():
             assert measure_step_peak(m, (x,), _mean_square) <= plan.predicted_peak_bytes, (
                 plan_choices
             )
+
+
+class _TableLayer(nn.Module):
+    """``fc(x * table + mask)``: the product saves ``table``, the sum does not save ``mask``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, table, mask):
+        return x + self.fc(torch.tanh(x * table + mask))
+
+
+class _SharedTables(nn.Module):
+    """Tables and masks made before the layers, as transformers models make rotary tables
+    and causal masks: one pair for the even layers, one for the odd ones, and a table only
+    the last layer takes."""
+
+    def __init__(self, d: int, n: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_TableLayer(d) for _ in range(n))
+
+    def forward(self, x):
+        tables = [torch.cos(x.detach() * k) for k in (1.0, 2.0)]
+        masks = [torch.sin(x.detach() * k) for k in (1.0, 2.0)]
+        last = torch.cos(x.detach() * 3.0)
+        for i, layer in enumerate(self.layers):
+            table = last if i == len(self.layers) - 1 else tables[i % 2]
+            x = layer(x, table, masks[i % 2])
+        return x
+
+
+def test_shared_inputs_live_in_the_backward_while_a_region_holds_them():
+    torch.manual_seed(0)
+    d, n = 16, 4
+    model = _SharedTables(d, n)
+    x = torch.randn(256, d, requires_grad=True)
+
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    # the even layers' table and mask, the odd ones' mask, the table layer 1 alone takes
+    # and the last layer's (made before the chain, so not theirs to keep)
+    shared = sorted((t.takers, t.saved_by) for t in prof.shared_inputs)
+    assert shared == [((0, 2), ()), ((0, 2), (0, 2)), ((1,), (1,)), ((1, 3), ()), ((3,), (3,))]
+    assert not any(t.held_outside for t in prof.shared_inputs)
+    for choices in itertools.product(["store", "recompute"], repeat=n):
+        plan = remat.plan_from_choices(prof, list(choices))
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
 
 
 class _AttentionReturningProbs(nn.Module):

@@ -166,19 +166,30 @@ def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
     return sum(n for key, n in shared.sizes.items() if key in keys)
 
 
+def _made_before(calls: Sequence[Any], step: StepMemory) -> set[int]:
+    """The storages of the regions' inputs the measured step had made before the chain."""
+    leaves = [tree_leaves(call) for call in calls]
+    return {
+        leaves[i][p].untyped_storage()._cdata
+        for i, p in step.inputs_made_before_chain
+        if i < len(leaves) and p < len(leaves[i]) and isinstance(leaves[i][p], Tensor)
+    }
+
+
 def _first_shared(shared: SharedInputs) -> int:
     """The bytes of the shared inputs the first region takes (in its measured input)."""
     return sum(n for k, n in shared.sizes.items() if shared.takers[k][0] == 0)
 
 
 def _shared_in_step(
-    shared: SharedInputs, calls: Sequence[Any], step: StepMemory
+    shared: SharedInputs, calls: Sequence[Any], step: StepMemory, saved_outside: set[int]
 ) -> tuple[tuple[SharedInput, ...], int, int]:
     """The chain's shared inputs, and the bytes of those the measured step had made before
-    the chain and of those it still held at the chain's backward. One unsaved and still
-    held then is held outside the regions (by the model); one a region saves may be held
-    outside too, which the stored step cannot tell: it is taken as held (an upper bound).
-    One not found in its first taker's call counts as made later and held (the same)."""
+    the chain and of those it still held at the chain's backward. One still held then is
+    held outside the regions unless regions alone save it: none outside does
+    (``saved_outside``, the storages ops outside the regions save) and the step let it go
+    by the end of its backward. One not found in its first taker's call counts as made
+    later and held outside (an upper bound)."""
     out, made_before, live = [], 0, 0
     for key, nbytes in shared.sizes.items():
         first = shared.takers[key][0]
@@ -188,6 +199,11 @@ def _shared_in_step(
             if isinstance(t, Tensor) and t.untyped_storage()._cdata == key
         }
         is_live = not at or bool(at & step.inputs_live_at_chain_backward)
+        only_regions = (
+            shared.saved_by[key]
+            and key not in saved_outside
+            and not at & step.inputs_live_after_backward
+        )
         made_before += nbytes if at & step.inputs_made_before_chain else 0
         live += nbytes if is_live else 0
         out.append(
@@ -195,7 +211,7 @@ def _shared_in_step(
                 nbytes=nbytes,
                 takers=shared.takers[key],
                 saved_by=shared.saved_by[key],
-                held_outside=is_live,
+                held_outside=is_live and not (at and only_regions),
             )
         )
     return tuple(out), made_before, live
@@ -293,6 +309,7 @@ def _profile(
         )
 
     forward_running = [True]
+    saved_outside: set[int] = set()
     finalizers: list[weakref.finalize] = []
 
     def unsaved(name: str, key: int) -> None:
@@ -306,6 +323,8 @@ def _profile(
         st = t.untyped_storage()
         if stack:  # a recomputation stops at the region's last save, parameters included
             records[stack[-1]]["rerun_ops"] = len(recorder.ops.get(stack[-1], ()))
+        if not stack and st._cdata not in exclude:
+            saved_outside.add(st._cdata)  # by an op outside the regions
         if stack and st._cdata not in exclude:
             if st._cdata not in records[stack[-1]]["saved"]:
                 finalizers.append(weakref.finalize(st, unsaved, stack[-1], st._cdata))
@@ -366,10 +385,12 @@ def _profile(
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
-    shared = shared_inputs([records[name] for name, _ in chosen])
-
     calls = [records[name].get("call", ()) for name, _ in chosen]
-    chain_shared, made_before, live_at_backward = _shared_in_step(shared, calls, step)
+    shared = shared_inputs([records[name] for name, _ in chosen], _made_before(calls, step))
+
+    chain_shared, made_before, live_at_backward = _shared_in_step(
+        shared, calls, step, saved_outside
+    )
 
     handed = handed_on([records[name] for name, _ in chosen])
     profiles = []

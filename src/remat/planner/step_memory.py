@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,8 @@ class StepMemory:
             by then, or held by the model.
         inputs_made_before_chain: the same pairs for the inputs made before the first
             region's forward started (live then, so in ``at_chain_start``).
+        inputs_live_after_backward: the same pairs for the inputs still held once the
+            backward returned: something besides autograd's graph holds them.
     """
 
     peak: int
@@ -108,6 +110,7 @@ class StepMemory:
     loss: int = 0
     inputs_live_at_chain_backward: frozenset[tuple[int, int]] = frozenset()
     inputs_made_before_chain: frozenset[tuple[int, int]] = frozenset()
+    inputs_live_after_backward: frozenset[tuple[int, int]] = frozenset()
 
 
 def measure_step(
@@ -201,6 +204,8 @@ def measure_step(
             if loss.untyped_storage()._cdata not in existing_keys:
                 seen["loss"] = 2 * unique_storage_bytes([loss])
             loss.backward()
+            del loss
+            live["after_backward"] = inputs_live()
         finally:
             for handle in handles:
                 handle.remove()
@@ -222,6 +227,7 @@ def measure_step(
         loss=seen.get("loss", 0),
         inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
         inputs_made_before_chain=frozenset(made_before),
+        inputs_live_after_backward=live.get("after_backward", frozenset()),
     )
 
 
@@ -321,16 +327,25 @@ class SharedInputs:
     saved_by: dict[int, tuple[int, ...]]
 
 
-def shared_inputs(recs: Sequence[dict[str, Any]]) -> SharedInputs:
+def shared_inputs(
+    recs: Sequence[dict[str, Any]], made_before: Collection[int] = ()
+) -> SharedInputs:
     """Take the inputs that several regions take and no region makes out of every region's
     inputs and saved tensors: they are counted once, as the chain's shared inputs, not
-    once per region that holds or saves them (:class:`SharedInputs`)."""
+    once per region that holds or saves them (:class:`SharedInputs`). So is an input a
+    later region alone takes that was made before the chain (``made_before``, storage
+    keys: rotary tables only the last layer uses): live from the chain's start, whatever
+    the plan, it is not that region's to keep."""
     made = set().union(*(r["output"][0] for r in recs))
     takers: dict[int, list[int]] = {}
     for i, rec in enumerate(recs):
         for key in rec["input"][0]:
             takers.setdefault(key, []).append(i)
-    shared = {k for k, who in takers.items() if len(who) > 1 and k not in made}
+    shared = {
+        k
+        for k, who in takers.items()
+        if k not in made and (len(who) > 1 or (who[0] > 0 and k in made_before))
+    }
     sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
     saved_by = {k: tuple(i for i in takers[k] if k in recs[i]["saved"]) for k in shared}
     for rec in recs:
