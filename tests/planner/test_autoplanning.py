@@ -204,7 +204,7 @@ class _TableLayer(nn.Module):
 class _SharedTables(nn.Module):
     """Tables and masks made before the layers, as transformers models make rotary tables
     and causal masks: one pair for the even layers, one for the odd ones, and a table only
-    the last layer takes."""
+    the last layer takes; and a value no layer takes, which the forward holds and drops."""
 
     def __init__(self, d: int, n: int = 4) -> None:
         super().__init__()
@@ -214,9 +214,11 @@ class _SharedTables(nn.Module):
         tables = [torch.cos(x.detach() * k) for k in (1.0, 2.0)]
         masks = [torch.sin(x.detach() * k) for k in (1.0, 2.0)]
         last = torch.cos(x.detach() * 3.0)
+        scratch = torch.cos(x.detach() * 4.0)  # held by the forward alone, then dropped
         for i, layer in enumerate(self.layers):
             table = last if i == len(self.layers) - 1 else tables[i % 2]
             x = layer(x, table, masks[i % 2])
+        del scratch
         return x
 
 
@@ -227,10 +229,19 @@ def test_shared_inputs_live_in_the_backward_while_a_region_holds_them():
     x = torch.randn(256, d, requires_grad=True)
 
     prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
-    # the even layers' table and mask, the odd ones' mask, the table layer 1 alone takes
-    # and the last layer's (made before the chain, so not theirs to keep)
-    shared = sorted((t.takers, t.saved_by) for t in prof.shared_inputs)
-    assert shared == [((0, 2), ()), ((0, 2), (0, 2)), ((1,), (1,)), ((1, 3), ()), ((3,), (3,))]
+    # the value the forward drops (no taker), the even layers' table and mask, the odd
+    # ones' mask, the table layer 1 alone takes and the last layer's (made before the
+    # chain, so not theirs to keep)
+    shared = sorted((t.takers, t.saved_by, t.nbytes) for t in prof.shared_inputs)
+    nbytes = x.numel() * 4
+    assert shared == [
+        ((), (), nbytes),
+        ((0, 2), (), nbytes),
+        ((0, 2), (0, 2), nbytes),
+        ((1,), (1,), nbytes),
+        ((1, 3), (), nbytes),
+        ((3,), (3,), nbytes),
+    ]
     assert not any(t.held_outside for t in prof.shared_inputs)
     for choices in itertools.product(["store", "recompute"], repeat=n):
         plan = remat.plan_from_choices(prof, list(choices))

@@ -312,6 +312,17 @@ class MemoryTracker:
         with self._lock:
             return st is not None and self._born.get(st._cdata, 0) > allocations
 
+    def live_bytes_made_by(self, allocations: int, exclude: Iterable[int] = ()) -> int:
+        """Bytes of the live storages the tracker had made by the time it had made
+        ``allocations`` (``allocations`` read then), those keyed in ``exclude`` aside."""
+        skip = set(exclude)
+        with self._lock:
+            return sum(
+                n
+                for key, n in self._live.items()
+                if self._born.get(key, 0) <= allocations and key not in skip
+            )
+
     def start_window(self) -> None:
         """Start ``window_peak_bytes`` over: from now on, the highest live total since this
         call (e.g. between one module's forward and its backward)."""

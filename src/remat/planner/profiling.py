@@ -459,6 +459,13 @@ def _profile(
     # measured it at the chain's start, beside the first region's input and the shared
     # inputs made by then, which the chain counts (``SharedInput``).
     base = max(0, step.at_chain_start - step.first_input - made_before + _first_shared(shared))
+    # Of which the forward may drop some once the chain has started (no plan changes that):
+    # live through the forward only, as a shared input no region takes.
+    if step.before_chain_at_chain_backward is not None:
+        dropped = max(0, base - step.before_chain_at_chain_backward)
+        base -= dropped
+        if dropped:
+            chain_shared += (SharedInput(nbytes=dropped, takers=()),)
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
     # what the measured step held at the chain's backward beside the chain: the shared
     # inputs still live then are the chain's

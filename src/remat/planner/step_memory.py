@@ -97,6 +97,10 @@ class StepMemory:
             region's forward started (live then, so in ``at_chain_start``).
         inputs_live_after_backward: the same pairs for the inputs still held once the
             backward returned: something besides autograd's graph holds them.
+        before_chain_at_chain_backward: what of ``at_chain_start`` is still live when the
+            last region's output gradient is ready, the regions' inputs aside (``None``:
+            not seen): what ran before the chain may free some of what it made (a value
+            the forward drops once the chain has started).
     """
 
     peak: int
@@ -111,6 +115,7 @@ class StepMemory:
     inputs_live_at_chain_backward: frozenset[tuple[int, int]] = frozenset()
     inputs_made_before_chain: frozenset[tuple[int, int]] = frozenset()
     inputs_live_after_backward: frozenset[tuple[int, int]] = frozenset()
+    before_chain_at_chain_backward: int | None = None
 
 
 def measure_step(
@@ -188,6 +193,12 @@ def measure_step(
                         seen["at_chain_backward"] = tracker.current_bytes
                         seen["output_gradient"] = unique_storage_bytes([grad])
                         live["at_chain_backward"] = inputs_live()
+                        inputs = {
+                            st._cdata for st in (ref() for ref in region_inputs.values()) if st
+                        } - existing_keys
+                        seen["before_chain_at_chain_backward"] = tracker.live_bytes_made_by(
+                            seen.get("allocations", 0), exclude=inputs
+                        )
 
                 outs[0].register_hook(at_gradient)
 
@@ -228,6 +239,11 @@ def measure_step(
         inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
         inputs_made_before_chain=frozenset(made_before),
         inputs_live_after_backward=live.get("after_backward", frozenset()),
+        before_chain_at_chain_backward=(
+            new("before_chain_at_chain_backward")
+            if "before_chain_at_chain_backward" in seen
+            else None
+        ),
     )
 
 
