@@ -261,9 +261,8 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
     recompute for the same peak in its backward (a region that cannot recompute has its
     op-level options instead). Offload is left out, so with it on the menu this is an
     upper bound (it can keep less than recompute where nothing saves a region's input).
-    The chain's shared inputs are counted live throughout, an upper bound too: whether one
-    is live in the backward depends on every region before, which a chain DP cannot see
-    (``simulate`` counts them exactly).
+    Shared inputs count as live throughout, a bound too (when one dies depends on every
+    region before, which a chain DP cannot see; ``simulate`` counts them exactly).
     """
     import numpy as np  # lazily: `import remat` must work without numpy
 

@@ -50,14 +50,19 @@ from remat.planner.problem import SharedInput
 from remat.planner.profile_data import OP_ENGINE_CHOICES, OpProfile, Profile, RegionProfile
 from remat.planner.region_costs import op_overheads, recompute_transient_bytes, transient_bytes
 from remat.planner.regions import default_regions
+from remat.planner.shared_inputs import (
+    first_region_shared_bytes,
+    in_order,
+    made_before_chain,
+    shared_gradient_bytes,
+    shared_in_step,
+    shared_inputs,
+)
 from remat.planner.step_memory import (
     GradientOrder,
-    SharedInputs,
-    StepMemory,
     handed_on,
     measure_step,
     saved_union,
-    shared_inputs,
     state_kept,
     store_all_peak_of,
     with_gradient_bytes,
@@ -153,68 +158,6 @@ def profile(
         faked_meta_model(model, inputs, kwargs) as (inputs, kwargs),
     ):
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
-
-
-def _shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
-    """The bytes of the shared inputs that require grad: their gradients accumulate."""
-    keys = {
-        t.untyped_storage()._cdata
-        for call in calls
-        for t in tree_leaves(call)
-        if isinstance(t, Tensor) and t.requires_grad
-    }
-    return sum(n for key, n in shared.sizes.items() if key in keys)
-
-
-def _made_before(calls: Sequence[Any], step: StepMemory) -> set[int]:
-    """The storages of the regions' inputs the measured step had made before the chain."""
-    leaves = [tree_leaves(call) for call in calls]
-    return {
-        leaves[i][p].untyped_storage()._cdata
-        for i, p in step.inputs_made_before_chain
-        if i < len(leaves) and p < len(leaves[i]) and isinstance(leaves[i][p], Tensor)
-    }
-
-
-def _first_shared(shared: SharedInputs) -> int:
-    """The bytes of the shared inputs the first region takes (in its measured input)."""
-    return sum(n for k, n in shared.sizes.items() if shared.takers[k][0] == 0)
-
-
-def _shared_in_step(
-    shared: SharedInputs, calls: Sequence[Any], step: StepMemory, saved_outside: set[int]
-) -> tuple[tuple[SharedInput, ...], int, int]:
-    """The chain's shared inputs, and the bytes of those the measured step had made before
-    the chain and of those it still held at the chain's backward. One still held then is
-    held outside the regions unless regions alone save it: none outside does
-    (``saved_outside``, the storages ops outside the regions save) and the step let it go
-    by the end of its backward. One not found in its first taker's call counts as made
-    later and held outside (an upper bound)."""
-    out, made_before, live = [], 0, 0
-    for key, nbytes in shared.sizes.items():
-        first = shared.takers[key][0]
-        at = {
-            (first, i)
-            for i, t in enumerate(tree_leaves(calls[first]))
-            if isinstance(t, Tensor) and t.untyped_storage()._cdata == key
-        }
-        is_live = not at or bool(at & step.inputs_live_at_chain_backward)
-        only_regions = (
-            shared.saved_by[key]
-            and key not in saved_outside
-            and not at & step.inputs_live_after_backward
-        )
-        made_before += nbytes if at & step.inputs_made_before_chain else 0
-        live += nbytes if is_live else 0
-        out.append(
-            SharedInput(
-                nbytes=nbytes,
-                takers=shared.takers[key],
-                saved_by=shared.saved_by[key],
-                held_outside=is_live and not (at and only_regions),
-            )
-        )
-    return tuple(out), made_before, live
 
 
 def _default_regions_that_ran(
@@ -386,11 +329,9 @@ def _profile(
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
     calls = [records[name].get("call", ()) for name, _ in chosen]
-    shared = shared_inputs([records[name] for name, _ in chosen], _made_before(calls, step))
+    shared = shared_inputs([records[name] for name, _ in chosen], made_before_chain(calls, step))
 
-    chain_shared, made_before, live_at_backward = _shared_in_step(
-        shared, calls, step, saved_outside
-    )
+    chain_shared, made_before, live_at_backward = shared_in_step(shared, calls, step, saved_outside)
 
     handed = handed_on([records[name] for name, _ in chosen])
     profiles = []
@@ -458,14 +399,16 @@ def _profile(
     # Live through the whole chain, outside it: what ran before the chain saved. The step
     # measured it at the chain's start, beside the first region's input and the shared
     # inputs made by then, which the chain counts (``SharedInput``).
-    base = max(0, step.at_chain_start - step.first_input - made_before + _first_shared(shared))
+    base = max(
+        0, step.at_chain_start - step.first_input - made_before + first_region_shared_bytes(shared)
+    )
     # Of which the forward may drop some once the chain has started (no plan changes that):
     # live through the forward only, as a shared input no region takes.
     if step.before_chain_at_chain_backward is not None:
         dropped = max(0, base - step.before_chain_at_chain_backward)
         base -= dropped
         if dropped:
-            chain_shared += (SharedInput(nbytes=dropped, takers=()),)
+            chain_shared = in_order([*chain_shared, SharedInput(nbytes=dropped, takers=())])
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
     # what the measured step held at the chain's backward beside the chain: the shared
     # inputs still live then are the chain's
@@ -482,7 +425,7 @@ def _profile(
         grad_order.after_the_chain(),
         head_left,
         step.loss,
-        _shared_gradient_bytes(shared, [records[name].get("call", ()) for name, _ in chosen]),
+        shared_gradient_bytes(shared, [records[name].get("call", ()) for name, _ in chosen]),
         set(grad_order.seen),
     )
     # The tail sits on top of everything the chain keeps and the shared inputs live then.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,6 @@ from remat.planner.profile_data import RegionProfile
 
 __all__ = [
     "GradientOrder",
-    "SharedInputs",
     "StepMemory",
     "handed_on",
     "measure_step",
@@ -325,55 +324,6 @@ def with_gradient_bytes(
         out.append(profile_.with_later_gradients(later))
         later += own_bytes
     return out[::-1]
-
-
-@dataclass(frozen=True, slots=True)
-class SharedInputs:
-    """Inputs that several regions take and no region makes (an attention mask, rotary
-    tables, positions; an encoder's output for every decoder layer), by storage.
-
-    Attributes:
-        sizes: their bytes.
-        takers: the regions that take each (indices, ascending).
-        saved_by: the regions whose autograd saves each when they store.
-    """
-
-    sizes: dict[int, int]
-    takers: dict[int, tuple[int, ...]]
-    saved_by: dict[int, tuple[int, ...]]
-
-
-def shared_inputs(
-    recs: Sequence[dict[str, Any]], made_before: Collection[int] = ()
-) -> SharedInputs:
-    """Take the inputs that several regions take and no region makes out of every region's
-    inputs and saved tensors: they are counted once, as the chain's shared inputs, not
-    once per region that holds or saves them (:class:`SharedInputs`). So is an input a
-    later region alone takes that was made before the chain (``made_before``, storage
-    keys: rotary tables only the last layer uses): live from the chain's start, whatever
-    the plan, it is not that region's to keep."""
-    made = set().union(*(r["output"][0] for r in recs))
-    takers: dict[int, list[int]] = {}
-    for i, rec in enumerate(recs):
-        for key in rec["input"][0]:
-            takers.setdefault(key, []).append(i)
-    shared = {
-        k
-        for k, who in takers.items()
-        if k not in made and (len(who) > 1 or (who[0] > 0 and k in made_before))
-    }
-    sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
-    saved_by = {k: tuple(i for i in takers[k] if k in recs[i]["saved"]) for k in shared}
-    for rec in recs:
-        keys, total = rec["input"]
-        common = keys & shared
-        rec["input"] = (keys - common, total - sum(rec["input_sizes"][k] for k in common))
-        for k in common:
-            rec["input_sizes"].pop(k)
-            rec["saved"].pop(k, None)
-    return SharedInputs(
-        sizes=sizes, takers={k: tuple(takers[k]) for k in shared}, saved_by=saved_by
-    )
 
 
 def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:

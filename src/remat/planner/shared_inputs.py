@@ -1,0 +1,144 @@
+"""Inputs several regions share (an attention mask, rotary tables, an encoder's output):
+found in the profiling records, followed through the measured step, and handed to the
+chain as :class:`remat.planner.SharedInput`, counted once and live in the backward only
+while a region holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from remat.planner.problem import SharedInput
+from remat.planner.step_memory import StepMemory
+
+__all__ = [
+    "SharedInputs",
+    "first_region_shared_bytes",
+    "in_order",
+    "made_before_chain",
+    "shared_gradient_bytes",
+    "shared_in_step",
+    "shared_inputs",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedInputs:
+    """Inputs that several regions take and no region makes (an attention mask, rotary
+    tables, positions; an encoder's output for every decoder layer), by storage.
+
+    Attributes:
+        sizes: their bytes.
+        takers: the regions that take each (indices, ascending).
+        saved_by: the regions whose autograd saves each when they store.
+    """
+
+    sizes: dict[int, int]
+    takers: dict[int, tuple[int, ...]]
+    saved_by: dict[int, tuple[int, ...]]
+
+
+def shared_inputs(
+    recs: Sequence[dict[str, Any]], made_before: Collection[int] = ()
+) -> SharedInputs:
+    """Take the inputs that several regions take and no region makes out of every region's
+    inputs and saved tensors: they are counted once, as the chain's shared inputs, not
+    once per region that holds or saves them (:class:`SharedInputs`). So is an input a
+    later region alone takes that was made before the chain (``made_before``, storage
+    keys: rotary tables only the last layer uses): live from the chain's start, whatever
+    the plan, it is not that region's to keep."""
+    made = set().union(*(r["output"][0] for r in recs))
+    takers: dict[int, list[int]] = {}
+    for i, rec in enumerate(recs):
+        for key in rec["input"][0]:
+            takers.setdefault(key, []).append(i)
+    shared = {
+        k
+        for k, who in takers.items()
+        if k not in made and (len(who) > 1 or (who[0] > 0 and k in made_before))
+    }
+    sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
+    saved_by = {k: tuple(i for i in takers[k] if k in recs[i]["saved"]) for k in shared}
+    for rec in recs:
+        keys, total = rec["input"]
+        common = keys & shared
+        rec["input"] = (keys - common, total - sum(rec["input_sizes"][k] for k in common))
+        for k in common:
+            rec["input_sizes"].pop(k)
+            rec["saved"].pop(k, None)
+    return SharedInputs(
+        sizes=sizes, takers={k: tuple(takers[k]) for k in shared}, saved_by=saved_by
+    )
+
+
+def shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
+    """The bytes of the shared inputs that require grad: their gradients accumulate."""
+    keys = {
+        t.untyped_storage()._cdata
+        for call in calls
+        for t in tree_leaves(call)
+        if isinstance(t, Tensor) and t.requires_grad
+    }
+    return sum(n for key, n in shared.sizes.items() if key in keys)
+
+
+def made_before_chain(calls: Sequence[Any], step: StepMemory) -> set[int]:
+    """The storages of the regions' inputs the measured step had made before the chain."""
+    leaves = [tree_leaves(call) for call in calls]
+    return {
+        leaves[i][p].untyped_storage()._cdata
+        for i, p in step.inputs_made_before_chain
+        if i < len(leaves) and p < len(leaves[i]) and isinstance(leaves[i][p], Tensor)
+    }
+
+
+def first_region_shared_bytes(shared: SharedInputs) -> int:
+    """The bytes of the shared inputs the first region takes (in its measured input)."""
+    return sum(n for k, n in shared.sizes.items() if shared.takers[k][0] == 0)
+
+
+def shared_in_step(
+    shared: SharedInputs, calls: Sequence[Any], step: StepMemory, saved_outside: set[int]
+) -> tuple[tuple[SharedInput, ...], int, int]:
+    """The chain's shared inputs, and the bytes of those the measured step had made before
+    the chain and of those it still held at the chain's backward. One still held then is
+    held outside the regions unless regions alone save it: none outside does
+    (``saved_outside``, the storages ops outside the regions save) and the step let it go
+    by the end of its backward. One not found in its first taker's call counts as made
+    later and held outside (an upper bound)."""
+    out, made_before, live = [], 0, 0
+    for key, nbytes in shared.sizes.items():
+        first = shared.takers[key][0]
+        at = {
+            (first, i)
+            for i, t in enumerate(tree_leaves(calls[first]))
+            if isinstance(t, Tensor) and t.untyped_storage()._cdata == key
+        }
+        is_live = not at or bool(at & step.inputs_live_at_chain_backward)
+        only_regions = (
+            shared.saved_by[key]
+            and key not in saved_outside
+            and not at & step.inputs_live_after_backward
+        )
+        made_before += nbytes if at & step.inputs_made_before_chain else 0
+        live += nbytes if is_live else 0
+        out.append(
+            SharedInput(
+                nbytes=nbytes,
+                takers=shared.takers[key],
+                saved_by=shared.saved_by[key],
+                held_outside=is_live and not (at and only_regions),
+            )
+        )
+    return in_order(out), made_before, live
+
+
+def in_order(shared: Sequence[SharedInput]) -> tuple[SharedInput, ...]:
+    """Shared inputs in an order of their own (not of storage addresses, which differ
+    between runs and devices): a meta profile then equals a CPU one."""
+    return tuple(sorted(shared, key=lambda t: (t.takers, t.saved_by, t.nbytes, t.held_outside)))
