@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import dataclasses
+import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
@@ -197,27 +198,30 @@ class _TableLayer(nn.Module):
         super().__init__()
         self.fc = nn.Linear(d, d)
 
-    def forward(self, x, table, mask):
+    def forward(self, x, table, mask, unused=None):
         return x + self.fc(torch.tanh(x * table + mask))
 
 
 class _SharedTables(nn.Module):
     """Tables and masks made before the layers, as transformers models make rotary tables
     and causal masks: one pair for the even layers, one for the odd ones, and a table only
-    the last layer takes; and a value no layer takes, which the forward holds and drops."""
+    the last layer takes; a value no layer takes, which the forward holds and drops.
+    ``unused``: also hand every layer ``unused(x)``, which none uses (zamba2)."""
 
-    def __init__(self, d: int, n: int = 4) -> None:
+    def __init__(self, d: int, n: int = 4, unused: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         self.layers = nn.ModuleList(_TableLayer(d) for _ in range(n))
+        self.unused = unused
 
     def forward(self, x):
         tables = [torch.cos(x.detach() * k) for k in (1.0, 2.0)]
         masks = [torch.sin(x.detach() * k) for k in (1.0, 2.0)]
         last = torch.cos(x.detach() * 3.0)
         scratch = torch.cos(x.detach() * 4.0)  # held by the forward alone, then dropped
+        unused = self.unused(x) if self.unused else None
         for i, layer in enumerate(self.layers):
             table = last if i == len(self.layers) - 1 else tables[i % 2]
-            x = layer(x, table, masks[i % 2])
+            x = layer(x, table, masks[i % 2], unused)
         del scratch
         return x
 
@@ -248,6 +252,22 @@ def test_shared_inputs_live_in_the_backward_while_a_region_holds_them():
         m = copy.deepcopy(model)
         remat.apply_plan(m, plan)
         assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+
+
+def test_a_shared_input_no_region_uses_gets_no_gradient_in_the_prediction():
+    """zamba2 hands its embeddings to every layer; layers that ignore them never give
+    them a gradient, so no region's backward has one accumulating beside it."""
+    torch.manual_seed(0)
+    d, n = 16, 4
+    x = torch.randn(256, d, requires_grad=True)
+    model = _SharedTables(d, n, unused=lambda h: h * 2.0)  # requires grad, used by none
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    assert ((0, 1, 2, 3), ()) in [(t.takers, t.saved_by) for t in prof.shared_inputs]
+    # only the parameter gradients of the layers after each (weight and bias of fc)
+    params = sum(p.numel() * 4 for p in model.layers[0].parameters())
+    assert [r.later_gradient_bytes for r in prof.regions] == [
+        params * (n - 1 - i) + 8 for i in range(n)
+    ]
 
 
 class _AttentionReturningProbs(nn.Module):

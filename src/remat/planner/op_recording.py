@@ -167,6 +167,12 @@ def pre_hook(name, stack, records, exclude, sync):
                 t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
             }  # fmt: skip
+            # which inputs a gradient reaches (a shared one no region uses gets none)
+            rec["inputs_with_gradient"] = received = set()
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    key = t.untyped_storage()._cdata
+                    t.register_hook(functools.partial(_received_gradient, received, key))
             rec["input_versions"] = [
                 (t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
             ]
@@ -225,8 +231,8 @@ def watch_output_gradients(rec: dict[str, Any], output: Any) -> None:
             positions.setdefault(st._cdata, set()).add(i)
 
 
-def _received_gradient(received: set[int], position: int, grad: Tensor) -> None:
-    received.add(position)
+def _received_gradient(received: set[int], position_or_key: int, grad: Tensor) -> None:
+    received.add(position_or_key)
 
 
 def mark_used_outputs(records: dict[str, dict[str, Any]], region: str | None, args: Any) -> None:

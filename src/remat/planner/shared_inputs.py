@@ -76,15 +76,12 @@ def shared_inputs(
     )
 
 
-def shared_gradient_bytes(shared: SharedInputs, calls: Sequence[Any]) -> int:
-    """The bytes of the shared inputs that require grad: their gradients accumulate."""
-    keys = {
-        t.untyped_storage()._cdata
-        for call in calls
-        for t in tree_leaves(call)
-        if isinstance(t, Tensor) and t.requires_grad
-    }
-    return sum(n for key, n in shared.sizes.items() if key in keys)
+def shared_gradient_bytes(shared: SharedInputs, recs: Sequence[dict[str, Any]]) -> int:
+    """The bytes of the shared inputs a gradient reaches (``rec["inputs_with_gradient"]``):
+    their gradients accumulate through the chain's backward. One that requires grad but
+    no region uses (zamba2's layers that ignore the embeddings they are handed) gets none."""
+    reached = set().union(*(rec.get("inputs_with_gradient", ()) for rec in recs))
+    return sum(n for key, n in shared.sizes.items() if key in reached)
 
 
 def made_before_chain(calls: Sequence[Any], step: StepMemory) -> set[int]:
