@@ -270,6 +270,37 @@ def test_a_shared_input_no_region_uses_gets_no_gradient_in_the_prediction():
     ]
 
 
+class _ForwardScratch(nn.Module):
+    """A feed-forward block whose forward alone makes a large temporary (a routing or
+    a statistic under no_grad), as hy_v4's first layers do: its backward has none."""
+
+    def __init__(self, d: int, scratch: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.scratch = scratch
+
+    def forward(self, x):
+        if self.scratch:
+            with torch.no_grad():
+                scale = 1.0 + x.repeat(1, self.scratch).tanh().mean() * 0.0
+            x = x * scale
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_stored_region_s_backward_does_not_carry_its_forward_s_temporaries():
+    torch.manual_seed(0)
+    d, n = 64, 4
+    model = nn.Sequential(*(_ForwardScratch(d, 256 if i < 2 else 0) for i in range(n)))
+    x = torch.randn(8, d, requires_grad=True)  # the weights' gradients weigh most
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[str(i) for i in range(n)])
+    assert prof.regions[0].forward_transient_bytes > prof.regions[0].transient_bytes
+    for choices in itertools.product(["store", "recompute"], repeat=n):
+        plan = remat.plan_from_choices(prof, list(choices))
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+
+
 class _AttentionReturningProbs(nn.Module):
     """A layer that returns its attention probabilities beside its output, as many
     transformers layers do; the model drops them, so they never get a gradient."""

@@ -100,16 +100,18 @@ class Region:
             ``saved_bytes >= input_bytes``.
         output_bytes: the region's output (normally the next region's input); while the region
             runs forward its output is live, and while it runs backward its output's gradient.
-        transient_bytes: any further peak while the region runs forward or backward
-            (workspace, its input's gradient being produced).
+        transient_bytes: any further peak while the region runs backward (workspace, its
+            input's gradient being produced), and forward where ``forward_transient_bytes``
+            is ``None``.
         options: op-level options between store and recompute (see ``planner.ops``).
         input_saved: whether autograd saves the region's input (the region itself, or the
             region before it saving its output). ``False`` for a ReLU after a Linear: the ReLU
             keeps its output, and the Linear's output is freed once the ReLU has run, unless a
             checkpoint holds it. Then ``saved_bytes`` leaves the input out.
-        forward_transient_bytes: the part of ``transient_bytes`` reached in the forward
-            (``None``: all of it). Gradients in flight and parameter gradients piling up
-            exist only in the backward.
+        forward_transient_bytes: the further peak while it runs forward (``None``:
+            ``transient_bytes``). Gradients in flight and parameter gradients piling up
+            exist only in the backward, a temporary made under ``no_grad`` only in the
+            forward.
         recompute_cost: what recomputing the region alone redoes (``None``: ``fwd_cost``).
             Less than ``fwd_cost`` when its backward needs nothing from its last ops: the
             recomputation stops once the last needed tensor is back (early stop), so a

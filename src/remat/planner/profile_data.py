@@ -52,11 +52,13 @@ class RegionProfile:
             ``output_bytes``); less when the model drops an output (the attention
             probabilities a layer returns beside its hidden state), which gets none.
         transient_bytes: the most it allocates beyond its saved activations and output while
-            it runs forward or backward on its own (gradients in flight, workspaces), with
-            the parameter gradients live during its backward.
+            it runs backward on its own (gradients in flight, workspaces), with the
+            parameter gradients live then; and forward, where ``forward_transient_bytes``
+            is ``None``.
         ops: its ops, in call order.
         input_saved: whether its input is saved for backward (see ``planner.Region``).
-        forward_transient_bytes: the part of ``transient_bytes`` reached in its forward.
+        forward_transient_bytes: the most it allocates beyond what it keeps while it runs
+            forward (a temporary its backward never makes is not in ``transient_bytes``).
         recompute_ops: how many of ``ops`` a recomputation runs: those before the last
             tensor autograd saves in the region (``None``: all). A Linear's input is saved
             before it runs, so a block ending in a Linear and a residual add stops before

@@ -409,6 +409,11 @@ def _profile(
         base -= dropped
         if dropped:
             chain_shared = in_order([*chain_shared, SharedInput(nbytes=dropped, takers=())])
+    # What a region leaves held outside the graph (a cache the forward fills) is live in the
+    # forward from then on: forward-only too. Whatever keeps it into the backward, the
+    # measured step shows there (``head_left``, the tail).
+    held = [SharedInput(nbytes=p.held_bytes, takers=()) for p in profiles if p.held_bytes]
+    chain_shared = in_order([*chain_shared, *held])
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
     # what the measured step held at the chain's backward beside the chain: the shared
     # inputs still live then are the chain's

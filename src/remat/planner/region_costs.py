@@ -113,9 +113,9 @@ def transient_bytes(
     seeded: frozenset[int] | None = None,
 ) -> tuple[int, int]:
     """Run the region alone, forward and backward, and return what it allocates on top of
-    its saved activations and output: (the forward's excess over what it keeps, the larger
-    of that and the backward's excess over what is live when it starts). ``seeded``: the
-    positions of the outputs that get a gradient (``excess_bytes``)."""
+    its saved activations and output: (the forward's excess over what it keeps, the
+    backward's excess over what is live when it starts). ``seeded``: the positions of the
+    outputs that get a gradient (``excess_bytes``)."""
     args, kwargs = fresh_inputs(args, kwargs)
     # The region's own parameter gradients appear during its backward as in the real step
     # (the later regions' ones are added by with_gradient_bytes). The parameters must keep
@@ -238,4 +238,4 @@ def excess_bytes(
             backward_excess = tracker.peak_by_phase["backward"] - before_backward - grad_bytes
         else:
             backward_excess = 0
-    return max(0, forward_excess), max(0, forward_excess, backward_excess), max(0, left)
+    return max(0, forward_excess), max(0, backward_excess), max(0, left)
