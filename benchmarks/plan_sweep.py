@@ -449,6 +449,11 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for arch, name, p in over:
         text = f"{name} {p['excess']:+,} B"
         over_at[arch] = f"{over_at[arch]}, {text}" if arch in over_at else text
+    under_at: dict[str, str] = {}  # block-level plans predicted above their measured peak
+    for arch, name, p in plans:
+        if p["kind"] == "block" and p["excess"] < 0:
+            text = f"{name} {p['excess']:+,} B"
+            under_at[arch] = f"{under_at[arch]}, {text}" if arch in under_at else text
     profiled = [r for r in rows if r["status"] == "profiled"]
     meta_differs = {
         r["arch"]: _meta_difference(r["meta"]) for r in profiled if r["meta"]["status"] != "equal"
@@ -460,6 +465,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "plans not measured": {s: statuses.count(s) for s in sorted(set(statuses) - {"measured"})},
         "over prediction": {kind: sum(p["kind"] == kind for _, _, p in over) for kind in KINDS},
         "over prediction at": over_at,
+        "block-level exact": sum(p["kind"] == "block" and p["excess"] == 0 for _, _, p in plans),
+        "block-level measured": sum(p["kind"] == "block" for _, _, p in plans),
+        "block-level above measured": under_at,
         "worst excess (bytes)": worst("excess", over),
         "worst excess (%)": worst("excess_pct", by_pct),
         "wrong gradients": [f"{a} {n}: {p['difference']}" for a, n, p in plans if not p["exact"]],
@@ -514,6 +522,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         *(f"| plans {k} | {v} |" for k, v in s["plans not measured"].items()),
         f"| plans over their prediction | {sum(s['over prediction'].values())} |",
         *(f"| over prediction, {k}-level | {v} |" for k, v in s["over prediction"].items() if v),
+        f"| block-level plans exact to the byte | {s['block-level exact']} of "
+        f"{s['block-level measured']} |",
         f"| wrong gradients | {len(s['wrong gradients'])} |",
         f"| meta = CPU | {s['meta = CPU']} of {by.get('profiled', 0)} |",
     ]
@@ -524,6 +534,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     apart = [r for r in rows if r["status"] not in ("profiled", "plan error", "crash")]
     for title, items in (
         ("Over prediction", [f"{a}: {t}" for a, t in s["over prediction at"].items()]),
+        (
+            "Block-level plans predicted above their measured peak (safe, not exact)",
+            [f"{a}: {t}" for a, t in s["block-level above measured"].items()],
+        ),
         ("Wrong gradients", s["wrong gradients"]),
         ("Meta differs", [f"{a}: {d[:300]}" for a, d in s["meta differs"].items()]),
         ("Crashes", [f"{a}: {d[:200]}" for a, d in s["crashes"].items()]),
