@@ -301,6 +301,61 @@ def test_a_stored_region_s_backward_does_not_carry_its_forward_s_temporaries():
         assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
 
 
+class _CrossLayer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc, self.cross = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, memory=None):
+        h = self.fc(x)
+        if memory is not None:
+            h = h + self.cross(memory).mean(dim=0, keepdim=True)
+        return x + torch.tanh(h)
+
+
+class _EncoderDecoder(nn.Module):
+    """Encoder layers, a norm outside them, decoder layers that all take its output (the
+    encoder's output, as T5's and Whisper's cross-attentions take it)."""
+
+    def __init__(self, d: int, n: int = 2) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList(_CrossLayer(d) for _ in range(n))
+        self.norm = nn.LayerNorm(d)
+        self.decoder = nn.ModuleList(_CrossLayer(d) for _ in range(n))
+
+    def forward(self, x, y):
+        for layer in self.encoder:
+            x = layer(x)
+        memory = self.norm(x)
+        for layer in self.decoder:
+            y = layer(y, memory)
+        return y
+
+
+def test_a_shared_input_s_gradient_lives_from_its_last_taker_to_its_maker():
+    """The encoder's output gets its gradient from every decoder layer: it builds up from
+    the last decoder layer's backward until the norm that made it runs backward, and is
+    gone by the encoder layers' backward."""
+    torch.manual_seed(0)
+    d, n = 32, 2
+    model = _EncoderDecoder(d, n)
+    x, y = torch.randn(256, d), torch.randn(64, d)
+    names = [f"encoder.{i}" for i in range(n)] + [f"decoder.{i}" for i in range(n)]
+    prof = remat.profile(model, x, y, loss_fn=_mean_square, regions=names)
+    memory = 256 * d * 4
+    assert [(t.takers, t.nbytes) for t in prof.shared_inputs] == [((2, 3), memory)]
+    params = sum(p.numel() * 4 for p in model.decoder[0].parameters())
+    # decoder.0 runs backward beside the memory's gradient the last decoder layer began
+    assert prof.regions[2].later_gradient_bytes - prof.regions[3].later_gradient_bytes == (
+        params + memory
+    )
+    for choices in itertools.product(["store", "recompute"], repeat=2 * n):
+        plan = remat.plan_from_choices(prof, list(choices))
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, (x, y), _mean_square) == plan.predicted_peak_bytes, choices
+
+
 class _AttentionReturningProbs(nn.Module):
     """A layer that returns its attention probabilities beside its output, as many
     transformers layers do; the model drops them, so they never get a gradient."""

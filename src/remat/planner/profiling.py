@@ -430,7 +430,7 @@ def _profile(
         grad_order.after_the_chain(),
         head_left,
         step.loss,
-        shared_gradient_bytes(shared, [records[name] for name, _ in chosen]),
+        shared_gradient_bytes(shared, [records[name] for name, _ in chosen], calls, step),
         set(grad_order.seen),
     )
     # The tail sits on top of everything the chain keeps and the shared inputs live then.

@@ -76,12 +76,39 @@ def shared_inputs(
     )
 
 
-def shared_gradient_bytes(shared: SharedInputs, recs: Sequence[dict[str, Any]]) -> int:
-    """The bytes of the shared inputs a gradient reaches (``rec["inputs_with_gradient"]``):
-    their gradients accumulate through the chain's backward. One that requires grad but
-    no region uses (zamba2's layers that ignore the embeddings they are handed) gets none."""
+def shared_gradient_bytes(
+    shared: SharedInputs, recs: Sequence[dict[str, Any]], calls: Sequence[Any], step: StepMemory
+) -> list[int]:
+    """Per region, the gradients of shared inputs accumulating beside its backward.
+
+    A shared input's gradient builds up from its last taker's backward (which makes the
+    first part, in its own measured transient) until whatever made it runs backward: the
+    regions below its last taker, down to the first whose forward had not ended when it
+    was made (``StepMemory.inputs_made_after_region``; all of them when it was made
+    before the chain). Only an input a gradient reached counts (``rec["inputs_with_gradient"]``):
+    zamba2's layers ignore the embeddings they are handed, which never get one."""
     reached = set().union(*(rec.get("inputs_with_gradient", ()) for rec in recs))
-    return sum(n for key, n in shared.sizes.items() if key in reached)
+    out = [0] * len(recs)
+    for key, nbytes in shared.sizes.items():
+        if key not in reached:
+            continue
+        first, last = shared.takers[key][0], shared.takers[key][-1]
+        made_after = min(
+            (step.inputs_made_after_region.get(at, -1) for at in _positions(calls, first, key)),
+            default=-1,
+        )
+        for j in range(made_after + 1, last):
+            out[j] += nbytes
+    return out
+
+
+def _positions(calls: Sequence[Any], region: int, key: int) -> set[tuple[int, int]]:
+    """Where the storage ``key`` sits in ``region``'s recorded call: (region, leaf) pairs."""
+    return {
+        (region, i)
+        for i, t in enumerate(tree_leaves(calls[region]))
+        if isinstance(t, Tensor) and t.untyped_storage()._cdata == key
+    }
 
 
 def made_before_chain(calls: Sequence[Any], step: StepMemory) -> set[int]:
@@ -110,12 +137,7 @@ def shared_in_step(
     later and held outside (an upper bound)."""
     out, made_before, live = [], 0, 0
     for key, nbytes in shared.sizes.items():
-        first = shared.takers[key][0]
-        at = {
-            (first, i)
-            for i, t in enumerate(tree_leaves(calls[first]))
-            if isinstance(t, Tensor) and t.untyped_storage()._cdata == key
-        }
+        at = _positions(calls, shared.takers[key][0], key)
         is_live = not at or bool(at & step.inputs_live_at_chain_backward)
         only_regions = (
             shared.saved_by[key]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,6 +96,8 @@ class StepMemory:
             region's forward started (live then, so in ``at_chain_start``).
         inputs_live_after_backward: the same pairs for the inputs still held once the
             backward returned: something besides autograd's graph holds them.
+        inputs_made_after_region: for the same pairs, the last region whose forward had
+            ended when the input was made (``-1``: none had).
         before_chain_at_chain_backward: what of ``at_chain_start`` is still live when the
             last region's output gradient is ready, the regions' inputs aside (``None``:
             not seen): what ran before the chain may free some of what it made (a value
@@ -114,6 +116,7 @@ class StepMemory:
     inputs_live_at_chain_backward: frozenset[tuple[int, int]] = frozenset()
     inputs_made_before_chain: frozenset[tuple[int, int]] = frozenset()
     inputs_live_after_backward: frozenset[tuple[int, int]] = frozenset()
+    inputs_made_after_region: dict[tuple[int, int], int] = field(default_factory=dict)
     before_chain_at_chain_backward: int | None = None
 
 
@@ -138,6 +141,8 @@ def measure_step(
     # each region's tensor inputs on its first call, by position, to tell when each is freed
     region_inputs: dict[tuple[int, int], weakref.ref] = {}
     made_before: set[tuple[int, int]] = set()
+    made_after_region: dict[tuple[int, int], int] = {}
+    region_ends: list[int] = []  # allocations when each region's forward ended
 
     def inputs_live() -> frozenset[tuple[int, int]]:
         return frozenset(at for at, storage in region_inputs.items() if storage() is not None)
@@ -155,6 +160,14 @@ def measure_step(
                         region_inputs[(index, i)] = weakref.ref(t.untyped_storage())
                         if not tracker.made_after(t, seen["allocations"]):
                             made_before.add((index, i))
+                        made_after_region[(index, i)] = _last_region_ended(tracker, t, region_ends)
+
+            return hook
+
+        def end_of(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                if "allocations" in seen and len(region_ends) == index:
+                    region_ends.append(tracker.allocations)
 
             return hook
 
@@ -208,6 +221,7 @@ def measure_step(
             handles.append(last.register_forward_hook(after_last))
         for index, region in enumerate(regions):
             handles.append(region.register_forward_pre_hook(follow_inputs(index), with_kwargs=True))
+            handles.append(region.register_forward_hook(end_of(index)))
         try:
             loss = loss_fn(model(*inputs, **kwargs))
             # the loss, and the gradient backward() starts from: live until it returns
@@ -238,12 +252,19 @@ def measure_step(
         inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
         inputs_made_before_chain=frozenset(made_before),
         inputs_live_after_backward=live.get("after_backward", frozenset()),
+        inputs_made_after_region=made_after_region,
         before_chain_at_chain_backward=(
             new("before_chain_at_chain_backward")
             if "before_chain_at_chain_backward" in seen
             else None
         ),
     )
+
+
+def _last_region_ended(tracker: MemoryTracker, t: Tensor, ends: Sequence[int]) -> int:
+    """The last region whose forward had ended (``ends``: the tracker's allocations then)
+    when ``t``'s storage was made; ``-1``: none."""
+    return max((r for r, end in enumerate(ends) if tracker.made_after(t, end)), default=-1)
 
 
 class GradientOrder:
@@ -286,7 +307,7 @@ def with_gradient_bytes(
     after_the_chain: set[int] = frozenset(),
     head_left: int | None = None,
     loss_bytes: int = 0,
-    input_gradient_bytes: int = 0,
+    input_gradient_bytes: Sequence[int] = (),
     accumulated: set[int] | None = None,
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
@@ -299,9 +320,9 @@ def with_gradient_bytes(
     also sees a tied weight's partial gradient held for its use before the chain; it
     replaces the outside parameters' gradients where it is larger. ``loss_bytes``: the
     loss and its gradient (``StepMemory.loss``), live through every region's backward.
-    ``input_gradient_bytes``: the gradients of inputs several regions share that require
-    grad (a learned position bias): each accumulates over the regions' backwards and is
-    live through the whole chain's backward. ``accumulated``: the ids of the parameters
+    ``input_gradient_bytes``: per region, the gradients of inputs several regions share
+    (an encoder's output, a learned position bias) accumulating beside its backward
+    (``shared_inputs.shared_gradient_bytes``). ``accumulated``: the ids of the parameters
     the profiled backward gave a gradient (``None``: all that require grad); a tower the
     forward did not run gets none.
     """
@@ -318,10 +339,11 @@ def with_gradient_bytes(
     outside = grad_bytes(
         p for p in model.parameters() if id(p) not in inside and id(p) not in after_the_chain
     )
-    out, later = [], max(outside + loss_bytes, head_left or 0) + input_gradient_bytes
-    for profile_, own_bytes in zip(reversed(profiles), reversed(own)):
+    shared = list(input_gradient_bytes) or [0] * len(profiles)
+    out, later = [], max(outside + loss_bytes, head_left or 0)
+    for profile_, own_bytes, extra in zip(reversed(profiles), reversed(own), reversed(shared)):
         # its own gradients are in its measured transient already (transient_bytes)
-        out.append(profile_.with_later_gradients(later))
+        out.append(profile_.with_later_gradients(later + extra))
         later += own_bytes
     return out[::-1]
 
