@@ -356,6 +356,50 @@ def test_a_shared_input_s_gradient_lives_from_its_last_taker_to_its_maker():
         assert measure_step_peak(m, (x, y), _mean_square) == plan.predicted_peak_bytes, choices
 
 
+class _BiasBlock(nn.Module):
+    """T5's block: the first makes a bias from a learned table and returns it beside its
+    output; each later one takes it, adds it, and hands it back unchanged."""
+
+    def __init__(self, d: int, first: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn(1, d)) if first else None
+
+    def forward(self, x, bias=None):
+        if bias is None:
+            bias = self.table.expand(x.shape[0], -1) * 1.0
+        return x + torch.tanh(self.fc(x) + bias), bias
+
+
+class _BiasChain(nn.Module):
+    def __init__(self, d: int, n: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_BiasBlock(d, i == 0) for i in range(n))
+
+    def forward(self, x):
+        bias = None
+        for block in self.blocks:
+            x, bias = block(x, bias)
+        return x
+
+
+def test_an_output_later_regions_take_and_hand_back_is_counted_once():
+    torch.manual_seed(0)
+    d, n = 32, 4
+    model = _BiasChain(d, n)
+    x = torch.randn(256, d)
+    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"blocks.{i}" for i in range(n)])
+    bias = 256 * d * 4
+    assert [(t.takers, t.made_by, t.nbytes) for t in prof.shared_inputs] == [((1, 2, 3), 0, bias)]
+    # made by the first block; the others hand it back: not their output, nor its gradient
+    assert [r.output_gradient_bytes for r in prof.regions] == [2 * bias] + [bias] * (n - 1)
+    for choices in itertools.product(["store", "recompute"], repeat=n):
+        plan = remat.plan_from_choices(prof, list(choices))
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+
+
 class _AttentionReturningProbs(nn.Module):
     """A layer that returns its attention probabilities beside its output, as many
     transformers layers do; the model drops them, so they never get a gradient."""

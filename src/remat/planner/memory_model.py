@@ -156,25 +156,30 @@ def simulate(
     only, as the gradient of a segment's output is while the segment reruns its forward).
     ``shared``: per stop ``p``, the chain's shared inputs live while regions ``[0, p)`` have
     yet to run backward (``shared_live``; default: from ``items``, the whole chain's plan);
-    ``forward_shared``: those live in the forward (default: all of them)."""
+    ``forward_shared``: those live in the forward (default: per region, those made before
+    it, ``Chain.shared_bytes_in_forward``)."""
     if tail is None:
         tail = chain.tail_bytes
     if shared is None:
         shared = shared_live(chain, items)
-    if forward_shared is None:
-        forward_shared = chain.shared_bytes
+
+    def in_forward(region: int) -> int:
+        if forward_shared is None:
+            return chain.shared_bytes_in_forward(region)
+        return forward_shared
+
     regs = chain.regions
     live, peak, cost, kept, needs = base, base, 0.0, [], []
     for pos, it in enumerate(items):  # forward
         if it[0] == "leaf":
             r = regs[it[1]]
             h, fwd, bwd = leaf_bytes(r, r.menu()[it[2]], held and pos == 0)
-            peak = max(peak, live + pending + fwd + forward_shared)
+            peak = max(peak, live + pending + fwd + in_forward(it[1]))
             needs.append(bwd)
         else:
             a, b = it[1], it[2]
             for j in range(a, b):
-                peak = max(peak, live + pending + _segment_forward_at(regs, a, j) + forward_shared)
+                peak = max(peak, live + pending + _segment_forward_at(regs, a, j) + in_forward(j))
                 cost += regs[j].fwd_cost
             h = regs[a].input_bytes
             needs.append(0)

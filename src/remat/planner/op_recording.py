@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +200,15 @@ def post_hook(name, stack, records, exclude, sync):
             rec["output_refs"] = [
                 weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)
             ]
-            watch_output_gradients(rec, output)
+            # an input handed back unchanged (T5's blocks return the position bias they
+            # take) is not the region's output: its gradient is the input's
+            passed = {id(t) for t, v in rec.get("input_versions", ()) if t._version == v}
+            rec["passed_keys"] = {
+                t.untyped_storage()._cdata
+                for t in tree_leaves(output)
+                if isinstance(t, Tensor) and id(t) in passed
+            }
+            watch_output_gradients(rec, output, passed)
         versions = rec.pop("input_versions", ())
         if any(t._version != v for t, v in versions):  # checkpointing it would raise
             rec["writes_input"] = True
@@ -210,19 +218,20 @@ def post_hook(name, stack, records, exclude, sync):
     return hook
 
 
-def watch_output_gradients(rec: dict[str, Any], output: Any) -> None:
+def watch_output_gradients(rec: dict[str, Any], output: Any, passed: Collection[int] = ()) -> None:
     """Note in ``rec`` which of the region's outputs (positions among its tensor leaves)
     get a gradient from the rest of the step, and their sizes: an output the model drops
     (the attention probabilities a layer returns beside its hidden state) gets none, so
     its region's backward runs without that gradient. Two marks, both needed: an op
     outside the region takes the output (``mark_used_outputs``: a hook on the tensor also
-    fires for the region's own uses of it), and a gradient reaches it in the backward."""
+    fires for the region's own uses of it), and a gradient reaches it in the backward.
+    ``passed``: the ids of its inputs it hands back unchanged, which are not watched."""
     rec["output_sizes"] = {}
     rec["output_gradients"] = set()
     rec["used_outside"] = set()
     rec["output_positions"] = positions = {}
     for i, t in enumerate(tree_leaves(output)):
-        if isinstance(t, Tensor) and t.requires_grad:
+        if isinstance(t, Tensor) and t.requires_grad and id(t) not in passed:
             rec["output_sizes"][i] = t.numel() * t.element_size()
             t.register_hook(functools.partial(_received_gradient, rec["output_gradients"], i))
             st = t.untyped_storage()

@@ -318,12 +318,16 @@ class SharedInput:
         takers: the regions that take it (indices into the chain, ascending).
         saved_by: those whose stored backward saves it.
         held_outside: something outside the regions keeps it through the backward.
+        made_by: the region whose output it is (T5's first block makes the position bias
+            the others take), counted there in its forward and here after it; ``-1``:
+            made outside the regions, counted through the whole forward.
     """
 
     nbytes: int
     takers: tuple[int, ...]
     saved_by: tuple[int, ...] = ()
     held_outside: bool = False
+    made_by: int = -1
 
     def __post_init__(self) -> None:
         check_bytes("SharedInput", "nbytes", self.nbytes)
@@ -339,6 +343,13 @@ class SharedInput:
         if not set(self.saved_by) <= set(self.takers):
             raise ValueError(
                 f"SharedInput: saved_by {self.saved_by!r} must be among its takers {self.takers!r}"
+            )
+        if isinstance(self.made_by, bool) or not isinstance(self.made_by, int):
+            raise ValueError(f"SharedInput: made_by must be an int, got {self.made_by!r}")
+        if self.takers and not -1 <= self.made_by < self.takers[0]:
+            raise ValueError(
+                f"SharedInput: made_by {self.made_by} must be -1 or a region before its "
+                f"takers {self.takers!r}"
             )
         if not isinstance(self.held_outside, bool):
             raise ValueError(f"SharedInput: held_outside must be a bool, got {self.held_outside!r}")
@@ -398,8 +409,13 @@ class Chain:
 
     @property
     def shared_bytes(self) -> int:
-        """The shared inputs' bytes: all live through the forward."""
+        """The shared inputs' bytes: at most what is live of them in the forward."""
         return sum(t.nbytes for t in self.shared_inputs)
+
+    def shared_bytes_in_forward(self, region: int) -> int:
+        """The shared inputs live while region ``region`` runs forward: all but those a
+        region at or after it makes."""
+        return sum(t.nbytes for t in self.shared_inputs if t.made_by < region)
 
     def __len__(self) -> int:
         return len(self.regions)

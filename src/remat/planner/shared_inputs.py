@@ -36,34 +36,43 @@ class SharedInputs:
         sizes: their bytes.
         takers: the regions that take each (indices, ascending).
         saved_by: the regions whose autograd saves each when they store.
+        made_by: the region whose output each is (``-1``: made outside the regions).
     """
 
     sizes: dict[int, int]
     takers: dict[int, tuple[int, ...]]
     saved_by: dict[int, tuple[int, ...]]
+    made_by: dict[int, int]
 
 
 def shared_inputs(
     recs: Sequence[dict[str, Any]], made_before: Collection[int] = ()
 ) -> SharedInputs:
-    """Take the inputs that several regions take and no region makes out of every region's
-    inputs and saved tensors: they are counted once, as the chain's shared inputs, not
-    once per region that holds or saves them (:class:`SharedInputs`). So is an input a
+    """Take the inputs that several regions take out of every region's inputs and saved
+    tensors: they are counted once, as the chain's shared inputs, not once per region
+    that holds or saves them (:class:`SharedInputs`). Made outside the regions, or by a
+    region before them all (T5's first block makes the position bias the others take and
+    hand back: not their output either). So is an input a
     later region alone takes that was made before the chain (``made_before``, storage
     keys: rotary tables only the last layer uses): live from the chain's start, whatever
     the plan, it is not that region's to keep."""
-    made = set().union(*(r["output"][0] for r in recs))
     takers: dict[int, list[int]] = {}
     for i, rec in enumerate(recs):
         for key in rec["input"][0]:
             takers.setdefault(key, []).append(i)
+    makers = {k: _maker(recs, k) for k in takers}
     shared = {
         k
         for k, who in takers.items()
-        if k not in made and (len(who) > 1 or (who[0] > 0 and k in made_before))
+        if (makers[k] == -1 and (len(who) > 1 or (who[0] > 0 and k in made_before)))
+        or (len(who) > 1 and makers[k] is not None and -1 < makers[k] < who[0])
     }
     sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
     saved_by = {k: tuple(i for i in takers[k] if k in recs[i]["saved"]) for k in shared}
+    for rec in recs:  # a taker that hands it back (T5's blocks) does not make it again
+        keys, total = rec["output"]
+        through = keys & shared & rec["input"][0]
+        rec["output"] = (keys - through, total - sum(sizes[k] for k in through))
     for rec in recs:
         keys, total = rec["input"]
         common = keys & shared
@@ -72,8 +81,22 @@ def shared_inputs(
             rec["input_sizes"].pop(k)
             rec["saved"].pop(k, None)
     return SharedInputs(
-        sizes=sizes, takers={k: tuple(takers[k]) for k in shared}, saved_by=saved_by
+        sizes=sizes,
+        takers={k: tuple(takers[k]) for k in shared},
+        saved_by=saved_by,
+        made_by={k: makers[k] for k in shared},
     )
+
+
+def _maker(recs: Sequence[dict[str, Any]], key: int) -> int | None:
+    """The one region whose output ``key`` is, the others that output it handing back
+    their input unchanged (``-1``: no region outputs it; ``None``: several make or write
+    it, as an in-place ReLU rewrites the Linear's output it takes)."""
+    outputs = [i for i, rec in enumerate(recs) if key in rec["output"][0]]
+    made = [i for i in outputs if key not in recs[i].get("passed_keys", ())]
+    if not outputs:
+        return -1
+    return made[0] if len(made) == 1 else None
 
 
 def shared_gradient_bytes(
@@ -97,7 +120,8 @@ def shared_gradient_bytes(
             (step.inputs_made_after_region.get(at, -1) for at in _positions(calls, first, key)),
             default=-1,
         )
-        for j in range(made_after + 1, last):
+        # the region that made it takes its gradient in its own measured backward
+        for j in range(max(made_after, shared.made_by[key]) + 1, last):
             out[j] += nbytes
     return out
 
@@ -152,6 +176,7 @@ def shared_in_step(
                 takers=shared.takers[key],
                 saved_by=shared.saved_by[key],
                 held_outside=is_live and not (at and only_regions),
+                made_by=shared.made_by[key],
             )
         )
     return in_order(out), made_before, live
@@ -160,4 +185,6 @@ def shared_in_step(
 def in_order(shared: Sequence[SharedInput]) -> tuple[SharedInput, ...]:
     """Shared inputs in an order of their own (not of storage addresses, which differ
     between runs and devices): a meta profile then equals a CPU one."""
-    return tuple(sorted(shared, key=lambda t: (t.takers, t.saved_by, t.nbytes, t.held_outside)))
+    return tuple(
+        sorted(shared, key=lambda t: (t.takers, t.saved_by, t.nbytes, t.held_outside, t.made_by))
+    )
