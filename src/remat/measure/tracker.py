@@ -293,6 +293,7 @@ class MemoryTracker:
 
     def _on_free(self, key: int) -> None:
         with self._lock:
+            self._born.pop(key, None)  # kept for live storages only, as ``_live`` is
             if self._active and key in self._live:
                 self.current_bytes -= self._live.pop(key)
             elif self._active and key in self._host_live:

@@ -253,8 +253,8 @@ def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -
     return seq(0, n, m, False)
 
 
-def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
-    """The least peak over all plans, exact in bytes, and a plan reaching it.
+def _least_peak_plan(chain: Chain, nested: bool) -> list:
+    """A plan reaching the least peak over all plans, exact in bytes.
 
     ``M[s, t]`` is the least peak of ``[s, t)`` and ``G[s, t]`` the same with its input held
     by a checkpoint. Store and recompute are enough: an op-level option keeps more than
@@ -328,13 +328,13 @@ def _min_peak(chain: Chain, nested: bool) -> tuple[int, list]:
             held = False
         return items
 
-    return int(M[0, n]) + chain.shared_bytes, seq(0, n, False)
+    return seq(0, n, False)
 
 
 def min_peak_bytes(chain: Chain, *, nested: bool = True) -> int:
     """The least peak any plan without offload can reach under the memory model, in bytes
     (with shared inputs, that of the plan least under the DP's bound, counted exactly)."""
-    return simulate(chain, _min_peak(chain, nested)[1])[0]
+    return simulate(chain, _least_peak_plan(chain, nested))[0]
 
 
 def store_all_peak(chain: Chain) -> int:
@@ -428,7 +428,7 @@ def solve_chain(
     kw = {"budget_bytes": budget, "solver": "chain"}
     if store_all_peak(chain) <= budget:
         return plan_from_choices(chain, [0] * n, **kw)
-    # The DP counts the shared inputs live throughout (see ``_min_peak``).
+    # The DP counts the shared inputs live throughout (see ``_least_peak_plan``).
     runs = [nested] if budget > chain.shared_bytes else []
     candidates = []
     while runs:
@@ -441,7 +441,7 @@ def solve_chain(
             candidates.append(items_to_plan(chain, items, resolution_bytes=r, **kw))
     if candidates:
         return min(candidates, key=lambda p: p.extra_cost)  # stable: nested wins ties
-    items = _min_peak(chain, nested)[1]
+    items = _least_peak_plan(chain, nested)
     least = simulate(chain, items)[0]
     if least > budget:
         raise BudgetError(
@@ -469,7 +469,7 @@ def pareto(
     n = len(chain)
     top = store_all_peak(chain)
     plans = [
-        items_to_plan(chain, _min_peak(chain, nested)[1], solver="chain", budget_bytes=None),
+        items_to_plan(chain, _least_peak_plan(chain, nested), solver="chain", budget_bytes=None),
         # store-all, which a rounded table can miss (sizes round up, the budget down)
         plan_from_choices(chain, [0] * n, solver="chain"),
     ]

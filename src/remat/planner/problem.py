@@ -302,8 +302,9 @@ class Region:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SharedInput:
-    """A tensor made outside the chain that several regions take (an attention mask, rotary
-    tables): counted once, here, and in none of its takers' bytes.
+    """A tensor several regions take (an attention mask, rotary tables), made outside the
+    regions or by one before them all (``made_by``): counted once, here, and in none of
+    its takers' bytes.
 
     It is live through the forward. In the backward (and the tail before it) it is live
     only while something holds it: ``held_outside`` (the model, or an op outside the

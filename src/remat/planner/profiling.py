@@ -328,12 +328,13 @@ def _profile(
     for name, _ in chosen:
         if "input" not in records[name]:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
-    calls = [records[name].get("call", ()) for name, _ in chosen]
-    shared = shared_inputs([records[name] for name, _ in chosen], made_before_chain(calls, step))
+    recs = [records[name] for name, _ in chosen]
+    calls = [rec.get("call", ()) for rec in recs]
+    shared = shared_inputs(recs, made_before_chain(calls, step))
 
     chain_shared, made_before, live_at_backward = shared_in_step(shared, calls, step, saved_outside)
 
-    handed = handed_on([records[name] for name, _ in chosen])
+    handed = handed_on(recs)
     profiles = []
     for i, (name, module) in enumerate(chosen):
         rec = records[name]
@@ -404,16 +405,17 @@ def _profile(
     )
     # Of which the forward may drop some once the chain has started (no plan changes that):
     # live through the forward only, as a shared input no region takes.
+    dropped = 0
     if step.before_chain_at_chain_backward is not None:
         dropped = max(0, base - step.before_chain_at_chain_backward)
         base -= dropped
-        if dropped:
-            chain_shared = in_order([*chain_shared, SharedInput(nbytes=dropped, takers=())])
     # What a region leaves held outside the graph (a cache the forward fills) is live in the
     # forward from then on: forward-only too. Whatever keeps it into the backward, the
     # measured step shows there (``head_left``, the tail).
-    held = [SharedInput(nbytes=p.held_bytes, takers=()) for p in profiles if p.held_bytes]
-    chain_shared = in_order([*chain_shared, *held])
+    forward_only = [dropped, *(p.held_bytes for p in profiles)]
+    chain_shared = in_order(
+        [*chain_shared, *(SharedInput(nbytes=n, takers=()) for n in forward_only if n)]
+    )
     chain_kept = sum(p.saved_bytes for p in profiles)  # store-all: every saved byte
     # what the measured step held at the chain's backward beside the chain: the shared
     # inputs still live then are the chain's
@@ -430,7 +432,7 @@ def _profile(
         grad_order.after_the_chain(),
         head_left,
         step.loss,
-        shared_gradient_bytes(shared, [records[name] for name, _ in chosen], calls, step),
+        shared_gradient_bytes(shared, recs, calls, step),
         set(grad_order.seen),
     )
     # The tail sits on top of everything the chain keeps and the shared inputs live then.
