@@ -35,6 +35,21 @@ def _mean_square(out):
     return out.square().mean()
 
 
+def _every_plan(n: int) -> list[list[str]]:
+    """Every block-level plan of ``n`` regions: each stored or recomputed."""
+    return [list(c) for c in itertools.product(["store", "recompute"], repeat=n)]
+
+
+def _assert_predicted_to_the_byte(model, inputs, prof, plans) -> None:
+    """Each plan (per region choices) applied to a copy of ``model`` measures its
+    predicted step peak to the byte."""
+    for choices in plans:
+        plan = remat.plan_from_choices(prof, choices)
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, inputs, _mean_square) == plan.predicted_peak_bytes, choices
+
+
 def assert_same_gradients(workload, reference):
     """One seeded training step of each; the gradients must be bitwise equal."""
     for w in (reference, workload):
@@ -98,12 +113,8 @@ def test_a_branch_the_forward_drops_is_not_counted_as_saved():
     # exp result and -exp (the matmul's operand)
     saved = 2 * act + 2 * weight
     assert [r.saved_bytes for r in prof.regions] == [saved - act] + [saved] * 3
-    for choices in (["recompute"] * 4, ["store"] * 3 + ["recompute"], ["store"] * 4):
-        plan = remat.plan_from_choices(prof, choices)
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        measured = measure_step_peak(m, (x,), _mean_square)
-        assert measured == plan.predicted_peak_bytes, choices
+    plans = (["recompute"] * 4, ["store"] * 3 + ["recompute"], ["store"] * 4)
+    _assert_predicted_to_the_byte(model, (x,), prof, plans)
 
 
 class _CachingBlock(nn.Module):
@@ -247,11 +258,7 @@ def test_shared_inputs_live_in_the_backward_while_a_region_holds_them():
         ((3,), (3,), nbytes),
     ]
     assert not any(t.held_outside for t in prof.shared_inputs)
-    for choices in itertools.product(["store", "recompute"], repeat=n):
-        plan = remat.plan_from_choices(prof, list(choices))
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+    _assert_predicted_to_the_byte(model, (x,), prof, _every_plan(n))
 
 
 def test_a_shared_input_no_region_uses_gets_no_gradient_in_the_prediction():
@@ -294,11 +301,7 @@ def test_a_stored_region_s_backward_does_not_carry_its_forward_s_temporaries():
     x = torch.randn(8, d, requires_grad=True)  # the weights' gradients weigh most
     prof = remat.profile(model, x, loss_fn=_mean_square, regions=[str(i) for i in range(n)])
     assert prof.regions[0].forward_transient_bytes > prof.regions[0].transient_bytes
-    for choices in itertools.product(["store", "recompute"], repeat=n):
-        plan = remat.plan_from_choices(prof, list(choices))
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+    _assert_predicted_to_the_byte(model, (x,), prof, _every_plan(n))
 
 
 class _CrossLayer(nn.Module):
@@ -349,11 +352,7 @@ def test_a_shared_input_s_gradient_lives_from_its_last_taker_to_its_maker():
     assert prof.regions[2].later_gradient_bytes - prof.regions[3].later_gradient_bytes == (
         params + memory
     )
-    for choices in itertools.product(["store", "recompute"], repeat=2 * n):
-        plan = remat.plan_from_choices(prof, list(choices))
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, (x, y), _mean_square) == plan.predicted_peak_bytes, choices
+    _assert_predicted_to_the_byte(model, (x, y), prof, _every_plan(2 * n))
 
 
 class _BiasBlock(nn.Module):
@@ -393,11 +392,7 @@ def test_an_output_later_regions_take_and_hand_back_is_counted_once():
     assert [(t.takers, t.made_by, t.nbytes) for t in prof.shared_inputs] == [((1, 2, 3), 0, bias)]
     # made by the first block; the others hand it back: not their output, nor its gradient
     assert [r.output_gradient_bytes for r in prof.regions] == [2 * bias] + [bias] * (n - 1)
-    for choices in itertools.product(["store", "recompute"], repeat=n):
-        plan = remat.plan_from_choices(prof, list(choices))
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+    _assert_predicted_to_the_byte(model, (x,), prof, _every_plan(n))
 
 
 class _AttentionReturningProbs(nn.Module):
@@ -436,15 +431,12 @@ def test_an_output_the_model_drops_gets_no_gradient_in_the_prediction():
     assert [(r.output_bytes, r.output_gradient_bytes) for r in prof.regions] == [
         (out + probs, out)
     ] * n
-    for choices in (
+    plans = (
         ["recompute"] * n,
         ["store", "recompute", "store"],
         ["store"] * (n - 1) + ["recompute"],
-    ):
-        plan = remat.plan_from_choices(prof, choices)
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes, choices
+    )
+    _assert_predicted_to_the_byte(model, (x,), prof, plans)
 
 
 def test_profile_marks_the_op_outputs_autograd_saves():
