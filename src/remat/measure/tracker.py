@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,12 +316,28 @@ class MemoryTracker:
     def live_bytes_made_by(self, allocations: int, exclude: Iterable[int] = ()) -> int:
         """Bytes of the live storages the tracker had made by the time it had made
         ``allocations`` (``allocations`` read then), those keyed in ``exclude`` aside."""
-        skip = set(exclude)
+        return self.live_bytes_born(lambda born: born <= allocations, exclude)
+
+    def live_bytes_made_after(self, allocations: int) -> int:
+        """Bytes of the live storages the tracker made once it had made ``allocations``
+        (``allocations`` read then): what a phase made and still holds."""
+        return self.live_bytes_born(lambda born: born > allocations)
+
+    def live_bytes_born(
+        self,
+        when: Callable[[int], bool],
+        exclude: Iterable[int] = (),
+        include: Iterable[int] = (),
+    ) -> int:
+        """Bytes of the live storages whose birth (how many storages the tracker had made
+        with it; 0: made before it started) ``when`` accepts, or keyed in ``include``;
+        those keyed in ``exclude`` aside."""
+        skip, add = set(exclude), set(include)
         with self._lock:
             return sum(
                 n
                 for key, n in self._live.items()
-                if self._born.get(key, 0) <= allocations and key not in skip
+                if key not in skip and (key in add or when(self._born.get(key, 0)))
             )
 
     def start_window(self) -> None:

@@ -113,6 +113,10 @@ def discretize(chain: Chain, resolution: int) -> Chain:
                 recompute_transient_bytes=up_or_none(r.recompute_transient_bytes),
                 later_gradient_bytes=up(r.later_gradient_bytes),
                 output_gradient_bytes=up_or_none(r.output_gradient_bytes),
+                # the unsaved part of the input rounds up, as every other count does
+                saved_input_bytes=None
+                if r.saved_input_bytes is None
+                else up(r.input_bytes) - up(r.input_bytes - r.saved_input_bytes),
             )
         )
     return Chain(regions, tail_bytes=up(chain.tail_bytes))

@@ -67,7 +67,7 @@ Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
 def leaf_bytes(region: Region, option: RegionOption, held: bool = False) -> tuple[int, int, int]:
     """(bytes kept until its backward, forward peak, backward peak) of ``region`` run with
     ``option`` on top of what is live; ``held``: a checkpoint around it holds its input."""
-    spare = 0 if region.input_saved else region.input_bytes  # the input, when nothing saves it
+    spare = region.unsaved_input_bytes  # the input, or the part of it nothing saves
     run = region.output_bytes + region.forward_extra_bytes
     if option.kind in (STORE, OFFLOAD):
         # Both run forward and backward as stored. Offload keeps only its input (as a

@@ -147,6 +147,10 @@ class Region:
         output_gradient_bytes: the gradient its output receives, live while it runs
             backward (``None``: ``output_bytes``); less when the model drops part of the
             output (a layer's attention probabilities), which gets no gradient.
+        saved_input_bytes: the part of a several-tensor input that something saves,
+            counted in ``saved_bytes`` (``None``: all of it when ``input_saved``, none
+            otherwise). A layer saving its hidden state but not the mask beside it holds
+            only the mask on top while it runs, or under a checkpoint.
     """
 
     name: str
@@ -167,6 +171,7 @@ class Region:
     later_gradient_bytes: int = 0
     held_bytes: int = 0
     output_gradient_bytes: int | None = None
+    saved_input_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -200,9 +205,18 @@ class Region:
             "recompute_forward_transient_bytes",
             "recompute_transient_bytes",
             "output_gradient_bytes",
+            "saved_input_bytes",
         ):
             if getattr(self, attr) is not None:
                 check_bytes(owner, attr, getattr(self, attr))
+        if self.saved_input_bytes is not None and self.saved_input_bytes > min(
+            self.input_bytes, self.saved_bytes
+        ):
+            raise ValueError(
+                f"{owner}: saved_input_bytes ({self.saved_input_bytes}) is part of the input "
+                f"(input_bytes={self.input_bytes}) counted in saved_bytes "
+                f"({self.saved_bytes}), so at most the smaller"
+            )
         if not isinstance(self.input_saved, bool):
             raise ValueError(f"{owner}: input_saved must be a bool, got {self.input_saved!r}")
         if self.input_saved and self.saved_bytes < self.input_bytes:
@@ -233,10 +247,18 @@ class Region:
         return self.transient_bytes if ftr is None else ftr
 
     @property
+    def unsaved_input_bytes(self) -> int:
+        """The part of its input nothing saves (``saved_input_bytes``): live beside its
+        saved activations while it runs forward, or while a checkpoint holds it."""
+        if self.saved_input_bytes is not None:
+            return self.input_bytes - self.saved_input_bytes
+        return 0 if self.input_saved else self.input_bytes
+
+    @property
     def saved_with_input_bytes(self) -> int:
         """What a checkpoint of this region that saved every op would keep: its saved
         activations and its input (which the checkpoint holds)."""
-        return self.saved_bytes + (0 if self.input_saved else self.input_bytes)
+        return self.saved_bytes + self.unsaved_input_bytes
 
     @property
     def rerun_cost(self) -> float:
@@ -268,7 +290,7 @@ class Region:
         """What offloading keeps on the device: its input, when something saves it (as a
         checkpoint does: the region before may hold it anyway, and moving it would bring
         a second copy back). The rest of ``saved_bytes`` moves."""
-        return self.input_bytes if self.input_saved else 0
+        return self.input_bytes - self.unsaved_input_bytes
 
     def menu(self) -> tuple[RegionOption, ...]:
         """Store, recompute, the op-level options, then offload: no recompute if

@@ -84,6 +84,8 @@ class RegionProfile:
         held_bytes: what its forward, run under its own checkpoint, leaves live beyond its
             output: held outside autograd's graph (a KV cache filled in training), so it is
             only stored (``planner.Region``).
+        saved_input_bytes: the part of its input something saves (``None``: all of it
+            when ``input_saved``, none otherwise; ``planner.Region``).
     """
 
     name: str
@@ -106,6 +108,17 @@ class RegionProfile:
     later_gradient_bytes: int = 0
     held_bytes: int = 0
     output_gradient_bytes: int | None = None
+    saved_input_bytes: int | None = None
+
+    def with_backward_at_least(self, nbytes: int) -> RegionProfile:
+        """The region with its backward transients, stored or recomputed, at least
+        ``nbytes``: what runs backward just before it (ops between regions) reaches."""
+        rerun = self.recompute_transient_bytes
+        return replace(
+            self,
+            transient_bytes=max(self.transient_bytes, nbytes),
+            recompute_transient_bytes=None if rerun is None else max(rerun, nbytes),
+        )
 
     def with_later_gradients(self, nbytes: int) -> RegionProfile:
         """The region with ``nbytes`` more parameter gradients live beside its backward
@@ -148,6 +161,7 @@ class RegionProfile:
             later_gradient_bytes=self.later_gradient_bytes,
             held_bytes=self.held_bytes,
             output_gradient_bytes=self.output_gradient_bytes,
+            saved_input_bytes=self.saved_input_bytes,
         )
 
 

@@ -339,7 +339,7 @@ def _profile(
     for i, (name, module) in enumerate(chosen):
         rec = records[name]
         received = set().union(*handed[:i]) & rec["input"][0]
-        saved_bytes, input_saved = saved_union(rec, handed[i], received)
+        saved_bytes, input_saved, saved_input = saved_union(rec, handed[i], received)
         # the producer still needs what it hands on in its own backward, after the
         # consumer's backward has released it
         moved = sum(rec["saved"][k] for k in handed[i])
@@ -372,6 +372,7 @@ def _profile(
                 input_bytes=rec["input"][1],
                 saved_bytes=saved_bytes,
                 input_saved=input_saved,
+                saved_input_bytes=saved_input,
                 output_bytes=rec["output"][1],
                 output_gradient_bytes=sum(rec["output_sizes"][k] for k in seeded),
                 transient_bytes=transient + moved,
@@ -434,6 +435,7 @@ def _profile(
         step.loss,
         shared_gradient_bytes(shared, recs, calls, step),
         set(grad_order.seen),
+        step,
     )
     # The tail sits on top of everything the chain keeps and the shared inputs live then.
     tail = max(0, step.tail_peak - beside)

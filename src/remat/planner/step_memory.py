@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,18 @@ class StepMemory:
             last region's output gradient is ready, the regions' inputs aside (``None``:
             not seen): what ran before the chain may free some of what it made (a value
             the forward drops once the chain has started).
+        beside_region_backward: per region, what the head, the loss and the backward so
+            far had made and still held when its output's gradient was ready, that
+            gradient aside (``None``: not seen): the gradients of the parameters and shared
+            inputs that ran backward before it, and what the head leaves. Checkpointing
+            changes none of it.
+        left_between_regions: per region, at the same moment, what ops between the
+            regions still held: what they made in the chain's forward and the regions'
+            outputs only they take, the regions' inputs aside. A projection between two
+            stacks of regions frees its saved input once it has run backward.
+        before_region_backward: per region, how far the step rose above what it held
+            then between the end of the next region's backward and the start of its own:
+            those ops' backward (``None``: not seen; the last region's is the tail's).
     """
 
     peak: int
@@ -118,6 +130,9 @@ class StepMemory:
     inputs_live_after_backward: frozenset[tuple[int, int]] = frozenset()
     inputs_made_after_region: dict[tuple[int, int], int] = field(default_factory=dict)
     before_chain_at_chain_backward: int | None = None
+    beside_region_backward: tuple[int | None, ...] = ()
+    left_between_regions: tuple[int | None, ...] = ()
+    before_region_backward: tuple[int | None, ...] = ()
 
 
 def measure_step(
@@ -143,6 +158,24 @@ def measure_step(
     made_before: set[tuple[int, int]] = set()
     made_after_region: dict[tuple[int, int], int] = {}
     region_ends: list[int] = []  # allocations when each region's forward ended
+    backward_start: dict[int, tuple[int, list[int]]] = {}
+    output_sizes: dict[int, list[int]] = {}
+    input_refs: dict[int, list[weakref.ref]] = {}  # storages, not keys: a key is reused
+    gradient_reached: set[tuple[int, int]] = set()
+    region_starts: dict[int, int] = {}
+    left_between: dict[int, int] = {}  # per region: what ops between regions still hold
+    gap_from: set[int] = set()  # the regions whose backward has ended
+    gap_peak: dict[int, int] = {}
+    output_refs: dict[int, list[weakref.ref]] = {}
+    taken_later: set[tuple[int, int]] = set()  # (region, output) a later region takes
+
+    def made_between_regions(born: int) -> bool:
+        # made in the chain's forward by an op outside every region (a norm, a projection
+        # between two stacks of regions)
+        if not seen["allocations"] < born <= seen["tail_allocations"]:
+            return False
+        ends = dict(enumerate(region_ends))
+        return not any(a < born <= ends.get(i, a) for i, a in region_starts.items())
 
     def inputs_live() -> frozenset[tuple[int, int]]:
         return frozenset(at for at, storage in region_inputs.items() if storage() is not None)
@@ -155,6 +188,23 @@ def measure_step(
                     seen["allocations"] = tracker.allocations
                 if any(at[0] == index for at in region_inputs) or "allocations" not in seen:
                     return  # its first call in the chain only
+                tensors = [t for t in tree_leaves((args, kwargs_)) if isinstance(t, Tensor)]
+                input_refs[index] = [weakref.ref(t.untyped_storage()) for t in tensors]
+                taking = {t.untyped_storage()._cdata for t in tensors}
+                taken_later.update(
+                    (j, o)
+                    for j, refs in output_refs.items()
+                    for o, ref in enumerate(refs)
+                    if _key(ref) in taking
+                )
+                region_starts[index] = tracker.allocations
+                takes = [t for t in tensors if t.requires_grad]
+                if takes:
+                    handles.append(
+                        torch.autograd.graph.register_multi_grad_hook(
+                            takes, backward_ended(index), mode="any"
+                        )
+                    )
                 for i, t in enumerate(tree_leaves((args, kwargs_))):
                     if isinstance(t, Tensor):
                         region_inputs[(index, i)] = weakref.ref(t.untyped_storage())
@@ -164,12 +214,71 @@ def measure_step(
 
             return hook
 
-        def end_of(index: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: Any, out: Any) -> None:
-                if "allocations" in seen and len(region_ends) == index:
-                    region_ends.append(tracker.allocations)
+        def backward_ended(index: int) -> Callable[[Tensor], None]:
+            # the ops between it and the region before run backward from here
+            def hook(grad: Tensor) -> None:
+                if index not in gap_from:
+                    gap_from.add(index)
+                    tracker.start_window()
 
             return hook
+
+        def end_of(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, kwargs_: Any, out: Any) -> None:
+                if "allocations" in seen and len(region_ends) == index:
+                    region_ends.append(tracker.allocations)
+                    outs = [
+                        t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad
+                    ]
+                    # what it hands back unchanged (T5's position bias) gets its gradient
+                    # from the regions before it, later
+                    taken = {id(t) for t in tree_leaves((args, kwargs_))}
+                    outs = [t for t in outs if id(t) not in taken] or outs[:1]
+                    if outs:
+                        watch_backward_start(index, outs)
+
+            return hook
+
+        def watch_backward_start(index: int, outs: list[Tensor]) -> None:
+            # What the head, the loss and the backward so far made and still hold when the
+            # region's backward starts (the first of its outputs' gradients is ready), that
+            # gradient aside, and which of its other outputs' gradients were part-built then.
+            # keys and sizes only: holding the outputs would keep them alive
+            refs = [weakref.ref(t.untyped_storage()) for t in outs]
+            output_refs[index] = refs
+            output_sizes[index] = [t.numel() * t.element_size() for t in outs]
+
+            def ready(k: int) -> Callable[[Tensor], None]:
+                def hook(grad: Tensor) -> None:
+                    gradient_reached.add((index, k))
+                    if "tail_allocations" not in seen or index in backward_start:
+                        return
+                    made = tracker.live_bytes_made_after(seen["tail_allocations"])
+                    pending = [o for o in range(len(refs)) if o != k and (index, o) in taken_later]
+                    backward_start[index] = (max(0, made - unique_storage_bytes([grad])), pending)
+                    if index + 1 in gap_from:  # the peak since the region after it ended
+                        gap_peak[index] = tracker.window_peak_bytes - tracker.current_bytes
+                    inputs = _live_keys(input_refs.values())
+                    # a region's output only ops outside the regions take (and hold)
+                    handed_out = _live_keys(output_refs.values()) - inputs
+                    left_between[index] = tracker.live_bytes_born(
+                        made_between_regions, inputs, handed_out
+                    )
+
+                return hook
+
+            handles.extend(t.register_hook(ready(k)) for k, t in enumerate(outs))
+
+        def beside_region_backward(index: int) -> int | None:
+            # An output a later region took and a gradient reached had its gradient
+            # part-built by that region's backward: counted in the region's own.
+            if index not in backward_start:
+                return None
+            made, pending = backward_start[index]
+            part_built = sum(
+                output_sizes[index][k] for k in pending if (index, k) in gradient_reached
+            )
+            return max(0, made - part_built)
 
         def before_first(module: nn.Module, args: Any, kwargs_: Any) -> None:
             if "at_chain_start" in seen:
@@ -195,6 +304,7 @@ def measure_step(
             if "tail" in seen:
                 return  # the first call ends the chain's forward
             seen["tail"] = 1
+            seen["tail_allocations"] = tracker.allocations
             tracker.start_window()
             outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
             if outs:
@@ -221,7 +331,7 @@ def measure_step(
             handles.append(last.register_forward_hook(after_last))
         for index, region in enumerate(regions):
             handles.append(region.register_forward_pre_hook(follow_inputs(index), with_kwargs=True))
-            handles.append(region.register_forward_hook(end_of(index)))
+            handles.append(region.register_forward_hook(end_of(index), with_kwargs=True))
         try:
             loss = loss_fn(model(*inputs, **kwargs))
             # the loss, and the gradient backward() starts from: live until it returns
@@ -253,12 +363,26 @@ def measure_step(
         inputs_made_before_chain=frozenset(made_before),
         inputs_live_after_backward=live.get("after_backward", frozenset()),
         inputs_made_after_region=made_after_region,
+        beside_region_backward=tuple(beside_region_backward(i) for i in range(len(regions))),
+        left_between_regions=tuple(left_between.get(i) for i in range(len(regions))),
+        before_region_backward=tuple(gap_peak.get(i) for i in range(len(regions))),
         before_chain_at_chain_backward=(
             new("before_chain_at_chain_backward")
             if "before_chain_at_chain_backward" in seen
             else None
         ),
     )
+
+
+def _key(ref: weakref.ref) -> int | None:
+    """The key of a storage still alive (``None``: freed)."""
+    storage = ref()
+    return None if storage is None else storage._cdata
+
+
+def _live_keys(groups: Iterable[Sequence[weakref.ref]]) -> set[int]:
+    """The keys of the storages still alive among ``groups`` of weak references."""
+    return {key for refs in groups for ref in refs if (key := _key(ref)) is not None}
 
 
 def _last_region_ended(tracker: MemoryTracker, t: Tensor, ends: Sequence[int]) -> int:
@@ -309,6 +433,7 @@ def with_gradient_bytes(
     loss_bytes: int = 0,
     input_gradient_bytes: Sequence[int] = (),
     accumulated: set[int] | None = None,
+    step: StepMemory | None = None,
 ) -> list[RegionProfile]:
     """Add to each region's transient the parameter gradients live during its backward.
 
@@ -324,7 +449,13 @@ def with_gradient_bytes(
     (an encoder's output, a learned position bias) accumulating beside its backward
     (``shared_inputs.shared_gradient_bytes``). ``accumulated``: the ids of the parameters
     the profiled backward gave a gradient (``None``: all that require grad); a tower the
-    forward did not run gets none.
+    forward did not run gets none. ``step``: what the step measured beside each region's
+    backward (``StepMemory.beside_region_backward``); where known it replaces the sum
+    above, which can only guess when a gradient made outside the chain appears, or what
+    the head leaves and frees. Beside it, what the step held at the chain's backward that
+    it made before, and the chain model does not count, stays live, less what ops between
+    the regions free by then (``StepMemory.left_between_regions``); and the region's
+    backward covers those ops' backward before it (``StepMemory.before_region_backward``).
     """
 
     def grad_bytes(params: Any) -> int:
@@ -345,7 +476,30 @@ def with_gradient_bytes(
         # its own gradients are in its measured transient already (transient_bytes)
         out.append(profile_.with_later_gradients(later + extra))
         later += own_bytes
-    return out[::-1]
+    out.reverse()
+    measured = () if step is None else step.beside_region_backward
+    last = measured[-1] if len(measured) == len(profiles) and profiles else None
+    if step is None or head_left is None or last is None:
+        return out
+    before = max(0, head_left - last)
+    for i, beside in enumerate(measured):
+        if beside is not None:
+            gap = step.before_region_backward[i] or 0
+            held = _still_held(before, step.left_between_regions, i) + beside
+            out[i] = profiles[i].with_backward_at_least(gap).with_later_gradients(held)
+    return out
+
+
+def _still_held(before: int, left: Sequence[int | None], region: int) -> int:
+    """Of ``before`` (what the step held at the chain's backward, made before it, that the
+    chain model does not count), what is still held when ``region`` runs backward: less
+    what ops between the regions freed since (``left``, per region). What of theirs the
+    model counts elsewhere (``left`` beyond ``before``) is taken to be freed first."""
+    if len(left) <= region or left[-1] is None or left[region] is None:
+        return before
+    freed = left[-1] - left[region]
+    counted_elsewhere = max(0, left[-1] - before)
+    return before - min(before, max(0, freed - counted_elsewhere))
 
 
 def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
@@ -365,17 +519,17 @@ def handed_on(recs: Sequence[dict[str, Any]]) -> list[set[int]]:
     return handed
 
 
-def saved_union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tuple[int, bool]:
+def saved_union(rec: dict[str, Any], handed: set[int], received: set[int]) -> tuple[int, bool, int]:
     """A region's saved bytes, its input counted when it is saved (by the region, or by the
-    region before as its output: ``received``), and whether it is: a ReLU's input, the
-    Linear's output before it, is freed once the ReLU has run, so the ReLU's saved bytes
-    leave it out. What it ``handed`` on to a later region is counted there."""
+    region before as its output: ``received``), whether all of it is, and how much of it
+    is: a ReLU's input, the Linear's output before it, is freed once the ReLU has run, so
+    the ReLU's saved bytes leave it out. What it ``handed`` on to a later region is
+    counted there."""
     keys, _ = rec["input"]  # keys exclude pre-existing inputs
     saved_inputs = {k for k in keys if (k in rec["saved"] or k in received) and k not in handed}
     own = sum(v for k, v in rec["saved"].items() if k not in keys and k not in handed)
-    # Part of a several-tensor input saved: counted, and the whole input held on top when a
-    # checkpoint holds it (an overcount, on the safe side).
-    return own + sum(rec["input_sizes"][k] for k in saved_inputs), saved_inputs == keys
+    saved_input = sum(rec["input_sizes"][k] for k in saved_inputs)
+    return own + saved_input, saved_inputs == keys, saved_input
 
 
 def store_all_peak_of(
