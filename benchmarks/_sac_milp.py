@@ -330,7 +330,7 @@ def apply_sac_milp(workload: Workload, plan: SacMilpPlan) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from remat.bench.workloads import build_workload
-    from remat.planner.step_memory import measure_step_peak
+    from remat.profiling.step import measure_step_peak
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)

@@ -33,7 +33,7 @@ from llama_plans import llama_workload
 
 import remat
 from remat.bench.configurations import offload_store_for
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.step import measure_step_peak
 
 MB = 10**6
 SHAPE_1B = {"n_layers": 16, "d_model": 2048, "heads": 32, "mlp": 8192, "kv": 8}

@@ -46,7 +46,7 @@ from hf_sweep import CANDIDATES, MAX_PARAMETERS, _difference, _line, _overrides,
 
 import remat
 from remat.measure.training_call import training_call
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.step import measure_step_peak
 
 B, T = 2, 32
 BUDGETS = ("30%", "50%", "75%")

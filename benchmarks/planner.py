@@ -46,7 +46,7 @@ from torch import nn
 
 import remat
 from remat.bench.workloads import Workload, build_workload
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.step import measure_step_peak
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from remat.errors import BudgetError
-from remat.planner import (
+from remat.solver import (
     Chain,
     Op,
     Region,

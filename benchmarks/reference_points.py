@@ -35,8 +35,8 @@ from _timing import interleaved_seconds, step_seconds
 
 import remat
 from remat.bench.workloads import build_workload
-from remat.planner.profile_data import Profile
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.profile_data import Profile
+from remat.profiling.step import measure_step_peak
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20

@@ -12,7 +12,7 @@ from torch import nn
 
 import remat
 from conftest import tiny_gpt
-from remat.planner import Chain, Region, plan_chain
+from remat.solver import Chain, Region, plan_chain
 
 
 def small():

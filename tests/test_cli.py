@@ -205,13 +205,13 @@ def test_plan_infeasible_budget_exits_1(capsys):
 )
 def test_bad_arguments_exit_2_in_one_line_before_anything_runs(capsys, monkeypatch, argv, expected):
     import remat.bench.runner
-    import remat.planner.profiling
+    import remat.profiling.profiler
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a worker or the profile started")
 
     monkeypatch.setattr(remat.bench.runner, "WorkerProcess", must_not_run)
-    monkeypatch.setattr(remat.planner.profiling, "_profile", must_not_run)
+    monkeypatch.setattr(remat.profiling.profiler, "_profile", must_not_run)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"remat {argv[0]}: error:"), err

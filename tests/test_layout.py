@@ -1,5 +1,6 @@
 """The package's layout keeps its architecture (ARCHITECTURE.md): stage folders, imports
-that flow one way, no cycle, no module over 500 lines, no module shadowed by a function."""
+that flow one way, no cycle, no module over 500 lines, no module shadowed by a function, no
+torch in the solver, no stage folder over a quarter of the package."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "remat"
-# Lower stages never import higher ones: cli -> bench -> planner (and integrations) ->
-# policy -> engine -> measure -> errors.
+# Lower stages never import higher ones: cli -> bench -> integrations -> planner ->
+# profiling -> targets -> solver -> policy -> engine -> measure -> errors.
 STAGES = {
     "errors": 0,
     "measure": 1,
     "engine": 2,
     "policy": 3,
-    "planner": 4,
-    "integrations": 4,
-    "bench": 5,
-    "cli": 6,
-    "__main__": 6,
+    "solver": 4,
+    "targets": 5,
+    "profiling": 6,
+    "planner": 7,
+    "integrations": 8,
+    "bench": 9,
+    "cli": 10,
+    "__main__": 10,
 }
 
 
@@ -115,3 +119,38 @@ def test_every_module_imports_as_a_module_not_a_function():
         if parent:  # remat.profile is a function; no module may hide behind one
             attribute = getattr(importlib.import_module(parent), child, None)
             assert attribute is None or isinstance(attribute, types.ModuleType), name
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the packages other than remat that ``path`` imports (any line)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {"remat", "__future__"}
+
+
+def test_the_solver_imports_no_torch_directly_or_through_remat():
+    solver = {n for n in MODULES if n == "remat.solver" or n.startswith("remat.solver.")}
+    reached, todo = set(), list(solver)
+    while todo:  # every remat module a solver module imports, however indirectly
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(GRAPH[name] - {"remat"})
+    torch_users = {n for n in reached if "torch" in _third_party_imports(MODULES[n])}
+    assert not torch_users, f"the solver reaches torch through {sorted(torch_users)}"
+
+
+def test_no_stage_folder_holds_over_a_quarter_of_the_package():
+    lines: dict[str, int] = {}
+    for name, path in MODULES.items():
+        parts = name.split(".")
+        folder = len(parts) > 2 or (len(parts) == 2 and path.name == "__init__.py")
+        stage = parts[1] if folder else "<top>"
+        lines[stage] = lines.get(stage, 0) + len(path.read_text().splitlines())
+    total = sum(lines.values())
+    big = {s: f"{n / total:.0%}" for s, n in lines.items() if s != "<top>" and n > total / 4}
+    assert not big, f"stage folders over a quarter of the package's lines: {big}"

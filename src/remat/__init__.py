@@ -9,14 +9,10 @@ from remat.engine.checkpointing import CheckpointFunction, checkpoint, checkpoin
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
 from remat.measure.saved import SavedActivation, SavedActivationTable, saved_activations
 from remat.measure.tracker import MemoryTracker, TimelineEvent
-from remat.planner import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
+from remat.planner.applying import apply_plan
 from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
-from remat.planner.plan_for_budget import pareto, plan, plan_from_choices
-from remat.planner.plan_roles import apply_plan
-from remat.planner.profile_data import Profile
-from remat.planner.profiling import profile
-from remat.planner.targets import TARGETS, Target
+from remat.planner.planning import pareto, plan, plan_from_choices
 from remat.policy.offload_stores import CpuStore, CudaPinnedStore, OffloadStats, OffloadStore
 from remat.policy.offloading import Offload, offload
 from remat.policy.op_level import Ops, ops
@@ -24,6 +20,10 @@ from remat.policy.segment import Segments, segments, sqrt
 from remat.policy.selectors import Selector, by_name, by_type, every, where
 from remat.policy.treatments import Policy, Recompute, Treatment, recompute
 from remat.policy.wrapping import applied, apply, remove
+from remat.profiling.profile_data import Profile
+from remat.profiling.profiler import profile
+from remat.solver import Chain, Plan, Region, RegionOption, parse_budget, plan_chain
+from remat.targets.devices import TARGETS, Target
 
 __version__ = "0.1.0"
 

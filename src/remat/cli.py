@@ -37,11 +37,11 @@ from remat.bench.table import print_table
 from remat.bench.user_models import parse_model_args
 from remat.errors import MissingExtraError
 from remat.measure.storage import unique_storage_bytes
-from remat.planner.budget import looks_like_percent, parse_budget
 from remat.planner.sharding import shard_profile, sharded_state
-from remat.planner.step_memory import measure_step_peak
-from remat.planner.targets import describe_targets, get_target
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
+from remat.profiling.step import measure_step_peak
+from remat.solver.budget import looks_like_percent, parse_budget
+from remat.targets.devices import describe_targets, get_target
 
 __all__ = ["main"]
 

@@ -244,7 +244,7 @@ def test_block_plans_measure_their_predicted_peak_to_the_byte(family):
     never above the predicted step peak (to the byte but for ``_BOUND_ONLY``), and bitwise
     the un-checkpointed gradients."""
     from remat.measure.training_call import training_call
-    from remat.planner.step_memory import measure_step_peak
+    from remat.profiling.step import measure_step_peak
 
     config, cls, kind = _small(family)
     torch.manual_seed(0)

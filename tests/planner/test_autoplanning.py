@@ -17,8 +17,8 @@ import remat
 from conftest import tiny_gpt
 from remat.bench.workloads import build_workload
 from remat.engine.checkpointing import run_checkpoint
-from remat.planner.profile_data import Profile
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.profile_data import Profile
+from remat.profiling.step import measure_step_peak
 
 B, T, C = 2, 16, 32
 
@@ -542,7 +542,7 @@ def test_nested_segments_across_containers_are_exact():
     of the MLP): heads run their segment, followers of an outer segment hand back its output
     while the runner of a nested one still gets the real work done. Out-of-place ReLUs: an
     in-place one writes its input, so it can neither be recomputed nor start a segment."""
-    from remat.planner import plan_from_choices
+    from remat.solver import plan_from_choices
 
     workload, reference = (build_workload("mlp", batch=64, inplace=False) for _ in range(2))
     loss = loss_of(workload)
@@ -558,7 +558,7 @@ def test_nested_segments_across_containers_are_exact():
 
 
 def test_named_presets_join_a_thinned_menu():
-    from remat.planner.profile_data import OpProfile, RegionProfile
+    from remat.profiling.profile_data import OpProfile, RegionProfile
 
     ops = (
         OpProfile(name="aten.addmm.default#0", output_bytes=400, cost=5.0),
@@ -673,9 +673,7 @@ def test_gpt_plans_are_predicted_to_the_byte():
     assert prof.tail_bytes > 0 and prof.outside_bytes == 64 * 8  # the positions, int64
     for op_level in (False, True):
         front = (
-            remat.pareto(prof)
-            if op_level
-            else remat.planner.pareto(prof.to_chain(op_options=False))
+            remat.pareto(prof) if op_level else remat.solver.pareto(prof.to_chain(op_options=False))
         )
         assert len(front) >= 3
         for p in front:
@@ -847,7 +845,7 @@ def test_op_level_plans_run_on_the_tape_where_every_op_is_recomputable():
     """The tape engine keeps the outputs of random ops and of ops that write to a tensor
     (batch norm's statistics), which the op menus count as recomputed: regions with such
     ops plan on the replay engine, the others on the tape."""
-    from remat.planner.plan_roles import plan_assignments
+    from remat.planner.applying import plan_assignments
 
     def engines(workload, **options):
         prof = remat.profile(workload.model, *workload.inputs, **options)
@@ -909,7 +907,7 @@ def test_plan_for_fewer_blocks_or_a_bad_plan_leaves_the_model_as_it_was():
 
 def test_nested_segment_plan_on_a_conv_bn_chain_changes_every_buffer_once():
     """Buffers of every block of every (nested) segment change once, as without remat."""
-    from remat.planner import plan_from_choices
+    from remat.solver import plan_from_choices
 
     torch.manual_seed(0)
     blocks = [

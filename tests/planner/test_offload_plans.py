@@ -18,10 +18,10 @@ import remat
 from conftest import tiny_gpt
 from remat.bench.workloads import build_workload
 from remat.errors import PlanError
-from remat.planner import Chain, Region, pareto, solve_chain
-from remat.planner.memory_model import evaluate, plan_from_choices
-from remat.planner.problem import offload_cost
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.step import measure_step_peak
+from remat.solver import Chain, Region, pareto, solve_chain
+from remat.solver.memory_model import evaluate, plan_from_choices
+from remat.solver.problem import offload_cost
 
 
 def loss_of(workload):

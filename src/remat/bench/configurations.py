@@ -233,7 +233,7 @@ def check_budget(budget: str | None, what: str) -> None:
     """Raise ``ValueError`` for a budget that cannot be meant (before anything runs): one that
     does not parse, or a bare number of at most 100 (bytes by the rules, a percentage by
     intent)."""
-    from remat.planner.budget import looks_like_percent, parse_budget
+    from remat.solver.budget import looks_like_percent, parse_budget
 
     if not budget:
         raise ValueError(f"{what} needs a budget, e.g. 40%, 300MB or 6GiB")

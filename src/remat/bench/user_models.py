@@ -27,8 +27,8 @@ from torch.utils._pytree import tree_map
 
 from remat.bench.workloads import Workload
 from remat.measure.training_call import default_loss
-from remat.planner.regions import default_regions
 from remat.policy.selectors import block_lists
+from remat.profiling.regions import default_regions
 
 __all__ = ["build_user_workload", "is_user_model", "load_factory", "parse_model_args"]
 

@@ -1,88 +1,26 @@
-"""The planner: pure functions from a chain of regions and a memory budget to a ``Plan``.
+"""Plans on models: ``plan``/``pareto`` on a profile (``planning``), ``apply_plan``
+(``applying``), ``autoplan`` (``autoplanning``), ``estimate`` (``estimation``), a rank's
+training state (``training_state``) and FSDP sharding (``sharding``), each imported from its
+module (``remat`` exports them); this package's top level stays free of torch models.
 
-``plan_chain(chain, budget, solver=...)`` is the entry point; ``pareto(chain)`` gives the
-whole memory/compute frontier. The memory model is documented in ``planner/memory_model.py``.
-The stage's other modules work on models: profiling, planning a profile, applying a plan,
-autoplan and estimate (imported from their modules, not here: this package's top level
-stays free of torch models).
+The chain problem and its solvers (``Chain``, ``Region``, ``plan_chain``, ``pareto``, ...)
+moved to :mod:`remat.solver`; their names here still work, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
-from remat.planner.budget import parse_budget
-from remat.planner.chain_dp import min_peak_bytes, pareto, solve_chain, store_all_peak
-from remat.planner.heuristics import every_n_plan, greedy_plan, sqrt_plan
-from remat.planner.memory_model import evaluate, plan_from_choices, simulate
-from remat.planner.op_menu import Op, knapsack_dp, knapsack_milp, solve_ops, with_ops
-from remat.planner.problem import Chain, Region, RegionOption, SharedInput
-from remat.planner.solution import Plan, RegionPlan
+import importlib
+import warnings
+from typing import Any
 
-__all__ = [
-    # problem
-    "Chain",
-    "Op",
-    "Region",
-    "RegionOption",
-    "SharedInput",
-    # answer
-    "Plan",
-    "RegionPlan",
-    # solvers
-    "SOLVERS",
-    "every_n_plan",
-    "greedy_plan",
-    "knapsack_dp",
-    "knapsack_milp",
-    "pareto",
-    "plan_chain",
-    "solve_chain",
-    "solve_ops",
-    "sqrt_plan",
-    "with_ops",
-    # model and budgets
-    "evaluate",
-    "min_peak_bytes",
-    "parse_budget",
-    "plan_from_choices",
-    "simulate",
-    "store_all_peak",
-]
-
-SOLVERS = ("auto", "chain", "sqrt", "every-n", "greedy")
+__all__: list[str] = []
 
 
-def plan_chain(chain: Chain, budget: int | float | str, *, solver: str = "auto", **options) -> Plan:
-    """Plan a chain for a memory budget.
-
-    Args:
-        chain: the problem.
-        budget: bytes, a size string (``"6GiB"``) or a percentage of the un-checkpointed
-            peak (``"40%"``), see ``parse_budget``.
-        solver: ``"auto"`` (the optimal chain DP), ``"chain"``, ``"sqrt"``, ``"every-n"`` or
-            ``"greedy"``.
-        **options: passed to the solver (e.g. ``resolution_bytes=``, ``nested=`` for the
-            chain DP; ``n=`` for every-n).
-
-    Returns:
-        The ``Plan``; its ``predicted_peak_bytes`` is at most the budget.
-
-    Raises:
-        BudgetError: no plan of that solver fits; ``min_feasible_bytes`` says what would.
-        ValueError: unknown solver or bad budget.
-
-    Example:
-        >>> plan = plan_chain(chain, "40%")
-        >>> print(plan)
-    """
-    if not isinstance(chain, Chain):
-        raise TypeError(f"chain must be a remat.planner.Chain, got {type(chain).__name__}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
-    budget_bytes = parse_budget(budget, baseline_bytes=store_all_peak(chain))
-    if solver in ("auto", "chain"):
-        return solve_chain(chain, budget_bytes, **options)
-    if solver == "sqrt":
-        return sqrt_plan(chain, budget_bytes, **options)
-    if solver == "every-n":
-        return every_n_plan(chain, budget_bytes, **options)
-    return greedy_plan(chain, budget_bytes, **options)
+def __getattr__(name: str) -> Any:
+    solver = importlib.import_module("remat.solver")
+    if name in solver.__all__:
+        warnings.warn(
+            f"remat.planner.{name} moved to remat.solver.{name}", DeprecationWarning, stacklevel=2
+        )
+        return getattr(solver, name)
+    raise AttributeError(f"module 'remat.planner' has no attribute {name!r}")

@@ -21,12 +21,12 @@ from remat.measure.training_call import (
     require_train_mode,
     training_call,
 )
-from remat.planner.budget import describe_bytes
-from remat.planner.plan_for_budget import budget_hint, plan, short_repr, split_budget
-from remat.planner.plan_roles import apply_plan, remove_plan
-from remat.planner.profile_data import Profile
-from remat.planner.profiling import profile as make_profile
-from remat.planner.step_memory import measure_step_peak, state_kept
+from remat.planner.applying import apply_plan, remove_plan
+from remat.planner.planning import budget_hint, plan, short_repr, split_budget
+from remat.profiling.profile_data import Profile
+from remat.profiling.profiler import profile as make_profile
+from remat.profiling.step import measure_step_peak, state_kept
+from remat.solver.budget import describe_bytes
 
 __all__ = ["AutoPlan", "autoplan"]
 

@@ -22,25 +22,27 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
-    FakeTensorMode,
-)
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from remat.engine.checkpointing import checkpoint
-from remat.errors import PlanError
 from remat.measure.storage import device_of, iter_tensors, unique_storage_bytes
 from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.measure.training_call import check_loss_fn, default_loss, training_call
-from remat.planner.fake_values import known_values
-from remat.planner.meta_kernel_gaps import meta_kernel_gaps
-from remat.planner.target_kernels import target_kernels
-from remat.planner.targets import Target, get_target
 from remat.policy.wrapping import applied, apply, remove
+from remat.profiling.fake_model import (
+    data_questions_named,
+    fake_state,
+    on_device,
+    swapped,
+    with_buffers,
+)
+from remat.profiling.fake_values import known_values
+from remat.profiling.meta_kernel_gaps import meta_kernel_gaps
+from remat.targets.devices import Target, get_target
+from remat.targets.kernels import target_kernels
 
-__all__ = ["EstimateReport", "estimate", "faked_meta_model"]
+__all__ = ["EstimateReport", "estimate"]
 
 ModuleFilter = Iterable[str] | Callable[[nn.Module, str], bool]
 
@@ -127,7 +129,7 @@ def estimate(
             ...) applied for the estimate only; an alternative to ``checkpoint_modules``.
         target_device: count what the target's kernels keep (``"h100"``: CUDA's one-byte
             dropout masks, flash or memory-efficient attention; ``"cpu"``: the CPU's flash
-            attention), as :func:`remat.planner.target_kernels.target_kernels` describes.
+            attention), as :func:`remat.targets.kernels.target_kernels` describes.
             ``None``: the kernels of the model's device (math attention on meta).
         **kwargs: keyword inputs of ``model`` (tensors become fake copies too; a model
             input may be named ``target``).
@@ -164,10 +166,10 @@ def estimate(
     # dispatch as on the real device (sdpa picks the same kernel) and models that branch on
     # data can tell they are being traced (transformers checks for fake tensors).
     fake = FakeTensorMode(allow_non_fake_inputs=False)
-    params, buffers = _fake_state(fake, model)
+    params, buffers = fake_state(fake, model)
     fake_inputs = tuple(_to_fake_input(fake, x, i, dtype, device) for i, x in enumerate(inputs))
     fake_kwargs = tree_map(
-        lambda x: _on_device(fake, fake.from_tensor(x), device) if isinstance(x, Tensor) else x,
+        lambda x: on_device(fake, fake.from_tensor(x), device) if isinstance(x, Tensor) else x,
         kwargs,
     )
     copies = [*zip(fake_inputs, inputs), *zip(tree_leaves(fake_kwargs), tree_leaves(kwargs))]
@@ -176,14 +178,14 @@ def estimate(
     tracker = MemoryTracker(module=model, count_existing=existing, timeline=timeline)
     tracker._state.extend(buffers.values())  # buffers are state, not activations
     with (
-        _data_questions_named(model, "remat.estimate"),
+        data_questions_named(model, "remat.estimate"),
         training_call(model),
-        _swapped(model, params, buffers),
+        swapped(model, params, buffers),
         _checkpointed(model, names),
         _policy_applied(model, policy) as policy_regions,
         fake,
         meta_kernel_gaps(),
-        known_values(_with_buffers(copies, model, buffers)),
+        known_values(with_buffers(copies, model, buffers)),
         torch.enable_grad(),
         target_kernels(target),
         tracker,
@@ -213,90 +215,6 @@ def estimate(
 
 
 @contextlib.contextmanager
-def faked_meta_model(
-    model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """Run a model on meta under ``FakeTensorMode``: its parameters, buffers and the inputs
-    become fake copies (restored afterwards), so that models that branch on data can tell
-    they are traced (transformers' masks call ``.all()``, which meta tensors cannot answer).
-    Yields the fake inputs; a model not on meta runs as it is."""
-    meta = next((t for t in (*model.parameters(), *model.buffers()) if t.is_meta), None)
-    if meta is None:
-        yield inputs, kwargs
-        return
-    # Meta tensors a loss function closes over (targets) are converted as they come.
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    params, buffers = _fake_state(fake, model)
-    copies: list[tuple[Tensor, Tensor]] = []
-
-    def to_fake(x: Any) -> Any:  # input_ids made on the CPU go to meta with the model
-        if not isinstance(x, Tensor):
-            return x
-        copies.append((_on_device(fake, fake.from_tensor(x), meta.device), x))
-        return copies[-1][0]
-
-    fake_inputs, fake_kwargs = tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
-    with (
-        _data_questions_named(model, "remat.profile"),
-        _swapped(model, params, buffers),
-        fake,
-        meta_kernel_gaps(),
-        known_values(_with_buffers(copies, model, buffers)),
-    ):
-        yield fake_inputs, fake_kwargs
-
-
-@contextlib.contextmanager
-def _data_questions_named(model: nn.Module, who: str) -> Iterator[None]:
-    """A fake run that reads a value it does not have (``.item()`` of something computed
-    from the weights, a shape that depends on data) raises :class:`PlanError` naming the
-    module that asked, instead of the fake mode's internal exception."""
-    try:
-        yield
-    except (DataDependentOutputException, DynamicOutputShapeException) as err:
-        raise PlanError(
-            f"{who}: on meta, {_asking_module(err, model)} reads the values of a tensor that "
-            f"a meta run does not have ({err.func}: a number or a shape computed from data it "
-            "cannot know, such as the weights); profile this model on a real device (a "
-            "smaller config, the same layer types)"
-        ) from err
-
-
-def _asking_module(err: BaseException, model: nn.Module) -> str:
-    """The innermost module of ``model`` running where ``err`` was raised."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found = None
-    tb = err.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in names:
-            found = f"module {names[id(owner)] or type(owner).__name__!r} ({type(owner).__name__})"
-        tb = tb.tb_next
-    return found or f"the model ({type(model).__name__})"
-
-
-def _with_buffers(
-    copies: list[tuple[Tensor, Tensor]], model: nn.Module, buffers: dict[int, Tensor]
-) -> list[tuple[Tensor, Tensor]]:
-    """The fake inputs and buffers beside the tensors they copy, for :func:`known_values`: a
-    model's data-dependent branches (transformers' attention masks) then go as they would in a
-    real run with these inputs (buffers on meta hold no values and are left out there)."""
-    return [*copies, *((buffers[id(b)], b) for b in model.buffers() if id(b) in buffers)]
-
-
-def _fake_state(
-    fake: FakeTensorMode, model: nn.Module
-) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """Fake copies of the model's parameters and buffers, keyed by ``id()`` of the originals
-    (tied weights stay tied), for :func:`_swapped`."""
-    params = {
-        id(p): nn.Parameter(fake.from_tensor(p).detach(), requires_grad=p.requires_grad)
-        for p in model.parameters()
-    }
-    return params, {id(b): fake.from_tensor(b) for b in model.buffers()}
-
-
-@contextlib.contextmanager
 def _policy_applied(model: nn.Module, policy: Any) -> Iterator[list[str]]:
     """Apply a remat policy for the estimate, and take it off again afterwards."""
     if policy is None:
@@ -319,20 +237,11 @@ def _to_fake_input(
     fake: FakeTensorMode, x: Any, i: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     if isinstance(x, Tensor):
-        return _on_device(fake, fake.from_tensor(x), device)
+        return on_device(fake, fake.from_tensor(x), device)
     if isinstance(x, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in x):
         with fake:  # a fake tensor on the model's device, nothing allocated
             return torch.empty(tuple(x), dtype=dtype, device=device)
     raise TypeError(f"estimate: inputs[{i}] must be a tensor or a shape, got {type(x).__name__}")
-
-
-def _on_device(fake: FakeTensorMode, x: Tensor, device: torch.device) -> Tensor:
-    """A fake input on the model's device: ``input_ids`` made on the CPU for a model built
-    on meta (nothing is copied; fake tensors hold no data)."""
-    if x.device == device:
-        return x
-    with fake:
-        return x.to(device)
 
 
 def _select(model: nn.Module, which: ModuleFilter | None) -> list[str]:
@@ -355,27 +264,6 @@ def _select(model: nn.Module, which: ModuleFilter | None) -> list[str]:
         if n not in known:
             raise ValueError(f"checkpoint_modules: {type(model).__name__} has no module {n!r}")
     return names
-
-
-@contextlib.contextmanager
-def _swapped(model: nn.Module, params: dict[int, Tensor], buffers: dict[int, Tensor]):
-    """Put the fake copies in place of the model's parameters and buffers for the whole step.
-
-    ``functional_call`` would restore the originals when forward returns, before a checkpoint
-    recomputes in backward. Keys are ``id()`` of the originals, so tied weights stay tied.
-    """
-    undo = []
-    try:
-        for mod in model.modules():
-            for slot, new in ((mod._parameters, params), (mod._buffers, buffers)):
-                for k, v in slot.items():
-                    if v is not None and id(v) in new:
-                        undo.append((slot, k, v))
-                        slot[k] = new[id(v)]
-        yield
-    finally:
-        for slot, k, v in reversed(undo):
-            slot[k] = v
 
 
 @contextlib.contextmanager

@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from remat.measure.storage import unique_storage_bytes
-from remat.planner.profile_data import Profile
-from remat.planner.step_memory import store_all_peak_of
 from remat.planner.training_state import TrainingState
+from remat.profiling.profile_data import Profile, store_all_peak_of
 
 __all__ = ["ShardedState", "shard_profile", "sharded_state"]
 

@@ -15,15 +15,15 @@ from torch import nn
 
 from remat.errors import PlanError
 from remat.measure.training_call import cache_off
-from remat.planner.plan_for_budget import short_repr
-from remat.planner.regions import default_regions
-from remat.planner.solution import Plan, offloaded_in_segments
+from remat.planner.planning import short_repr
 from remat.policy.offload_stores import OffloadStore
 from remat.policy.offloading import Offload
 from remat.policy.op_level import Ops
 from remat.policy.segment import segment_roles
 from remat.policy.treatments import Recompute, Treatment
 from remat.policy.wrapping import apply, remove
+from remat.profiling.regions import default_regions
+from remat.solver.solution import Plan, offloaded_in_segments
 
 __all__ = ["apply_plan", "plan_assignments", "remove_plan"]
 
@@ -141,7 +141,7 @@ def apply_plan(
 
     Args:
         model: the model the plan was made for.
-        plan: a :class:`~remat.planner.solution.Plan`.
+        plan: a :class:`~remat.solver.solution.Plan`.
         offload_store: where the plan's offloaded regions put their saved tensors
             (``None``: pinned host memory, for a model on CUDA; ``remat.CpuStore()`` copies
             on any device, e.g. to check a GPU plan's bytes on CPU).

@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend
 import remat
 from remat.bench.megatron_layer import MegatronLayer, layer_input, paper_bytes
 from remat.bench.workloads import build_workload
-from remat.planner.target_kernels import cuda_sdpa_backend, target_kernels
-from remat.planner.targets import TARGETS
+from remat.targets.devices import TARGETS
+from remat.targets.kernels import cuda_sdpa_backend, target_kernels
 
 
 @pytest.mark.parametrize("recompute_core", [False, True])

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from remat.errors import BudgetError, PlanError
-from remat.planner import (
+from remat.solver import (
     SOLVERS,
     Chain,
     Plan,
@@ -231,3 +231,14 @@ def test_recompute_option_costs_the_early_stopped_rerun():
     plan = plan_from_choices(Chain([early, Region(name="b", **ok)]), ["recompute", "recompute"])
     assert plan.extra_cost == 7.0
     assert Chain.from_json(Chain([early]).to_json()).regions[0].recompute_cost == 3.0
+
+
+def test_the_solver_names_under_remat_planner_still_work_with_a_deprecation_warning():
+    import remat.planner
+    import remat.solver
+
+    for name in ("Chain", "Region", "plan_chain", "pareto", "simulate"):
+        with pytest.warns(DeprecationWarning, match=f"remat.solver.{name}"):
+            assert getattr(remat.planner, name) is getattr(remat.solver, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        remat.planner.no_such_name  # noqa: B018

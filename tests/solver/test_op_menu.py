@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from remat.planner import (
+from remat.solver import (
     Chain,
     Op,
     Region,

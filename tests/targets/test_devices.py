@@ -10,8 +10,8 @@ from torch import nn
 import remat
 from remat.bench.workloads import build_workload
 from remat.cli import main
-from remat.planner.targets import TARGETS, Target, get_target, op_flops
 from remat.planner.training_state import training_state
+from remat.targets.devices import TARGETS, Target, get_target, op_flops
 
 
 def test_an_op_takes_the_slower_of_compute_and_memory_plus_its_launch():

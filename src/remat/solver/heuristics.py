@@ -10,9 +10,9 @@ import itertools
 import math
 
 from remat.errors import BudgetError
-from remat.planner.memory_model import plan_from_choices, simulate
-from remat.planner.problem import Chain
-from remat.planner.solution import Plan
+from remat.solver.memory_model import plan_from_choices, simulate
+from remat.solver.problem import Chain
+from remat.solver.solution import Plan
 
 __all__ = ["every_n_plan", "greedy_plan", "sqrt_plan"]
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remat.errors import PlanError
-from remat.planner.problem import ACTIONS, OFFLOAD, OPS, check_bytes, check_cost
+from remat.solver.problem import ACTIONS, OFFLOAD, OPS, check_bytes, check_cost
 
 __all__ = ["Plan", "RegionPlan", "check_segments", "offloaded_in_segments"]
 

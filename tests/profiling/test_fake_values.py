@@ -9,7 +9,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import remat
-from remat.planner.fake_values import known_values
+from remat.profiling.fake_values import known_values
 
 
 class Padded(nn.Module):

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend
 
-from remat.planner.targets import Target
+from remat.targets.devices import Target
 
 __all__ = ["cuda_sdpa_backend", "target_kernels"]
 

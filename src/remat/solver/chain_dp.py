@@ -1,5 +1,5 @@
 """The optimal planner for a chain of regions (Rotor-style DP), under the memory model of
-:mod:`remat.planner.memory_model`.
+:mod:`remat.solver.memory_model`.
 
 The DP (Beaumont et al., "Optimal checkpointing for heterogeneous chains", 2019): with
 ``C(s, t, m)`` the least extra cost to run sub-chain ``[s, t)`` forward and backward within
@@ -27,12 +27,11 @@ optimal for the rounded problem. When all sizes share a divisor that gives few e
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from functools import reduce
 from typing import TYPE_CHECKING
 
 from remat.errors import BudgetError
-from remat.planner.memory_model import (
+from remat.solver.discretization import byte_counts, discretize, resolution_for
+from remat.solver.memory_model import (
     items_to_plan,
     leaf_bytes,
     pending_bytes,
@@ -40,14 +39,14 @@ from remat.planner.memory_model import (
     segment_forward_peaks,
     simulate,
 )
-from remat.planner.problem import OFFLOAD, Chain, Region
-from remat.planner.solution import Plan
+from remat.solver.problem import OFFLOAD, Chain, Region
+from remat.solver.solution import Plan
 
 if TYPE_CHECKING:
     import numpy as np
 
 
-__all__ = ["discretize", "min_peak_bytes", "pareto", "solve_chain", "store_all_peak"]
+__all__ = ["min_peak_bytes", "pareto", "solve_chain", "store_all_peak"]
 
 
 _MAX_TABLE = 25_000_000  # float64 cells of the nested DP table (200 MB)
@@ -56,70 +55,6 @@ _NESTED_SLOTS = 4000
 
 
 _FLAT_SLOTS = 20_000
-
-
-# ----------------------------------------------------------------------------- discretisation
-def _sizes(chain: Chain) -> list[int]:
-    out = []
-    for r in chain.regions:
-        out += [r.input_bytes, r.saved_bytes, r.output_bytes, r.transient_bytes]
-        out += [r.forward_extra_bytes, r.later_gradient_bytes, r.output_gradient]
-        out += [
-            x
-            for x in (r.recompute_forward_transient_bytes, r.recompute_transient_bytes)
-            if x is not None
-        ]
-        out += [x for o in r.options for x in (o.kept_bytes, o.backward_extra_bytes)]
-    out.append(chain.tail_bytes)
-    return out
-
-
-def _resolution(chain: Chain, budget: int, resolution_bytes: int | None, slots: int) -> int:
-    if resolution_bytes is not None:
-        if isinstance(resolution_bytes, bool) or not isinstance(resolution_bytes, int):
-            raise TypeError(f"resolution_bytes must be an int, got {resolution_bytes!r}")
-        if resolution_bytes < 1:
-            raise ValueError(f"resolution_bytes must be >= 1, got {resolution_bytes}")
-        return resolution_bytes
-    g = reduce(math.gcd, _sizes(chain), 0) or 1
-    return g if budget // g <= slots else max(1, -(-budget // slots))
-
-
-def discretize(chain: Chain, resolution: int) -> Chain:
-    """The chain with every byte count rounded up to whole ``resolution`` slots."""
-
-    def up(x: int) -> int:
-        return -(-x // resolution)
-
-    def up_or_none(x: int | None) -> int | None:
-        return None if x is None else up(x)
-
-    regions = []
-    for r in chain.regions:
-        opts = tuple(
-            replace(o, kept_bytes=up(o.kept_bytes), backward_extra_bytes=up(o.backward_extra_bytes))
-            for o in r.options
-        )
-        regions.append(
-            replace(
-                r,
-                input_bytes=up(r.input_bytes),
-                saved_bytes=up(r.saved_bytes),
-                output_bytes=up(r.output_bytes),
-                transient_bytes=up(r.transient_bytes),
-                options=opts,
-                forward_transient_bytes=up(r.forward_extra_bytes),
-                recompute_forward_transient_bytes=up_or_none(r.recompute_forward_transient_bytes),
-                recompute_transient_bytes=up_or_none(r.recompute_transient_bytes),
-                later_gradient_bytes=up(r.later_gradient_bytes),
-                output_gradient_bytes=up_or_none(r.output_gradient_bytes),
-                # the unsaved part of the input rounds up, as every other count does
-                saved_input_bytes=None
-                if r.saved_input_bytes is None
-                else up(r.input_bytes) - up(r.input_bytes - r.saved_input_bytes),
-            )
-        )
-    return Chain(regions, tail_bytes=up(chain.tail_bytes))
 
 
 # ----------------------------------------------------------------------------- the DP
@@ -386,8 +321,8 @@ def _dp(chain: Chain, budget: int, nested: bool, resolution_bytes: int | None, s
     """(rounded chain, table, resolution, whether the resolution is exact) up to ``budget``."""
     n = len(chain)
     tables = _tables(chain, nested)
-    r = _resolution(chain, budget, resolution_bytes, _slots(n, nested, slots, tables))
-    exact = all(x % r == 0 for x in _sizes(chain))
+    r = resolution_for(chain, budget, resolution_bytes, _slots(n, nested, slots, tables))
+    exact = all(x % r == 0 for x in byte_counts(chain))
     m_max = _table_slots(n, budget, r, nested, tables)
     q = discretize(chain, r)
     return q, *_table(q, m_max, nested), r, exact

@@ -11,17 +11,25 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from remat.planner.op_menu import Op, saving_option, with_ops
-from remat.planner.problem import Chain, Region, SharedInput, offload_cost
 from remat.policy.op_level import OP_PRESETS
+from remat.solver.chain_dp import store_all_peak
+from remat.solver.op_menu import Op, saving_option, with_ops
+from remat.solver.problem import Chain, Region, SharedInput, offload_cost
 
-__all__ = ["OP_ENGINE_CHOICES", "OpProfile", "Profile", "RegionProfile", "op_engine"]
+__all__ = [
+    "OP_ENGINE_CHOICES",
+    "OpProfile",
+    "Profile",
+    "RegionProfile",
+    "op_engine",
+    "store_all_peak_of",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OpProfile:
     """One op inside a region: ``name`` is ``"<overload>#<k>"``, its k-th call in the region;
-    ``output_saved``: autograd saves its output for backward (see ``planner.Op``);
+    ``output_saved``: autograd saves its output for backward (see ``solver.Op``);
     ``saveable``: a selective checkpoint may keep its output (not a random op, an in-place
     op or an output that an in-place op changes later); ``recomputable``: its outputs
     follow from its arguments alone (not a random op nor one that writes to an argument,
@@ -56,7 +64,7 @@ class RegionProfile:
             parameter gradients live then; and forward, where ``forward_transient_bytes``
             is ``None``.
         ops: its ops, in call order.
-        input_saved: whether its input is saved for backward (see ``planner.Region``).
+        input_saved: whether its input is saved for backward (see ``solver.Region``).
         forward_transient_bytes: the most it allocates beyond what it keeps while it runs
             forward (a temporary its backward never makes is not in ``transient_bytes``).
         recompute_ops: how many of ``ops`` a recomputation runs: those before the last
@@ -70,22 +78,22 @@ class RegionProfile:
             Python forward; the tape engine records every op in the forward.
         store_only: why the region cannot be recomputed from its input (``""``: it can):
             ``"writes its input in place"`` for an ``nn.ReLU(inplace=True)`` region, whose
-            recomputation would start from the written input (``planner.Region``). Its
+            recomputation would start from the written input (``solver.Region``). Its
             op-level options run on the tape, which copies what it holds before a write.
         segment_break: why a segment cannot carry on into it from the region before
-            (``""``: it can): its input is not an output of that region (``planner.Region``).
+            (``""``: it can): its input is not an output of that region (``solver.Region``).
         recompute_forward_transient_bytes, recompute_transient_bytes: the same as
             ``forward_transient_bytes`` and ``transient_bytes`` with the region under its own
             checkpoint, beyond its input and its output (or its output's gradient), the
-            parameter gradients live during its backward included (``planner.Region``);
+            parameter gradients live during its backward included (``solver.Region``);
             ``None``: not measured (it cannot be recomputed from its input).
         later_gradient_bytes: the parameter gradients live while it runs backward besides
-            its own (``planner.Region``).
+            its own (``solver.Region``).
         held_bytes: what its forward, run under its own checkpoint, leaves live beyond its
             output: held outside autograd's graph (a KV cache filled in training), so it is
-            only stored (``planner.Region``).
+            only stored (``solver.Region``).
         saved_input_bytes: the part of its input something saves (``None``: all of it
-            when ``input_saved``, none otherwise; ``planner.Region``).
+            when ``input_saved``, none otherwise; ``solver.Region``).
     """
 
     name: str
@@ -185,7 +193,7 @@ class Profile:
         forward_cost: the whole model's forward cost, for relative overheads.
         tail_bytes: what the model adds after the chain (head, loss and their backward) on
             top of what the chain holds then, measured between the last region's forward
-            and its backward (``planner.Chain.tail_bytes``).
+            and its backward (``solver.Chain.tail_bytes``).
         op_engines: the engines its op-level options run on (``remat.profile``'s
             ``op_engines``: ``"auto"`` or ``"replay"``).
         host_bandwidth: bytes per second between the device and host memory, when costs
@@ -193,7 +201,7 @@ class Profile:
             offloading is on each region's menu (``problem.offload_cost``). ``0``: it is not.
         shared_inputs: the tensors several regions take (a mask, rotary tables), counted
             once, by the chain, live or not in the backward depending on the plan
-            (``planner.SharedInput``); not in ``outside_bytes``.
+            (``solver.SharedInput``); not in ``outside_bytes``.
     """
 
     regions: tuple[RegionProfile, ...]
@@ -212,7 +220,7 @@ class Profile:
 
     def step_peak_for(self, chain_peak_bytes: int) -> int:
         """The step's predicted peak for a plan whose chain peaks at ``chain_peak_bytes``
-        (``planner.simulate``): what lives outside the chain added, or the peak before or
+        (``solver.simulate``): what lives outside the chain added, or the peak before or
         after the chain where that is higher."""
         return max(
             chain_peak_bytes + self.outside_bytes,
@@ -308,3 +316,12 @@ def with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) 
         if inside and not dominated:
             options.append(new)
     return replace(region, options=tuple(options))
+
+
+def store_all_peak_of(
+    profiles: Sequence[RegionProfile], tail: int, shared: Sequence[SharedInput] = ()
+) -> int:
+    """The peak of storing every region of ``profiles`` (``tail``: the head's bytes)."""
+    return store_all_peak(
+        Chain([p.to_region() for p in profiles], tail_bytes=tail, shared_inputs=shared)
+    )

@@ -17,10 +17,10 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from remat.engine.caches import fresh_caches
 from remat.errors import RematError
 from remat.measure.tracker import MemoryTracker
-from remat.planner.op_recording import OpRecord
-from remat.planner.profile_data import op_engine
 from remat.policy.op_level import Ops
 from remat.policy.treatments import Recompute, Treatment
+from remat.profiling.op_recording import OpRecord
+from remat.profiling.profile_data import op_engine
 
 __all__ = ["op_overheads", "recompute_transient_bytes", "transient_bytes"]
 

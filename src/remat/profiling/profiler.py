@@ -38,19 +38,26 @@ from remat.measure.training_call import (
     training_call,
 )
 from remat.measure.versions import Versioned
-from remat.planner.estimation import faked_meta_model
-from remat.planner.op_recording import (
+from remat.profiling.fake_model import faked_meta_model
+from remat.profiling.gradients import GradientOrder, with_gradient_bytes
+from remat.profiling.op_recording import (
     OpRecorder,
     post_hook,
     pre_hook,
     received_output_gradient,
     region_flops,
 )
-from remat.planner.problem import SharedInput
-from remat.planner.profile_data import OP_ENGINE_CHOICES, OpProfile, Profile, RegionProfile
-from remat.planner.region_costs import op_overheads, recompute_transient_bytes, transient_bytes
-from remat.planner.regions import default_regions
-from remat.planner.shared_inputs import (
+from remat.profiling.profile_data import (
+    OP_ENGINE_CHOICES,
+    OpProfile,
+    Profile,
+    RegionProfile,
+    store_all_peak_of,
+)
+from remat.profiling.regions import default_regions
+from remat.profiling.run_alone import op_overheads, recompute_transient_bytes, transient_bytes
+from remat.profiling.saved_bytes import handed_on, saved_union
+from remat.profiling.shared_inputs import (
     first_region_shared_bytes,
     in_order,
     made_before_chain,
@@ -58,17 +65,10 @@ from remat.planner.shared_inputs import (
     shared_in_step,
     shared_inputs,
 )
-from remat.planner.step_memory import (
-    GradientOrder,
-    handed_on,
-    measure_step,
-    saved_union,
-    state_kept,
-    store_all_peak_of,
-    with_gradient_bytes,
-)
-from remat.planner.target_kernels import target_kernels
-from remat.planner.targets import Target, get_target
+from remat.profiling.step import measure_step, state_kept
+from remat.solver.problem import SharedInput
+from remat.targets.devices import Target, get_target
+from remat.targets.kernels import target_kernels
 
 __all__ = ["profile"]
 
@@ -110,11 +110,11 @@ def profile(
             choice for regions whose parameters are freed between forward and backward
             outside autograd's view). Op-level overheads are measured on these engines.
         target_device: the device to plan for (``"h100"``, ``"a100"``, ``"cpu"``..., or a
-            :class:`~remat.planner.targets.Target`): costs are the ops' predicted seconds
+            :class:`~remat.targets.devices.Target`): costs are the ops' predicted seconds
             there (roofline: FLOPs or bytes, plus launch) instead of measured ones, so a
             model on the meta device is planned for a GPU this machine does not have. On
             meta, dropout and attention also keep what the target's kernels keep
-            (:mod:`remat.planner.target_kernels`). ``None``: measured times (FLOPs plus
+            (:mod:`remat.targets.kernels`). ``None``: measured times (FLOPs plus
             bytes on meta).
         **kwargs: keyword inputs of the model (a model input may be named ``target``: the
             option is ``target_device`` so that it cannot take its place).

@@ -2,7 +2,7 @@
 
 Everything here is plain data with a JSON round-trip and no reference to torch modules, so a
 profile taken on one machine can be planned on another and a plan can be reviewed before it is
-applied. The memory model that gives a plan its predicted peak lives in ``planner/memory_model.py``.
+applied. The memory model that gives a plan its predicted peak lives in ``solver/memory_model.py``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Region:
         transient_bytes: any further peak while the region runs backward (workspace, its
             input's gradient being produced), and forward where ``forward_transient_bytes``
             is ``None``.
-        options: op-level options between store and recompute (see ``planner.ops``).
+        options: op-level options between store and recompute (see ``solver.op_menu``).
         input_saved: whether autograd saves the region's input (the region itself, or the
             region before it saving its output). ``False`` for a ReLU after a Linear: the ReLU
             keeps its output, and the Linear's output is freed once the ReLU has run, unless a

@@ -18,8 +18,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from remat.engine.caches import snapshot_caches
 from remat.engine.tape import writes_to_arguments
-from remat.planner.targets import Target, bytes_moved, op_flops
 from remat.policy.op_level import draws_random_numbers
+from remat.targets.devices import Target, bytes_moved, op_flops
 
 __all__ = [
     "OpRecord",

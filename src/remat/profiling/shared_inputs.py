@@ -1,6 +1,6 @@
 """Inputs several regions share (an attention mask, rotary tables, an encoder's output):
 found in the profiling records, followed through the measured step, and handed to the
-chain as :class:`remat.planner.SharedInput`, counted once and live in the backward only
+chain as :class:`remat.solver.SharedInput`, counted once and live in the backward only
 while a region holds them.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from remat.planner.problem import SharedInput
-from remat.planner.step_memory import StepMemory
+from remat.profiling.step import StepMemory
+from remat.solver.problem import SharedInput
 
 __all__ = [
     "SharedInputs",

@@ -10,7 +10,7 @@ items (Rotor's recursion; in PyTorch terms a nested ``checkpoint``). A sequence 
   ``kept(o)``; a segment ``[a, b)`` runs its regions without saving anything, region ``j``
   peaking at ``K + in_a + [j > a] in_j + out_j + tr_j``, and then holds ``in_a``;
   an offloaded leaf runs as a stored one but holds only its input (``kept``) until its
-  backward, the rest being on the host (``planner.problem.offload_cost`` prices the copies);
+  backward, the rest being on the host (``solver.problem.offload_cost`` prices the copies);
 * backward, items in reverse, ``K`` = bytes held by the items before: a leaf ``i`` first
   recomputes whatever its option did not keep, so whatever the option it peaks at
   ``K + saved_i + g_i + tr_i`` (its ``backward_bytes``; ``g_i`` the gradient its output
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from remat.planner.problem import (
+from remat.solver.problem import (
     OFFLOAD,
     RECOMPUTE,
     STORE,
@@ -47,7 +47,7 @@ from remat.planner.problem import (
     RegionOption,
     option_index,
 )
-from remat.planner.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
+from remat.solver.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
 
 __all__ = [
     "evaluate",

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from remat.errors import BudgetError
-from remat.planner import Chain, min_peak_bytes, parse_budget, plan_chain
-from remat.planner import pareto as chain_pareto
-from remat.planner import plan_from_choices as chain_plan_from_choices
-from remat.planner.budget import describe_bytes, looks_like_percent
-from remat.planner.profile_data import Profile
-from remat.planner.solution import Plan
+from remat.profiling.profile_data import Profile
+from remat.solver import Chain, min_peak_bytes, parse_budget, plan_chain
+from remat.solver import pareto as chain_pareto
+from remat.solver import plan_from_choices as chain_plan_from_choices
+from remat.solver.budget import describe_bytes, looks_like_percent
+from remat.solver.solution import Plan
 
 __all__ = ["budget_hint", "pareto", "plan", "plan_from_choices", "short_repr", "split_budget"]
 
@@ -30,7 +30,7 @@ def _problem(profile: Any, who: str) -> Profile | Chain:
     if not isinstance(profile, (Profile, Chain)):
         raise TypeError(
             f"{who}: profile must be a remat.Profile (from remat.profile(model, ...)) or a "
-            f"remat.planner.Chain, got {type(profile).__name__} {short_repr(profile)}"
+            f"remat.solver.Chain, got {type(profile).__name__} {short_repr(profile)}"
         )
     return profile
 
@@ -55,7 +55,7 @@ def plan(
     """The cheapest plan whose predicted training-step peak fits ``budget``.
 
     Args:
-        profile: from :func:`remat.profile` (or a ``remat.planner.Chain``, planned as is).
+        profile: from :func:`remat.profile` (or a ``remat.solver.Chain``, planned as is).
         budget: bytes, a size (``"6GiB"``, ``"300MB"``) or a percentage of the
             un-checkpointed step's peak (``"40%"``; new bytes, parameters excluded).
         solver: ``"auto"``/``"chain"`` (optimal DP), ``"sqrt"``, ``"every-n"``, ``"greedy"``.
@@ -63,7 +63,7 @@ def plan(
         **options: solver options (``resolution_bytes``, ``nested``, ``n``).
 
     Returns:
-        A ``remat.planner.Plan``; ``predicted_peak_bytes`` is the whole step's
+        A ``remat.solver.Plan``; ``predicted_peak_bytes`` is the whole step's
             (``Profile.step_peak_for``: what lives outside the chain included).
 
     Raises:
@@ -155,13 +155,13 @@ def plan_from_choices(
     """A hand-made plan and its predicted training-step peak, as :func:`plan` predicts.
 
     Args:
-        profile: from :func:`remat.profile` (or a ``remat.planner.Chain``).
+        profile: from :func:`remat.profile` (or a ``remat.solver.Chain``).
         choices: per region, in chain order, an option name (``"store"``, ``"recompute"``,
             ``"offload"`` or an op-level option's name) or an index into its menu.
         segments: ``(start, stop)`` runs of regions checkpointed as one unit.
 
     Returns:
-        A ``remat.planner.Plan``; for a Profile its ``predicted_peak_bytes`` counts what the
+        A ``remat.solver.Plan``; for a Profile its ``predicted_peak_bytes`` counts what the
         chain does not see, as :func:`plan`'s does, so the two are compared like for like.
 
     Raises:

@@ -16,7 +16,7 @@ from math import comb
 import pytest
 
 from remat.errors import BudgetError
-from remat.planner import (
+from remat.solver import (
     Chain,
     Region,
     RegionOption,
@@ -30,8 +30,8 @@ from remat.planner import (
     sqrt_plan,
     store_all_peak,
 )
-from remat.planner.chain_dp import discretize
-from remat.planner.memory_model import plan_from_choices, shared_live
+from remat.solver.discretization import discretize
+from remat.solver.memory_model import plan_from_choices, shared_live
 
 
 def random_chain(
@@ -454,7 +454,7 @@ def test_table_size_limit_counts_the_second_table():
     # storing all needs ~15 KB; 50 x 50 x 7001 cells: one table fits the limit (25 M), two not
     with pytest.raises(ValueError, match="too many for 49 regions"):
         solve_chain(chain(False), 7000, resolution_bytes=1)
-    from remat.planner.chain_dp import _slots, _tables
+    from remat.solver.chain_dp import _slots, _tables
 
     assert _tables(chain(True), nested=True) == 1 and _tables(chain(False), nested=True) == 2
     assert _slots(49, True, 10**6, tables=2) < _slots(49, True, 10**6, tables=1)

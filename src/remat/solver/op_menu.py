@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from functools import reduce
 from typing import TYPE_CHECKING
 
-from remat.planner.problem import Region, RegionOption
+from remat.solver.problem import Region, RegionOption
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import remat
-from remat.planner.step_memory import measure_step_peak
+from remat.profiling.step import measure_step_peak
 
 
 def _mean_square(out):
