@@ -136,229 +136,271 @@ def measure_step(
     the chain's regions in order, whose inputs are followed (``inputs_live_at_chain_backward``)."""
     model.zero_grad(set_to_none=True)
     held = list(iter_tensors(list(model.parameters()), list(model.buffers()), inputs, kwargs))
-    existing = unique_storage_bytes(held)
-    existing_keys = {t.untyped_storage()._cdata for t in held}
-    seen: dict[str, int] = {}
-    live: dict[str, frozenset[tuple[int, int]]] = {}
-    # each region's tensor inputs on its first call, by position, to tell when each is freed
-    region_inputs: dict[tuple[int, int], weakref.ref] = {}
-    made_before: set[tuple[int, int]] = set()
-    made_after_region: dict[tuple[int, int], int] = {}
-    region_ends: list[int] = []  # allocations when each region's forward ended
-    backward_start: dict[int, tuple[int, list[int]]] = {}
-    output_sizes: dict[int, list[int]] = {}
-    input_refs: dict[int, list[weakref.ref]] = {}  # storages, not keys: a key is reused
-    gradient_reached: set[tuple[int, int]] = set()
-    region_starts: dict[int, int] = {}
-    left_between: dict[int, int] = {}  # per region: what ops between regions still hold
-    gap_from: set[int] = set()  # the regions whose backward has ended
-    gap_peak: dict[int, int] = {}
-    output_refs: dict[int, list[weakref.ref]] = {}
-    taken_later: set[tuple[int, int]] = set()  # (region, output) a later region takes
-
-    def made_between_regions(born: int) -> bool:
-        # made in the chain's forward by an op outside every region (a norm, a projection
-        # between two stacks of regions)
-        if not seen["allocations"] < born <= seen["tail_allocations"]:
-            return False
-        ends = dict(enumerate(region_ends))
-        return not any(a < born <= ends.get(i, a) for i, a in region_starts.items())
-
-    def inputs_live() -> frozenset[tuple[int, int]]:
-        return frozenset(at for at, storage in region_inputs.items() if storage() is not None)
-
     with MemoryTracker(module=model, count_existing=held, timeline=False) as tracker:
-
-        def follow_inputs(index: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: Any, kwargs_: Any) -> None:
-                if index == 0 and "allocations" not in seen:
-                    seen["allocations"] = tracker.allocations
-                if any(at[0] == index for at in region_inputs) or "allocations" not in seen:
-                    return  # its first call in the chain only
-                tensors = [t for t in tree_leaves((args, kwargs_)) if isinstance(t, Tensor)]
-                input_refs[index] = [weakref.ref(t.untyped_storage()) for t in tensors]
-                taking = {t.untyped_storage()._cdata for t in tensors}
-                taken_later.update(
-                    (j, o)
-                    for j, refs in output_refs.items()
-                    for o, ref in enumerate(refs)
-                    if _key(ref) in taking
-                )
-                region_starts[index] = tracker.allocations
-                takes = [t for t in tensors if t.requires_grad]
-                if takes:
-                    handles.append(
-                        torch.autograd.graph.register_multi_grad_hook(
-                            takes, backward_ended(index), mode="any"
-                        )
-                    )
-                for i, t in enumerate(tree_leaves((args, kwargs_))):
-                    if isinstance(t, Tensor):
-                        region_inputs[(index, i)] = weakref.ref(t.untyped_storage())
-                        if not tracker.made_after(t, seen["allocations"]):
-                            made_before.add((index, i))
-                        made_after_region[(index, i)] = _last_region_ended(tracker, t, region_ends)
-
-            return hook
-
-        def backward_ended(index: int) -> Callable[[Tensor], None]:
-            # the ops between it and the region before run backward from here
-            def hook(grad: Tensor) -> None:
-                if index not in gap_from:
-                    gap_from.add(index)
-                    tracker.start_window()
-
-            return hook
-
-        def end_of(index: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: Any, kwargs_: Any, out: Any) -> None:
-                if "allocations" in seen and len(region_ends) == index:
-                    region_ends.append(tracker.allocations)
-                    outs = [
-                        t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad
-                    ]
-                    # what it hands back unchanged (T5's position bias) gets its gradient
-                    # from the regions before it, later
-                    taken = {id(t) for t in tree_leaves((args, kwargs_))}
-                    outs = [t for t in outs if id(t) not in taken] or outs[:1]
-                    if outs:
-                        watch_backward_start(index, outs)
-
-            return hook
-
-        def watch_backward_start(index: int, outs: list[Tensor]) -> None:
-            # What the head, the loss and the backward so far made and still hold when the
-            # region's backward starts (the first of its outputs' gradients is ready), that
-            # gradient aside, and which of its other outputs' gradients were part-built then.
-            # keys and sizes only: holding the outputs would keep them alive
-            refs = [weakref.ref(t.untyped_storage()) for t in outs]
-            output_refs[index] = refs
-            output_sizes[index] = [t.numel() * t.element_size() for t in outs]
-
-            def ready(k: int) -> Callable[[Tensor], None]:
-                def hook(grad: Tensor) -> None:
-                    gradient_reached.add((index, k))
-                    if "tail_allocations" not in seen or index in backward_start:
-                        return
-                    made = tracker.live_bytes_made_after(seen["tail_allocations"])
-                    pending = [o for o in range(len(refs)) if o != k and (index, o) in taken_later]
-                    backward_start[index] = (max(0, made - unique_storage_bytes([grad])), pending)
-                    if index + 1 in gap_from:  # the peak since the region after it ended
-                        gap_peak[index] = tracker.window_peak_bytes - tracker.current_bytes
-                    inputs = _live_keys(input_refs.values())
-                    # a region's output only ops outside the regions take (and hold)
-                    handed_out = _live_keys(output_refs.values()) - inputs
-                    left_between[index] = tracker.live_bytes_born(
-                        made_between_regions, inputs, handed_out
-                    )
-
-                return hook
-
-            handles.extend(t.register_hook(ready(k)) for k, t in enumerate(outs))
-
-        def beside_region_backward(index: int) -> int | None:
-            # An output a later region took and a gradient reached had its gradient
-            # part-built by that region's backward: counted in the region's own.
-            if index not in backward_start:
-                return None
-            made, pending = backward_start[index]
-            part_built = sum(
-                output_sizes[index][k] for k in pending if (index, k) in gradient_reached
-            )
-            return max(0, made - part_built)
-
-        def before_first(module: nn.Module, args: Any, kwargs_: Any) -> None:
-            if "at_chain_start" in seen:
-                return  # the first call starts the chain
-            seen["before_chain_peak"] = tracker.peak_bytes
-            seen["at_chain_start"] = tracker.current_bytes
-            leaves = tree_leaves((args, kwargs_))
-            tensors = [t for t in leaves if isinstance(t, Tensor)]
-            seen["first_input"] = unique_storage_bytes(tensors) - unique_storage_bytes(
-                t for t in tensors if t.untyped_storage()._cdata in existing_keys
-            )
-            needs_grad = [t for t in tensors if t.requires_grad]
-            if needs_grad:
-
-                def chain_done(grad: Tensor) -> None:
-                    if "after_chain" not in seen:
-                        seen["after_chain"] = 1
-                        tracker.start_window()
-
-                needs_grad[0].register_hook(chain_done)
-
-        def after_last(module: nn.Module, args: Any, out: Any) -> None:
-            if "tail" in seen:
-                return  # the first call ends the chain's forward
-            seen["tail"] = 1
-            seen["tail_allocations"] = tracker.allocations
-            tracker.start_window()
-            outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
-            if outs:
-
-                def at_gradient(grad: Tensor) -> None:
-                    if "tail_peak" not in seen:
-                        seen["tail_peak"] = tracker.window_peak_bytes
-                        seen["at_chain_backward"] = tracker.current_bytes
-                        seen["output_gradient"] = unique_storage_bytes([grad])
-                        live["at_chain_backward"] = inputs_live()
-                        inputs = {
-                            st._cdata for st in (ref() for ref in region_inputs.values()) if st
-                        } - existing_keys
-                        seen["before_chain_at_chain_backward"] = tracker.live_bytes_made_by(
-                            seen.get("allocations", 0), exclude=inputs
-                        )
-
-                outs[0].register_hook(at_gradient)
-
-        handles = []
-        if first is not None:
-            handles.append(first.register_forward_pre_hook(before_first, with_kwargs=True))
-        if last is not None:
-            handles.append(last.register_forward_hook(after_last))
-        for index, region in enumerate(regions):
-            handles.append(region.register_forward_pre_hook(follow_inputs(index), with_kwargs=True))
-            handles.append(region.register_forward_hook(end_of(index), with_kwargs=True))
+        watch = _StepWatch(tracker, held)
+        watch.attach(first, last, regions)
         try:
             loss = loss_fn(model(*inputs, **kwargs))
             # the loss, and the gradient backward() starts from: live until it returns
-            if loss.untyped_storage()._cdata not in existing_keys:
-                seen["loss"] = 2 * unique_storage_bytes([loss])
+            if loss.untyped_storage()._cdata not in watch.existing_keys:
+                watch.seen["loss"] = 2 * unique_storage_bytes([loss])
             loss.backward()
             del loss
-            live["after_backward"] = inputs_live()
+            watch.live["after_backward"] = watch.inputs_live()
         finally:
-            for handle in handles:
-                handle.remove()
-        after = tracker.window_peak_bytes if "after_chain" in seen else existing
+            watch.detach()
+        after = tracker.window_peak_bytes if "after_chain" in watch.seen else watch.existing
     model.zero_grad(set_to_none=True)
+    return watch.memory(len(regions), after)
 
-    def new(key: str) -> int:
-        return max(0, seen.get(key, existing) - existing)
 
-    return StepMemory(
-        peak=tracker.peak_bytes - existing,
-        tail_peak=new("tail_peak"),
-        before_chain_peak=new("before_chain_peak"),
-        at_chain_start=new("at_chain_start"),
-        first_input=seen.get("first_input", 0),
-        after_chain_peak=max(0, after - existing),
-        at_chain_backward=new("at_chain_backward") if "at_chain_backward" in seen else None,
-        output_gradient=seen.get("output_gradient", 0),
-        loss=seen.get("loss", 0),
-        inputs_live_at_chain_backward=live.get("at_chain_backward", frozenset()),
-        inputs_made_before_chain=frozenset(made_before),
-        inputs_live_after_backward=live.get("after_backward", frozenset()),
-        inputs_made_after_region=made_after_region,
-        beside_region_backward=tuple(beside_region_backward(i) for i in range(len(regions))),
-        left_between_regions=tuple(left_between.get(i) for i in range(len(regions))),
-        before_region_backward=tuple(gap_peak.get(i) for i in range(len(regions))),
-        before_chain_at_chain_backward=(
-            new("before_chain_at_chain_backward")
-            if "before_chain_at_chain_backward" in seen
-            else None
-        ),
-    )
+class _StepWatch:
+    """The hooks that follow one measured step around the chain, and what they saw.
+
+    ``seen`` holds the tracker's totals at the chain's landmarks (its start, the end of its
+    forward, its backward's start); the per-region records follow each region's first call:
+    its inputs (by position in ``tree_leaves((args, kwargs))``), its outputs, and the start
+    and end of its backward.
+    """
+
+    def __init__(self, tracker: MemoryTracker, held: Sequence[Tensor]) -> None:
+        self.tracker = tracker
+        self.existing = unique_storage_bytes(held)
+        self.existing_keys = {t.untyped_storage()._cdata for t in held}
+        self.seen: dict[str, int] = {}
+        self.live: dict[str, frozenset[tuple[int, int]]] = {}
+        self.handles: list[Any] = []
+        # each region's tensor inputs on its first call, by position, to tell when each is freed
+        self.region_inputs: dict[tuple[int, int], weakref.ref] = {}
+        self.made_before: set[tuple[int, int]] = set()
+        self.made_after_region: dict[tuple[int, int], int] = {}
+        self.region_starts: dict[int, int] = {}  # allocations when its forward started
+        self.region_ends: list[int] = []  # allocations when each region's forward ended
+        # storages, not keys: a key is reused once its storage is freed
+        self.input_refs: dict[int, list[weakref.ref]] = {}
+        self.output_refs: dict[int, list[weakref.ref]] = {}
+        self.output_sizes: dict[int, list[int]] = {}
+        self.taken_later: set[tuple[int, int]] = set()  # (region, output) a later one takes
+        self.gradient_reached: set[tuple[int, int]] = set()
+        self.backward_start: dict[int, tuple[int, list[int]]] = {}
+        self.left_between: dict[int, int] = {}  # what ops between regions still hold
+        self.gap_from: set[int] = set()  # the regions whose backward has ended
+        self.gap_peak: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ hooks on and off
+    def attach(
+        self, first: nn.Module | None, last: nn.Module | None, regions: Sequence[nn.Module]
+    ) -> None:
+        if first is not None:
+            self.handles.append(
+                first.register_forward_pre_hook(self._before_first, with_kwargs=True)
+            )
+        if last is not None:
+            self.handles.append(last.register_forward_hook(self._after_last))
+        for index, region in enumerate(regions):
+            self.handles.append(
+                region.register_forward_pre_hook(self._follow_inputs(index), with_kwargs=True)
+            )
+            self.handles.append(region.register_forward_hook(self._end_of(index), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    # ------------------------------------------------------------------ the chain's ends
+    def _before_first(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        seen, tracker = self.seen, self.tracker
+        if "at_chain_start" in seen:
+            return  # the first call starts the chain
+        seen["before_chain_peak"] = tracker.peak_bytes
+        seen["at_chain_start"] = tracker.current_bytes
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        seen["first_input"] = unique_storage_bytes(tensors) - unique_storage_bytes(
+            t for t in tensors if t.untyped_storage()._cdata in self.existing_keys
+        )
+        needs_grad = [t for t in tensors if t.requires_grad]
+        if needs_grad:
+
+            def chain_done(grad: Tensor) -> None:
+                if "after_chain" not in seen:
+                    seen["after_chain"] = 1
+                    tracker.start_window()
+
+            needs_grad[0].register_hook(chain_done)
+
+    def _after_last(self, module: nn.Module, args: Any, out: Any) -> None:
+        seen = self.seen
+        if "tail" in seen:
+            return  # the first call ends the chain's forward
+        seen["tail"] = 1
+        seen["tail_allocations"] = self.tracker.allocations
+        self.tracker.start_window()
+        outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+        if outs:
+            outs[0].register_hook(self._at_chain_backward)
+
+    def _at_chain_backward(self, grad: Tensor) -> None:
+        seen, tracker = self.seen, self.tracker
+        if "tail_peak" in seen:
+            return
+        seen["tail_peak"] = tracker.window_peak_bytes
+        seen["at_chain_backward"] = tracker.current_bytes
+        seen["output_gradient"] = unique_storage_bytes([grad])
+        self.live["at_chain_backward"] = self.inputs_live()
+        inputs = _live_keys([list(self.region_inputs.values())]) - self.existing_keys
+        seen["before_chain_at_chain_backward"] = tracker.live_bytes_made_by(
+            seen.get("allocations", 0), exclude=inputs
+        )
+
+    # ------------------------------------------------------------------ each region
+    def _follow_inputs(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if index == 0 and "allocations" not in self.seen:
+                self.seen["allocations"] = self.tracker.allocations
+            if index in self.input_refs or "allocations" not in self.seen:
+                return  # its first call in the chain only
+            self._record_inputs(index, tree_leaves((args, kwargs)))
+
+        return hook
+
+    def _record_inputs(self, index: int, leaves: list[Any]) -> None:
+        tracker = self.tracker
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        self.input_refs[index] = [weakref.ref(t.untyped_storage()) for t in tensors]
+        taking = {t.untyped_storage()._cdata for t in tensors}
+        self.taken_later.update(
+            (j, o)
+            for j, refs in self.output_refs.items()
+            for o, ref in enumerate(refs)
+            if _key(ref) in taking
+        )
+        self.region_starts[index] = tracker.allocations
+        takes = [t for t in tensors if t.requires_grad]
+        if takes:
+            self.handles.append(
+                torch.autograd.graph.register_multi_grad_hook(
+                    takes, self._backward_ended(index), mode="any"
+                )
+            )
+        for i, t in enumerate(leaves):
+            if isinstance(t, Tensor):
+                self.region_inputs[(index, i)] = weakref.ref(t.untyped_storage())
+                if not tracker.made_after(t, self.seen["allocations"]):
+                    self.made_before.add((index, i))
+                self.made_after_region[(index, i)] = _last_region_ended(
+                    tracker, t, self.region_ends
+                )
+
+    def _backward_ended(self, index: int) -> Callable[[Tensor], None]:
+        # the ops between it and the region before run backward from here
+        def hook(grad: Tensor) -> None:
+            if index not in self.gap_from:
+                self.gap_from.add(index)
+                self.tracker.start_window()
+
+        return hook
+
+    def _end_of(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            if "allocations" not in self.seen or len(self.region_ends) != index:
+                return
+            self.region_ends.append(self.tracker.allocations)
+            outs = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+            # what it hands back unchanged (T5's position bias) gets its gradient from the
+            # regions before it, later
+            taken = {id(t) for t in tree_leaves((args, kwargs))}
+            outs = [t for t in outs if id(t) not in taken] or outs[:1]
+            if outs:
+                self._watch_backward_start(index, outs)
+
+        return hook
+
+    def _watch_backward_start(self, index: int, outs: list[Tensor]) -> None:
+        # refs and sizes only: holding the outputs would keep them alive
+        self.output_refs[index] = [weakref.ref(t.untyped_storage()) for t in outs]
+        self.output_sizes[index] = [t.numel() * t.element_size() for t in outs]
+        self.handles.extend(
+            t.register_hook(self._backward_starts(index, k)) for k, t in enumerate(outs)
+        )
+
+    def _backward_starts(self, index: int, output: int) -> Callable[[Tensor], None]:
+        # What the head, the loss and the backward so far made and still hold when the
+        # region's backward starts (the first of its outputs' gradients is ready), that
+        # gradient aside, and which of its other outputs' gradients were part-built then.
+        def hook(grad: Tensor) -> None:
+            self.gradient_reached.add((index, output))
+            if "tail_allocations" not in self.seen or index in self.backward_start:
+                return
+            tracker = self.tracker
+            made = tracker.live_bytes_made_after(self.seen["tail_allocations"])
+            pending = [
+                o
+                for o in range(len(self.output_refs[index]))
+                if o != output and (index, o) in self.taken_later
+            ]
+            self.backward_start[index] = (max(0, made - unique_storage_bytes([grad])), pending)
+            if index + 1 in self.gap_from:  # the peak since the region after it ended
+                self.gap_peak[index] = tracker.window_peak_bytes - tracker.current_bytes
+            inputs = _live_keys(self.input_refs.values())
+            # a region's output only ops outside the regions take (and hold)
+            handed_out = _live_keys(self.output_refs.values()) - inputs
+            self.left_between[index] = tracker.live_bytes_born(
+                self._made_between_regions, inputs, handed_out
+            )
+
+        return hook
+
+    def _made_between_regions(self, born: int) -> bool:
+        # made in the chain's forward by an op outside every region (a norm, a projection
+        # between two stacks of regions)
+        if not self.seen["allocations"] < born <= self.seen["tail_allocations"]:
+            return False
+        ends = dict(enumerate(self.region_ends))
+        return not any(a < born <= ends.get(i, a) for i, a in self.region_starts.items())
+
+    # ------------------------------------------------------------------ the result
+    def inputs_live(self) -> frozenset[tuple[int, int]]:
+        return frozenset(at for at, ref in self.region_inputs.items() if ref() is not None)
+
+    def _beside_region_backward(self, index: int) -> int | None:
+        # An output a later region took and a gradient reached had its gradient part-built
+        # by that region's backward: counted in the region's own.
+        if index not in self.backward_start:
+            return None
+        made, pending = self.backward_start[index]
+        part_built = sum(
+            self.output_sizes[index][k] for k in pending if (index, k) in self.gradient_reached
+        )
+        return max(0, made - part_built)
+
+    def memory(self, regions: int, after: int) -> StepMemory:
+        seen, existing = self.seen, self.existing
+
+        def new(key: str) -> int:
+            return max(0, seen.get(key, existing) - existing)
+
+        def new_or_none(key: str) -> int | None:
+            return new(key) if key in seen else None
+
+        return StepMemory(
+            peak=self.tracker.peak_bytes - existing,
+            tail_peak=new("tail_peak"),
+            before_chain_peak=new("before_chain_peak"),
+            at_chain_start=new("at_chain_start"),
+            first_input=seen.get("first_input", 0),
+            after_chain_peak=max(0, after - existing),
+            at_chain_backward=new_or_none("at_chain_backward"),
+            output_gradient=seen.get("output_gradient", 0),
+            loss=seen.get("loss", 0),
+            inputs_live_at_chain_backward=self.live.get("at_chain_backward", frozenset()),
+            inputs_made_before_chain=frozenset(self.made_before),
+            inputs_live_after_backward=self.live.get("after_backward", frozenset()),
+            inputs_made_after_region=self.made_after_region,
+            beside_region_backward=tuple(self._beside_region_backward(i) for i in range(regions)),
+            left_between_regions=tuple(self.left_between.get(i) for i in range(regions)),
+            before_region_backward=tuple(self.gap_peak.get(i) for i in range(regions)),
+            before_chain_at_chain_backward=new_or_none("before_chain_at_chain_backward"),
+        )
 
 
 def _key(ref: weakref.ref) -> int | None:
