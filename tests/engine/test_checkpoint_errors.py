@@ -22,7 +22,7 @@ def test_non_callable_fn():
 
 
 def test_unknown_engine():
-    with pytest.raises(ValueError, match="engine='reentrant' does not exist.*'hooks', 'function'"):
+    with pytest.raises(ValueError, match="engine='reentrant' is not one of 'hooks', 'function'"):
         remat.checkpoint(nn.Linear(2, 2), torch.ones(2), engine="reentrant")
 
 
@@ -236,3 +236,29 @@ def test_checkpoint_sequential_bad_input():
         remat.checkpoint_sequential(nn.Linear(2, 2), 1, x)
     with pytest.raises(TypeError, match="unknown option.*'use_reentrant'"):
         remat.checkpoint_sequential(chain, 1, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: remat.checkpoint(nn.Linear(2, 2), torch.ones(2), engine=1),
+        lambda: remat.recompute(engine=None),
+        lambda: remat.ops("save-matmuls", engine=2),
+        lambda: remat.ops("save-matmuls", determinism_check=True),
+    ],
+)
+def test_every_engine_option_of_the_wrong_type_is_a_type_error_named_the_same_way(make):
+    with pytest.raises(TypeError, match=r"(engine|determinism_check) must be a str, one of"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: remat.recompute(engine="reentrant"),
+        lambda: remat.ops("save-matmuls", engine="hooks"),
+    ],
+)
+def test_every_unknown_engine_is_a_value_error_listing_the_choices(make):
+    with pytest.raises(ValueError, match=r"engine='\w+' is not one of '"):
+        make()

@@ -212,7 +212,10 @@ def test_plan_chain_dispatches_and_checks():
         kw = {"n": 1} if solver == "every-n" else {}
         plan = plan_chain(chain, "90%", solver=solver, **kw)
         assert plan.predicted_peak_bytes <= 22 and plan.budget_bytes == 22
-    with pytest.raises(ValueError, match="auto, chain, sqrt, every-n, greedy"):
+    with pytest.raises(
+        ValueError,
+        match="solver='rotor' is not one of 'auto', 'chain', 'sqrt', 'every-n', 'greedy'",
+    ):
         plan_chain(chain, "50%", solver="rotor")
     with pytest.raises(TypeError, match="Chain"):
         plan_chain([three().regions], "50%")

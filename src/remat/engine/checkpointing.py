@@ -17,22 +17,30 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from remat.engine.determinism import DETERMINISM_CHECKS
+from remat.engine.determinism import DETERMINISM_CHECKS, DeterminismCheck
 from remat.engine.function import CheckpointFunction, checkpoint_function
 from remat.engine.hooks import Frame
 from remat.engine.region_modules import describe_fn, reachable_modules
 from remat.engine.replay import ForwardState
-from remat.errors import CheckpointError
+from remat.errors import CheckpointError, check_bool, check_choice
 
-__all__ = ["ENGINES", "CheckpointFunction", "checkpoint", "checkpoint_sequential"]
+__all__ = [
+    "ENGINES",
+    "CheckpointFunction",
+    "Engine",
+    "check_engine_options",
+    "checkpoint",
+    "checkpoint_sequential",
+]
 
-ENGINES = ("hooks", "function")
+Engine = Literal["hooks", "function"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 OPTIONS = ("engine", "preserve_rng_state", "determinism_check", "early_stop")
 # torch.utils.checkpoint's options: a user porting code passes these by habit, and they
 # would otherwise land in fn's kwargs and fail deep inside the model.
@@ -42,9 +50,9 @@ _TORCH_ONLY_OPTIONS = ("use_reentrant", "context_fn", "debug")
 def checkpoint(
     fn: Callable[..., Any],
     *args: Any,
-    engine: str = "hooks",
+    engine: Engine = "hooks",
     preserve_rng_state: bool = True,
-    determinism_check: str = "metadata",
+    determinism_check: DeterminismCheck = "metadata",
     early_stop: bool = True,
     **kwargs: Any,
 ) -> Any:
@@ -162,21 +170,26 @@ def _validate(
             f"remat.checkpoint: fn must be callable (a module or a function), "
             f"got {type(fn).__name__}"
         )
-    if engine not in ENGINES:
-        raise ValueError(
-            f"remat.checkpoint: engine={engine!r} does not exist; choose one of "
-            + ", ".join(repr(e) for e in ENGINES)
-        )
-    if determinism_check not in DETERMINISM_CHECKS:
-        raise ValueError(
-            f"remat.checkpoint: determinism_check={determinism_check!r} is not one of "
-            + ", ".join(repr(c) for c in DETERMINISM_CHECKS)
-        )
-    for name, value in (("preserve_rng_state", preserve_rng_state), ("early_stop", early_stop)):
-        if not isinstance(value, bool):
-            raise TypeError(f"remat.checkpoint: {name} must be a bool, got {value!r}")
+    check_engine_options(
+        "remat.checkpoint",
+        engine,
+        determinism_check,
+        preserve_rng_state=preserve_rng_state,
+        early_stop=early_stop,
+    )
     if kwargs:
         _check_kwargs_accepted(fn, args, kwargs)
+
+
+def check_engine_options(
+    owner: str, engine: object, determinism_check: object, **flags: object
+) -> None:
+    """The engine options, checked once for ``checkpoint`` and every treatment that runs
+    it: ``engine`` and ``determinism_check`` among their choices, ``flags`` bools."""
+    check_choice(owner, "engine", engine, ENGINES)
+    check_choice(owner, "determinism_check", determinism_check, DETERMINISM_CHECKS)
+    for name, value in flags.items():
+        check_bool(owner, name, value)
 
 
 def _check_kwargs_accepted(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

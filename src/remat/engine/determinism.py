@@ -20,6 +20,7 @@ look at the generators per saved tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from remat.errors import CheckpointError
 
-DETERMINISM_CHECKS = ("metadata", "values", "none")
+DeterminismCheck = Literal["metadata", "values", "none"]
+DETERMINISM_CHECKS: tuple[str, ...] = get_args(DeterminismCheck)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from remat.engine.checkpointing import run_checkpoint
-from remat.engine.determinism import DETERMINISM_CHECKS
+from remat.engine.determinism import DETERMINISM_CHECKS, DeterminismCheck
 from remat.engine.region_modules import describe_fn
 from remat.engine.tape import checkpoint_tape
+from remat.errors import check_choice
 from remat.policy.treatments import (
     Treatment,
     is_compiling,
@@ -24,10 +25,11 @@ from remat.policy.treatments import (
 )
 
 # How op-level checkpointing recomputes (see Ops).
-OP_ENGINES = ("replay", "tape")
+OpEngine = Literal["replay", "tape"]
+OP_ENGINES: tuple[str, ...] = get_args(OpEngine)
 
 
-__all__ = ["OP_ENGINES", "OP_PRESETS", "Ops", "draws_random_numbers", "ops"]
+__all__ = ["OP_ENGINES", "OP_PRESETS", "OpEngine", "Ops", "draws_random_numbers", "ops"]
 
 
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution")
@@ -120,15 +122,13 @@ class Ops(Treatment):
     recompute: frozenset[Any] = field(default_factory=frozenset)
     preset: str | None = None
     save_calls: frozenset[str] = field(default_factory=frozenset)
-    determinism_check: str = "metadata"
-    engine: str = "replay"
+    determinism_check: DeterminismCheck = "metadata"
+    engine: OpEngine = "replay"
     name: str = "ops"
 
     def __post_init__(self) -> None:
-        if self.engine not in OP_ENGINES:
-            raise ValueError(
-                f"remat.ops: engine={self.engine!r} is not one of {', '.join(OP_ENGINES)}"
-            )
+        check_choice("remat.ops", "engine", self.engine, OP_ENGINES)
+        check_choice("remat.ops", "determinism_check", self.determinism_check, DETERMINISM_CHECKS)
 
     def _listed(self) -> Callable[..., bool]:
         """``listed(func, recomputing=False)``: whether this call of ``func`` is listed for
@@ -240,8 +240,6 @@ def ops(
     if conflict:
         names = ", ".join(sorted(str(op) for op in conflict))
         raise ValueError(f"remat.ops: {names} listed in both save= and recompute=")
-    if determinism_check not in DETERMINISM_CHECKS:
-        raise ValueError(f"remat.ops: determinism_check={determinism_check!r} is not valid")
     return Ops(
         save=save_set,
         recompute=recompute_set,

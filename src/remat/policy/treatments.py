@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.engine.checkpointing import ENGINES, run_checkpoint
-from remat.engine.determinism import DETERMINISM_CHECKS
+from remat.engine.checkpointing import Engine, check_engine_options, run_checkpoint
+from remat.engine.determinism import DeterminismCheck
 from remat.policy.selectors import Selector, as_selector, every
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "Recompute",
     "Treatment",
     "as_policy",
-    "check_engine_options",
     "is_compiling",
     "recompute",
     "traceable_checkpoint",
@@ -78,18 +77,6 @@ def traceable_checkpoint(forward, args, kwargs, **options: Any) -> Any:
     return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
 
 
-def check_engine_options(engine: str, determinism_check: str, flags: dict[str, Any]) -> None:
-    if engine not in ENGINES:
-        raise ValueError(f"remat: engine={engine!r} does not exist; choose one of {ENGINES}")
-    if determinism_check not in DETERMINISM_CHECKS:
-        raise ValueError(
-            f"remat: determinism_check={determinism_check!r} is not one of {DETERMINISM_CHECKS}"
-        )
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"remat: {name} must be a bool, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class Recompute(Treatment):
     """Drop every activation of the region and recompute it in backward (full checkpoint).
@@ -101,17 +88,19 @@ class Recompute(Treatment):
         early_stop: stop recomputing once every needed tensor is back.
     """
 
-    engine: str = "hooks"
+    engine: Engine = "hooks"
     preserve_rng_state: bool = True
-    determinism_check: str = "metadata"
+    determinism_check: DeterminismCheck = "metadata"
     early_stop: bool = True
     name: str = "recompute"
 
     def __post_init__(self) -> None:
         check_engine_options(
+            "remat.recompute",
             self.engine,
             self.determinism_check,
-            {"preserve_rng_state": self.preserve_rng_state, "early_stop": self.early_stop},
+            preserve_rng_state=self.preserve_rng_state,
+            early_stop=self.early_stop,
         )
 
     def run(self, forward, args, kwargs):

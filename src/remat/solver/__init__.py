@@ -8,6 +8,9 @@ a model (``remat.profiling`` makes a chain from a model, ``remat.planner`` plans
 
 from __future__ import annotations
 
+from typing import Any, Literal, get_args
+
+from remat.errors import check_choice
 from remat.solver.budget import parse_budget
 from remat.solver.chain_dp import min_peak_bytes, pareto, solve_chain, store_all_peak
 from remat.solver.heuristics import every_n_plan, greedy_plan, sqrt_plan
@@ -28,6 +31,7 @@ __all__ = [
     "RegionPlan",
     # solvers
     "SOLVERS",
+    "Solver",
     "every_n_plan",
     "greedy_plan",
     "knapsack_dp",
@@ -47,10 +51,13 @@ __all__ = [
     "store_all_peak",
 ]
 
-SOLVERS = ("auto", "chain", "sqrt", "every-n", "greedy")
+Solver = Literal["auto", "chain", "sqrt", "every-n", "greedy"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
-def plan_chain(chain: Chain, budget: int | float | str, *, solver: str = "auto", **options) -> Plan:
+def plan_chain(
+    chain: Chain, budget: int | float | str, *, solver: Solver = "auto", **options: Any
+) -> Plan:
     """Plan a chain for a memory budget.
 
     Args:
@@ -75,8 +82,7 @@ def plan_chain(chain: Chain, budget: int | float | str, *, solver: str = "auto",
     """
     if not isinstance(chain, Chain):
         raise TypeError(f"chain must be a remat.solver.Chain, got {type(chain).__name__}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    check_choice("remat.plan_chain", "solver", solver, SOLVERS)
     budget_bytes = parse_budget(budget, baseline_bytes=store_all_peak(chain))
     if solver in ("auto", "chain"):
         return solve_chain(chain, budget_bytes, **options)

@@ -11,10 +11,11 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 __all__ = [
     "ACTIONS",
+    "Action",
     "Chain",
     "Region",
     "RegionOption",
@@ -30,7 +31,8 @@ __all__ = [
 STORE, RECOMPUTE, OPS, OFFLOAD = "store", "recompute", "ops", "offload"
 
 
-ACTIONS = (STORE, RECOMPUTE, OPS, OFFLOAD)
+Action = Literal["store", "recompute", "ops", "offload"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 
 
 def check_bytes(owner: str, name: str, value: Any) -> None:
@@ -70,7 +72,7 @@ class RegionOption:
     kept_bytes: int
     recompute_cost: float
     save_ops: tuple[str, ...] = ()
-    kind: str = OPS
+    kind: Action = OPS
     backward_extra_bytes: int = 0
     engine: str = "replay"
 

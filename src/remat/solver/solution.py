@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remat.errors import PlanError
-from remat.solver.problem import ACTIONS, OFFLOAD, OPS, check_bytes, check_cost
+from remat.solver.problem import ACTIONS, OFFLOAD, OPS, Action, check_bytes, check_cost
 
 __all__ = ["Plan", "RegionPlan", "check_segments", "offloaded_in_segments"]
 
@@ -35,7 +35,7 @@ class RegionPlan:
     """
 
     name: str
-    action: str
+    action: Action
     option: str
     kept_bytes: int
     recompute_cost: float
