@@ -307,7 +307,7 @@ def test_bad_input_names_the_problem():
         hf.enable("gpt2")
     with pytest.raises(ValueError, match=r"q_proj' \(Linear\) is not a checkpointable"):
         hf.enable(build("llama"), remat.by_type(nn.Linear))
-    with pytest.raises(ValueError, match="selected no layer"):
+    with pytest.raises(remat.PlanError, match="selected no layer"):
         hf.enable(build("llama"), remat.by_name("nothing.*"))
     with pytest.raises(TypeError, match="only apply without a treatment"):
         hf.enable(build("llama"), remat.ops("save-matmuls"), engine="function")

@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from remat.engine.region_modules import register_module_names
-from remat.errors import RematError
+from remat.errors import PlanError, RematError
 from remat.policy.offloading import offload as offload_treatment
 from remat.policy.selectors import as_selector
 from remat.policy.treatments import (
@@ -259,8 +259,9 @@ def enable(model: nn.Module, policy: Any = None, **options: Any) -> nn.Module:
     Raises:
         RematError: the model has no checkpointing hook remat can use.
         TypeError: unknown options, or options given together with a treatment.
-        ValueError: the selector selects nothing, or a module that is not a checkpointable
-            layer; or ``remat.apply`` was already used on the model.
+        PlanError: the selector selects nothing (as ``remat.apply`` says).
+        ValueError: the selector selects a module that is not a checkpointable layer; or
+            ``remat.apply`` was already used on the model.
 
     Example:
         >>> model = AutoModelForCausalLM.from_config(config)
@@ -279,7 +280,7 @@ def enable(model: nn.Module, policy: Any = None, **options: Any) -> nn.Module:
     if selector is not None:
         chosen = selector.select(hf_model)
         if not chosen:
-            raise ValueError(
+            raise PlanError(
                 f"remat.integrations.hf.enable: the policy selected no layer of "
                 f"{type(hf_model).__name__}"
             )

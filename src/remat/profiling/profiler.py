@@ -22,13 +22,11 @@ its direct children.
 from __future__ import annotations
 
 import statistics
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from remat.errors import PlanError
 from remat.measure.training_call import (
@@ -37,16 +35,9 @@ from remat.measure.training_call import (
     require_train_mode,
     training_call,
 )
-from remat.measure.versions import Versioned
 from remat.profiling.fake_model import faked_meta_model
-from remat.profiling.gradients import GradientOrder, with_gradient_bytes
-from remat.profiling.op_recording import (
-    OpRecorder,
-    post_hook,
-    pre_hook,
-    received_output_gradient,
-    region_flops,
-)
+from remat.profiling.gradients import with_gradient_bytes
+from remat.profiling.op_recording import OpRecord, received_output_gradient
 from remat.profiling.profile_data import (
     OP_ENGINE_CHOICES,
     OpProfile,
@@ -54,10 +45,12 @@ from remat.profiling.profile_data import (
     RegionProfile,
     store_all_peak_of,
 )
+from remat.profiling.recording import Recording, record_regions
 from remat.profiling.regions import default_regions
-from remat.profiling.run_alone import op_overheads, recompute_transient_bytes, transient_bytes
+from remat.profiling.run_alone import recompute_transient_bytes, transient_bytes
 from remat.profiling.saved_bytes import handed_on, saved_union
 from remat.profiling.shared_inputs import (
+    SharedInputs,
     first_region_shared_bytes,
     in_order,
     made_before_chain,
@@ -65,7 +58,7 @@ from remat.profiling.shared_inputs import (
     shared_in_step,
     shared_inputs,
 )
-from remat.profiling.step import measure_step, state_kept
+from remat.profiling.step import StepMemory, measure_step, state_kept
 from remat.solver.problem import SharedInput
 from remat.targets.devices import Target, get_target
 from remat.targets.kernels import target_kernels
@@ -160,22 +153,6 @@ def profile(
         return _profile(model, inputs, kwargs, loss_fn, regions, repeats, op_engines, device)
 
 
-def _default_regions_that_ran(
-    model: nn.Module, chosen: list[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
-) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """The default regions the forward ran, and the names of those it did not: a
-    composite's vision or audio tower on text input, a cross-attention layer without an
-    image. Those hold nothing in this step; a plan leaves them as they are."""
-    ran = [(name, module) for name, module in chosen if "input" in records[name]]
-    if not ran:
-        raise PlanError(
-            f"remat.profile: none of the {len(chosen)} default regions of "
-            f"{type(model).__name__} ({chosen[0][0]}, ...) ran in the forward pass; pass "
-            "regions= naming the modules it runs"
-        )
-    return ran, [name for name, _ in chosen if "input" not in records[name]]
-
-
 def _held_note(held: int) -> str:
     return (
         f"its forward leaves {held:,} B held outside autograd's graph (a cache the model "
@@ -183,28 +160,6 @@ def _held_note(held: int) -> str:
         if held
         else ""
     )
-
-
-def _unpack(packed: Versioned) -> Tensor:
-    return packed.unpack("the profiled model")
-
-
-def _check_called_once(
-    chosen: Sequence[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
-) -> None:
-    """The chain model runs each region once per step; a region the forward calls again (a
-    layer looped over, a block shared by several places) is outside it: say so."""
-    again = {name: len(records[name]["times"]) for name, _ in chosen}
-    again = {name: calls for name, calls in again.items() if calls > 1}
-    if again:
-        name, calls = next(iter(again.items()))
-        raise PlanError(
-            f"remat.profile: region {name!r} runs {calls} times in one forward pass"
-            f"{f' ({len(again)} such regions)' if len(again) > 1 else ''}; the planner "
-            "plans a chain of regions that each run once (a layer looped over, or shared by "
-            "several places, saves again on every call): pass regions= naming modules the "
-            "forward calls once each, or checkpoint it by hand with remat.apply"
-        )
 
 
 def _profile(
@@ -217,6 +172,64 @@ def _profile(
     op_engines: str = "auto",
     target: Target | None = None,
 ) -> Profile:
+    """The three steps: record the regions over one training step (``recording``), cost
+    each region (``_region_profile``), and assemble them with the measured step's memory
+    (``_assemble``)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    on_meta = device.type == "meta"
+    loss_of = loss_fn or default_loss
+    recording = record_regions(
+        model,
+        inputs,
+        kwargs,
+        loss_of,
+        _chosen_regions(model, regions),
+        default=regions is None,
+        repeats=repeats,
+        op_engines=op_engines,
+        target=target,
+        timed=not on_meta and target is None,
+    )
+    chosen = recording.chosen
+    step = measure_step(
+        model,
+        inputs,
+        loss_of,
+        kwargs,
+        first=chosen[0][1],
+        last=chosen[-1][1],
+        regions=[module for _, module in chosen],
+    )
+    costs = "target" if target is not None else "meta" if on_meta else "timed"
+    recs = [recording.records[name] for name, _ in chosen]
+    # first: it takes the inputs several regions share out of each region's record
+    shared = shared_inputs(recs, made_before_chain([rec.get("call", ()) for rec in recs], step))
+    handed = handed_on(recs)
+    profiles = [_region_profile(recording, i, handed, costs) for i in range(len(chosen))]
+    return _assemble(
+        model,
+        recording,
+        profiles,
+        step,
+        shared,
+        cost_unit="flops+bytes" if costs == "meta" else "seconds",
+        device=str(device),
+        op_engines=op_engines,
+        # Offloading only means something where the device's memory is not the host's.
+        host_bandwidth=target.host_bandwidth if target and target.kernels == "cuda" else 0.0,
+        # The default discovery can be repeated on a model a plan is applied to, to tell a
+        # plan made for another model (fewer blocks) from one for this model.
+        meta={
+            "model": type(model).__name__,
+            "default_regions": regions is None,
+            "regions_not_run": recording.not_run,
+            **({} if target is None else {"target": target.name}),
+        },
+    )
+
+
+def _chosen_regions(model: nn.Module, regions: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """The candidate regions: ``regions`` by name, else the default ones."""
     named = dict(model.named_modules())
     if regions is None:
         chosen = default_regions(model)
@@ -227,177 +240,99 @@ def _profile(
         chosen = [(r, named[r]) for r in regions]
     if not chosen:
         raise PlanError(f"remat.profile: {type(model).__name__} has no candidate regions")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    on_meta = device.type == "meta"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # Parameters, buffers and the model's inputs exist before the step: not new bytes, so a
-    # region whose input is the data batch keeps nothing new when checkpointed.
-    existing = (*model.parameters(), *model.buffers(), *tree_leaves((inputs, kwargs)))
-    exclude = {t.untyped_storage()._cdata for t in existing if isinstance(t, Tensor)}
-    loss_of = loss_fn or default_loss
+    return chosen
 
-    stack: list[str] = []
-    records: dict[str, dict[str, Any]] = {name: {"saved": {}, "times": []} for name, _ in chosen}
-    handles = []
-    for name, module in chosen:
-        handles.append(
-            module.register_forward_pre_hook(
-                pre_hook(name, stack, records, exclude, sync), with_kwargs=True
+
+def _region_profile(
+    recording: Recording, i: int, handed: list[set[int]], costs: str
+) -> RegionProfile:
+    """Region ``i`` of the recording: its bytes from its record, its transients measured by
+    running it on its own (``run_alone``), its cost and its ops' (``_costs``)."""
+    name, module = recording.chosen[i]
+    rec = recording.records[name]
+    received = set().union(*handed[:i]) & rec["input"][0]
+    saved_bytes, input_saved, saved_input = saved_union(rec, handed[i], received)
+    # the producer still needs what it hands on in its own backward, after the consumer's
+    # backward has released it
+    moved = sum(rec["saved"][k] for k in handed[i])
+    gradient_held = rec.get("gradient_held", False)
+    seeded = received_output_gradient(rec)
+    forward_transient, transient = transient_bytes(module, *rec["call"], gradient_held, seeded)
+    # A region that writes its input is never recomputed alone (store_only)
+    rerun_forward, rerun, held = (
+        (None, None, 0)
+        if rec.get("writes_input")
+        else recompute_transient_bytes(module, *rec["call"], gradient_held, seeded)
+    )
+    ops = recording.ops.get(name, [])
+    cost, op_costs = _costs(rec, ops, recording.flops.get(name, 0), costs)
+    overhead = recording.overheads.get(name)
+    return RegionProfile(
+        name=name,
+        type=type(module).__name__,
+        cost=cost,
+        flops=int(recording.flops.get(name, 0)),
+        input_bytes=rec["input"][1],
+        saved_bytes=saved_bytes,
+        input_saved=input_saved,
+        saved_input_bytes=saved_input,
+        output_bytes=rec["output"][1],
+        output_gradient_bytes=sum(rec["output_sizes"][k] for k in seeded),
+        transient_bytes=transient + moved,
+        forward_transient_bytes=forward_transient,
+        recompute_ops=rec.get("rerun_ops", 0),
+        op_overhead=overhead or 0.0,
+        store_only="writes its input in place" if rec.get("writes_input") else "",
+        segment_break=_segment_break(recording.chosen, recording.records, i) or _held_note(held),
+        held_bytes=held,
+        recompute_forward_transient_bytes=rerun_forward,
+        recompute_transient_bytes=rerun,
+        ops=tuple(
+            OpProfile(
+                name=o.name,
+                output_bytes=o.output_bytes,
+                cost=c,
+                output_saved=not o.output_bytes or o.output_saved,
+                # no op-level plan where op-level checkpointing failed to run
+                saveable=o.saveable and not (name in recording.overheads and overhead is None),
+                recomputable=o.recomputable,
             )
-        )
-        handles.append(
-            module.register_forward_hook(
-                post_hook(name, stack, records, exclude, sync), always_call=True
-            )
-        )
-
-    forward_running = [True]
-    saved_outside: set[int] = set()
-    finalizers: list[weakref.finalize] = []
-
-    def unsaved(name: str, key: int) -> None:
-        # Saved by a branch of the graph that nothing uses (a value computed and dropped,
-        # as Mamba's mixer computes A twice): that node dies with the branch, in the
-        # forward, and its saved tensors with it; they are never live at the backward.
-        if forward_running[0]:
-            records[name]["saved"].pop(key, None)
-
-    def pack(t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        if stack:  # a recomputation stops at the region's last save, parameters included
-            records[stack[-1]]["rerun_ops"] = len(recorder.ops.get(stack[-1], ()))
-        if not stack and st._cdata not in exclude:
-            saved_outside.add(st._cdata)  # by an op outside the regions
-        if stack and st._cdata not in exclude:
-            if st._cdata not in records[stack[-1]]["saved"]:
-                finalizers.append(weakref.finalize(st, unsaved, stack[-1], st._cdata))
-            records[stack[-1]]["saved"][st._cdata] = st.nbytes()
-            recorder.mark_saved(st._cdata, stack[-1])
-        # Detached: an output its own node saves (exp's result) held as itself would keep
-        # that node alive through a cycle, so a branch the forward drops (Mamba's mixer
-        # computes A twice) would stay live here and nowhere else.
-        recorder.paused = True
-        try:
-            return Versioned(t)
-        finally:
-            recorder.paused = False
-
-    try:
-        timed = not on_meta and target is None
-        recorder = OpRecorder(lambda: stack[-1] if stack else None, timed, sync, target, records)
-        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), recorder:
-            loss = loss_of(model(*inputs, **kwargs))
-        forward_running[0] = False
-        not_run: list[str] = []
-        if regions is None:
-            chosen, not_run = _default_regions_that_ran(model, chosen, records)
-        _check_called_once(chosen, records)
-        # The chain runs in forward order, whatever order the module lists give (XLM keeps
-        # its attentions, norms and feed-forwards in four lists, called interleaved).
-        chosen.sort(key=lambda item: records[item[0]].get("order", len(chosen)))
-        grad_order = GradientOrder()
-        handles += grad_order.watch(model, records[chosen[0][0]].get("call"))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        for rec in records.values():
-            rec["times"].clear()
-        for _ in range(repeats if timed else 0):
-            with torch.no_grad():
-                model(*inputs, **kwargs)
-        flops = region_flops(model, chosen, inputs, kwargs)
-        overheads = (
-            op_overheads(chosen, records, recorder.ops, sync, repeats, op_engines)
-            if timed
-            else {}  # on meta or predicted: the engines' Python time is not modelled
-        )
-    finally:
-        for h in handles:
-            h.remove()
-        for f in finalizers:
-            f.detach()
-    step = measure_step(
-        model,
-        inputs,
-        loss_of,
-        kwargs,
-        first=chosen[0][1],
-        last=chosen[-1][1],
-        regions=[module for _, module in chosen],
+            for o, c in zip(ops, op_costs)
+        ),
     )
 
-    for name, _ in chosen:
-        if "input" not in records[name]:
-            raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
-    recs = [records[name] for name, _ in chosen]
+
+def _costs(
+    rec: dict[str, Any], ops: Sequence[OpRecord], flops: int, costs: str
+) -> tuple[float, list[float]]:
+    """A region's cost and its ops' shares: predicted seconds on the target, FLOPs plus
+    bytes on meta, or the median timed forward split by the ops' measured shares."""
+    if costs == "target":
+        return sum(o.seconds for o in ops), [o.seconds for o in ops]
+    if costs == "meta":  # FLOPs per op are not broken out
+        return float(flops + sum(o.output_bytes for o in ops)), [float(o.output_bytes) for o in ops]
+    cost = statistics.median(rec["times"]) if rec["times"] else 0.0
+    total = sum(o.seconds for o in ops) or 1.0
+    return cost, [cost * o.seconds / total for o in ops]  # scaled to the timed forward
+
+
+def _assemble(
+    model: nn.Module,
+    recording: Recording,
+    profiles: list[RegionProfile],
+    step: StepMemory,
+    shared: SharedInputs,
+    **identity: Any,
+) -> Profile:
+    """The regions with what the measured step says around them: the shared inputs, what
+    lives outside the chain, the gradients beside each region's backward, the tail;
+    ``shared``: the inputs several regions take; ``identity``: the profile's other
+    fields (device, cost unit, ...)."""
+    recs = [recording.records[name] for name, _ in recording.chosen]
     calls = [rec.get("call", ()) for rec in recs]
-    shared = shared_inputs(recs, made_before_chain(calls, step))
-
-    chain_shared, made_before, live_at_backward = shared_in_step(shared, calls, step, saved_outside)
-
-    handed = handed_on(recs)
-    profiles = []
-    for i, (name, module) in enumerate(chosen):
-        rec = records[name]
-        received = set().union(*handed[:i]) & rec["input"][0]
-        saved_bytes, input_saved, saved_input = saved_union(rec, handed[i], received)
-        # the producer still needs what it hands on in its own backward, after the
-        # consumer's backward has released it
-        moved = sum(rec["saved"][k] for k in handed[i])
-        gradient_held = rec.get("gradient_held", False)
-        seeded = received_output_gradient(rec)
-        forward_transient, transient = transient_bytes(module, *rec["call"], gradient_held, seeded)
-        # A region that writes its input is never recomputed alone (store_only)
-        rerun_forward, rerun, held = (
-            (None, None, 0)
-            if rec.get("writes_input")
-            else recompute_transient_bytes(module, *rec["call"], gradient_held, seeded)
-        )
-        ops = recorder.ops.get(name, [])
-        if target is not None:  # predicted seconds on the target
-            cost = sum(o.seconds for o in ops)
-            op_costs = [o.seconds for o in ops]
-        elif on_meta:
-            cost = float(flops.get(name, 0) + sum(o.output_bytes for o in ops))
-            op_costs = [float(o.output_bytes) for o in ops]  # FLOPs per op are not broken out
-        else:
-            cost = statistics.median(rec["times"]) if rec["times"] else 0.0
-            total = sum(o.seconds for o in ops) or 1.0
-            op_costs = [cost * o.seconds / total for o in ops]  # scaled to the timed forward
-        profiles.append(
-            RegionProfile(
-                name=name,
-                type=type(module).__name__,
-                cost=cost,
-                flops=int(flops.get(name, 0)),
-                input_bytes=rec["input"][1],
-                saved_bytes=saved_bytes,
-                input_saved=input_saved,
-                saved_input_bytes=saved_input,
-                output_bytes=rec["output"][1],
-                output_gradient_bytes=sum(rec["output_sizes"][k] for k in seeded),
-                transient_bytes=transient + moved,
-                forward_transient_bytes=forward_transient,
-                recompute_ops=rec.get("rerun_ops", 0),
-                op_overhead=overheads.get(name) or 0.0,
-                store_only="writes its input in place" if rec.get("writes_input") else "",
-                segment_break=_segment_break(chosen, records, i) or _held_note(held),
-                held_bytes=held,
-                recompute_forward_transient_bytes=rerun_forward,
-                recompute_transient_bytes=rerun,
-                ops=tuple(
-                    OpProfile(
-                        name=o.name,
-                        output_bytes=o.output_bytes,
-                        cost=c,
-                        output_saved=not o.output_bytes or o.output_saved,
-                        # no op-level plan where op-level checkpointing failed to run
-                        saveable=o.saveable and not (name in overheads and overheads[name] is None),
-                        recomputable=o.recomputable,
-                    )
-                    for o, c in zip(ops, op_costs)
-                ),
-            )
-        )
+    chain_shared, made_before, live_at_backward = shared_in_step(
+        shared, calls, step, recording.saved_outside
+    )
     # Live through the whole chain, outside it: what ran before the chain saved. The step
     # measured it at the chain's start, beside the first region's input and the shared
     # inputs made by then, which the chain counts (``SharedInput``).
@@ -426,9 +361,10 @@ def _profile(
         if step.at_chain_backward is None
         else max(0, step.at_chain_backward - beside - step.output_gradient)
     )
+    grad_order = recording.grad_order
     profiles = with_gradient_bytes(
         model,
-        chosen,
+        recording.chosen,
         profiles,
         grad_order.after_the_chain(),
         head_left,
@@ -442,29 +378,15 @@ def _profile(
     chain_peak = store_all_peak_of(profiles, tail, chain_shared)
     # What the model above leaves unexplained of the measured step is added where the chain
     # is, so that no plan is predicted under what the step measured.
-    outside = base
-    explained = max(step.before_chain_peak, step.after_chain_peak, outside + chain_peak)
-    outside += max(0, step.peak - explained)
+    explained = max(step.before_chain_peak, step.after_chain_peak, base + chain_peak)
     return Profile(
         regions=tuple(profiles),
         tail_bytes=tail,
-        cost_unit="flops+bytes" if on_meta and target is None else "seconds",
-        device=str(device),
         step_peak_bytes=step.peak,
-        outside_bytes=outside,
+        outside_bytes=base + max(0, step.peak - explained),
         shared_inputs=chain_shared,
         before_chain_peak_bytes=step.before_chain_peak,
         after_chain_peak_bytes=step.after_chain_peak,
         forward_cost=sum(p.cost for p in profiles),
-        op_engines=op_engines,
-        # Offloading only means something where the device's memory is not the host's.
-        host_bandwidth=target.host_bandwidth if target and target.kernels == "cuda" else 0.0,
-        # The default discovery can be repeated on a model a plan is applied to, to tell a
-        # plan made for another model (fewer blocks) from one for this model.
-        meta={
-            "model": type(model).__name__,
-            "default_regions": regions is None,
-            "regions_not_run": not_run,
-            **({} if target is None else {"target": target.name}),
-        },
+        **identity,
     )
