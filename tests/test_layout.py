@@ -154,3 +154,23 @@ def test_no_stage_folder_holds_over_a_quarter_of_the_package():
     total = sum(lines.values())
     big = {s: f"{n / total:.0%}" for s, n in lines.items() if s != "<top>" and n > total / 4}
     assert not big, f"stage folders over a quarter of the package's lines: {big}"
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines, its docstring aside."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    if docstring and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_function_over_80_lines():
+    long = {
+        f"{name}.{node.name}": _code_lines(node)
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > 80
+    }
+    assert not long, f"functions over 80 lines (docstring aside): {long}"

@@ -1,0 +1,122 @@
+"""The ``remat`` command line: one parser, a subparser per command."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+import remat
+from remat.bench.runner import CONFIGS
+from remat.cli.bench_command import run_bench_command
+from remat.cli.common import add_size_flags
+from remat.cli.help_texts import BENCH_EPILOG, DESCRIPTION, MAIN_EPILOG, MODEL_HELP, PLAN_EPILOG
+from remat.cli.plan_command import run_plan_command
+
+__all__ = ["build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+
+    listed = "\n".join(
+        textwrap.fill(
+            c.description + ("" if c.default else " [not default]"),
+            width=96,
+            initial_indent=f"  {c.name + (':<arg>' if c.takes_arg else ''):<20} ",
+            subsequent_indent=" " * 23,
+        )
+        for c in CONFIGS.values()
+        if not c.hidden
+    )
+    parser = argparse.ArgumentParser(
+        prog="remat",
+        description=DESCRIPTION,
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_bench(sub, listed)
+
+    _add_plan(sub)
+    return parser
+
+
+def _version() -> str:
+
+    return getattr(remat, "__version__", "unknown")
+
+
+def _add_bench(sub: argparse._SubParsersAction, listed: str) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="memory, time and FLOPs of checkpointing configurations, side by side",
+        description="Run a training step (forward + backward) of a model under each checkpointing\n"
+        "configuration, each in its own process. Report memory peaks and bytes\n"
+        "kept for backward (remat's tracker; the CUDA allocator's figures too on a GPU),\n"
+        "median step time over interleaved rounds after a warm-up, extra FLOPs from\n"
+        "recomputation, and whether loss and gradients equal none's.",
+        epilog=BENCH_EPILOG.format(configs=listed),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--model", default="mlp", help=MODEL_HELP.format(default="default mlp"))
+    bench.add_argument("--configs", help="comma-separated configurations (default: the set above)")
+    bench.add_argument("--batch", type=int, help="batch size (default: the model's)")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument(
+        "--dtype", default="float32", help="float32 (default), bfloat16, float16, float64"
+    )
+    bench.add_argument("--steps", type=int, default=5, help="timed rounds (default 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    bench.add_argument("--seed", type=int, default=0, help="seeds weights, data and dropout")
+    add_size_flags(bench)
+    bench.add_argument("--json", metavar="PATH", help="write every figure and the environment")
+    bench.add_argument("--plot", metavar="PATH", help="write the two-panel PNG")
+    bench.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    bench.set_defaults(run=run_bench_command)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="the cheapest checkpointing plan for a memory budget",
+        description="Profile a model (per block: time, bytes, ops), plan for the budget with\n"
+        "remat's optimal chain solver (or a heuristic), print the plan and its prediction;\n"
+        "with --verify, apply it, measure the training step's peak with the tracker and\n"
+        "compare gradients with the un-checkpointed model.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("--model", default="gpt", help=MODEL_HELP.format(default="default gpt"))
+    plan.add_argument(
+        "--budget",
+        help="required: bytes, a size (300MB, 6GiB) or a percentage of the un-checkpointed "
+        "step's peak",
+    )
+    plan.add_argument(
+        "--solver", default="auto", help="auto (optimal chain DP), sqrt, every-n, greedy"
+    )
+    plan.add_argument("--verify", action="store_true", help="apply, measure, check gradients")
+    plan.add_argument("--batch", type=int, help="batch size (default: the model's)")
+    plan.add_argument(
+        "--device",
+        help="cpu, cuda or meta (no memory used; with --target) (default: cuda when available)",
+    )
+    plan.add_argument(
+        "--target",
+        help="the device to plan for: h100, h200, a100, l4, rtx4090, cpu (measured here); "
+        "costs become its predicted seconds; 'list' prints the targets",
+    )
+    plan.add_argument(
+        "--optimizer",
+        help="adamw, adam, sgd-momentum, sgd: count the parameters, optimizer state and (bf16/"
+        "fp16) fp32 master weights in the budget, which is then the device's whole memory",
+    )
+    plan.add_argument(
+        "--world-size", type=int, default=1, help="plan one rank of FSDP2 over N ranks "
+        "(with --optimizer): state and gradients sharded, two regions gathered in flight",
+    )  # fmt: skip
+    plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
+    plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
+    add_size_flags(plan)
+    plan.add_argument("--json", metavar="PATH", help="write the plan (and the check) as JSON")
+    plan.set_defaults(run=run_plan_command)
