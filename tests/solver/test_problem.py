@@ -245,3 +245,14 @@ def test_the_solver_names_under_remat_planner_still_work_with_a_deprecation_warn
             assert getattr(remat.planner, name) is getattr(remat.solver, name)
     with pytest.raises(AttributeError, match="no_such_name"):
         remat.planner.no_such_name  # noqa: B018
+
+
+def test_plan_items_are_typed_leaves_and_segments():
+    from remat.solver.memory_model import Leaf, Seg, plan_tree
+
+    items = plan_tree([0, 1, 0, 1], [(1, 3)], 0, 4)
+    assert [type(it) for it in items] == [Leaf, Seg, Leaf]
+    segment = items[1]
+    assert (segment.start, segment.stop) == (1, 3)
+    assert [(it.region, it.option) for it in segment.items] == [(1, 1), (2, 0)]
+    assert items[0] == ("leaf", 0, 0)  # still the tuples the memory model always read

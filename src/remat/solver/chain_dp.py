@@ -33,9 +33,11 @@ from remat.errors import BudgetError
 from remat.solver.discretization import byte_counts, discretize, resolution_for
 from remat.solver.memory_model import (
     items_to_plan,
+    leaf,
     leaf_bytes,
     pending_bytes,
     plan_from_choices,
+    seg,
     segment_forward_peaks,
     simulate,
 )
@@ -181,10 +183,10 @@ def _reconstruct(q: Chain, C: np.ndarray, H: np.ndarray, m: int, nested: bool) -
                         best = (v, ("seg", e, a))
             kind, x, kept = best[1]
             if kind == "leaf":
-                items.append(("leaf", s, x))
+                items.append(leaf(s, x))
                 s += 1
             else:
-                items.append(("seg", s, x, seq(s, x, m, True)))
+                items.append(seg(s, x, seq(s, x, m, True)))
                 s = x
             m, held = m - kept, False
         return items
@@ -239,10 +241,10 @@ def _least_peak_plan(chain: Chain, nested: bool) -> list:
                 if last <= s + 2:
                     continue
                 es = slice(s + 2, last)
-                seg = np.maximum(G[s, es], inp[s] + M[es, t])
-                seg = np.maximum(seg, F[s, es] + pending[t]).min()
-                M[s, t] = min(M[s, t], seg)
-                G[s, t] = min(G[s, t], seg)
+                split = np.maximum(G[s, es], inp[s] + M[es, t])
+                split = np.maximum(split, F[s, es] + pending[t]).min()
+                M[s, t] = min(M[s, t], split)
+                G[s, t] = min(G[s, t], split)
 
     def seq(s: int, t: int, held: bool) -> list:
         items: list = []
@@ -250,11 +252,11 @@ def _least_peak_plan(chain: Chain, nested: bool) -> list:
             stop = t if nested else n
             target = (G if held else M)[s, stop]
             rest = M[s + 1, stop]
-            leaf = [(kept if s + 1 < t else 0, k)
+            fits = [(kept if s + 1 < t else 0, k)
                     for k, (fwd, bwd, kept) in enumerate(terms[held][s])
                     if max(fwd + pending[stop], bwd, kept + rest) == target]  # fmt: skip
-            if leaf:  # on a tie, what keeps least for what follows, else store (index 0)
-                items.append(("leaf", s, min(leaf)[1]))
+            if fits:  # on a tie, what keeps least for what follows, else store (index 0)
+                items.append(leaf(s, min(fits)[1]))
                 s += 1
             else:
                 e = next(
@@ -262,7 +264,7 @@ def _least_peak_plan(chain: Chain, nested: bool) -> list:
                     for e in range(s + 2, min(t, ends[s] + 1))
                     if max(G[s, e], inp[s] + M[e, t], F[s, e] + pending[t]) == target
                 )
-                items.append(("seg", s, e, seq(s, e, True)))
+                items.append(seg(s, e, seq(s, e, True)))
                 s = e
             held = False
         return items
@@ -278,7 +280,7 @@ def min_peak_bytes(chain: Chain, *, nested: bool = True) -> int:
 
 def store_all_peak(chain: Chain) -> int:
     """Peak with nothing checkpointed: the baseline that ``"40%"`` budgets refer to."""
-    return simulate(chain, [("leaf", i, 0) for i in range(len(chain))])[0]
+    return simulate(chain, [leaf(i, 0) for i in range(len(chain))])[0]
 
 
 def _check_budget(budget_bytes: int) -> int:

@@ -10,7 +10,7 @@ import itertools
 import math
 
 from remat.errors import BudgetError
-from remat.solver.memory_model import plan_from_choices, simulate
+from remat.solver.memory_model import leaf, plan_from_choices, simulate
 from remat.solver.problem import Chain
 from remat.solver.solution import Plan
 
@@ -111,7 +111,7 @@ def greedy_plan(chain: Chain, budget_bytes: int) -> Plan:
     choice = [0] * len(regs)  # everything stored
 
     def peak() -> int:
-        return simulate(chain, [("leaf", i, k) for i, k in enumerate(choice)])[0]
+        return simulate(chain, [leaf(i, k) for i, k in enumerate(choice)])[0]
 
     while peak() > budget_bytes:
         best = None

@@ -37,6 +37,7 @@ the dynamic program below is derived from them and tested against exhaustive sea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 from remat.solver.problem import (
     OFFLOAD,
@@ -52,15 +53,50 @@ from remat.solver.solution import Plan, RegionPlan, check_segments, offloaded_in
 __all__ = [
     "evaluate",
     "items_to_plan",
+    "Item",
+    "Leaf",
+    "Seg",
+    "leaf",
     "leaf_bytes",
     "plan_from_choices",
     "plan_tree",
+    "seg",
     "shared_live",
     "simulate",
 ]
 
 
-Item = tuple  # ("leaf", i, option_index) | ("seg", a, b, [items])
+class Leaf(NamedTuple):
+    """A plan item: region ``region`` run with option ``option`` of its menu."""
+
+    kind: Literal["leaf"]
+    region: int
+    option: int
+
+
+class Seg(NamedTuple):
+    """A plan item: regions ``[start, stop)`` as one checkpointed segment, and the plan of
+    their rerun inside it (``items``)."""
+
+    kind: Literal["seg"]
+    start: int
+    stop: int
+    items: list[Item]
+
+
+# A plan as the memory model and the solvers walk it: leaves and segments, in chain order.
+# Plain tuples of the same shape are accepted too.
+Item = Leaf | Seg
+
+
+def leaf(region: int, option: int) -> Leaf:
+    """The item running ``region`` with option ``option`` of its menu."""
+    return Leaf("leaf", region, option)
+
+
+def seg(start: int, stop: int, items: list[Item]) -> Seg:
+    """The item running regions ``[start, stop)`` as one segment, ``items`` inside."""
+    return Seg("seg", start, stop, items)
 
 
 # ----------------------------------------------------------------------------- memory model
@@ -248,10 +284,10 @@ def plan_tree(choices: Sequence[int], segs: Sequence[tuple[int, int]], lo: int, 
         inner = [b for a, b in segs if a == i and b <= hi and (a, b) != (lo, hi)]
         if inner:
             b = max(inner)
-            items.append(("seg", i, b, plan_tree(choices, segs, i, b)))
+            items.append(seg(i, b, plan_tree(choices, segs, i, b)))
             i = b
         else:
-            items.append(("leaf", i, choices[i]))
+            items.append(leaf(i, choices[i]))
             i += 1
     return items
 
