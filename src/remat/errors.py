@@ -11,7 +11,7 @@ The rule for bad input, everywhere: a wrong type raises ``TypeError``, a wrong v
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 
 __all__ = [
     "BudgetError",
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def check_choice(owner: str, name: str, value: object, choices: Iterable[str]) -> None:
+def check_choice(owner: str, name: str, value: object, choices: Collection[str]) -> None:
     """Raise ``TypeError`` unless ``value`` is a str, ``ValueError`` unless it is one of
     ``choices``: "``owner``: ``name``='x' is not one of 'a', 'b'"."""
     options = ", ".join(repr(c) for c in choices)

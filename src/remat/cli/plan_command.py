@@ -14,7 +14,7 @@ import torch
 import remat
 from remat.bench.configurations import check_budget, offload_store_for
 from remat.bench.model_choice import DTYPES, build_bench_workload, check_model, check_model_options
-from remat.bench.runner import resolve_device
+from remat.bench.runner import compare_tensors, resolve_device
 from remat.bench.user_models import parse_model_args
 from remat.cli.common import error, output_path_error, sizes_given
 from remat.errors import MissingExtraError
@@ -202,19 +202,10 @@ def _verify(
     )
     torch.manual_seed(args.seed)
     workload.loss().backward()
-    diff = max(
-        (a.grad - b.grad).abs().max().item()
-        for a, b in zip(workload.model.parameters(), reference.model.parameters())
-        if a.grad is not None
+    # the bench's comparison: assert_close's tolerances per gradient, the largest difference
+    same, diff, _ = compare_tensors(
+        *({n: p.grad for n, p in w.model.named_parameters()} for w in (reference, workload))
     )
-    try:  # bitwise on CPU float32 in practice; assert_close's tolerances elsewhere
-        torch.testing.assert_close(
-            [a.grad for a in workload.model.parameters()],
-            [b.grad for b in reference.model.parameters()],
-        )
-        same = True
-    except AssertionError:
-        same = False
     fits = measured <= chosen.budget_bytes
     print(
         f"measured peak {measured / 1e6:.2f} MB ({'within' if fits else 'OVER'} the budget "

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from remat.errors import PlanError
+from remat.errors import PlanError, check_choice
 from remat.measure.training_call import (
     check_loss_fn,
     default_loss,
@@ -119,8 +119,8 @@ def profile(
     parameters' gradients and the RNG state are put back as they were.
 
     Raises:
-        TypeError: ``model`` is not a module; ``repeats``, ``loss_fn`` or ``regions`` has a
-            wrong type.
+        TypeError: ``model`` is not a module; ``repeats``, ``loss_fn``, ``regions`` or
+            ``op_engines`` has a wrong type.
         ValueError: ``repeats`` below 1, ``op_engines`` not ``"auto"`` or ``"replay"``, an
             unknown ``target_device``.
         PlanError: a region name does not exist or a region never ran, or the model is in
@@ -138,10 +138,7 @@ def profile(
         isinstance(regions, str) or not all(isinstance(r, str) for r in regions)
     ):
         raise TypeError(f"remat.profile: regions must be a list of module names, got {regions!r}")
-    if op_engines not in OP_ENGINE_CHOICES:
-        raise ValueError(
-            f"remat.profile: op_engines={op_engines!r} is not one of {', '.join(OP_ENGINE_CHOICES)}"
-        )
+    check_choice("remat.profile", "op_engines", op_engines, OP_ENGINE_CHOICES)
     device = None if target_device is None else get_target(target_device)
     require_train_mode(model, "remat.profile")
     with (

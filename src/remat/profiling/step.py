@@ -177,7 +177,6 @@ class _StepWatch:
         self.region_starts: dict[int, int] = {}  # allocations when its forward started
         self.region_ends: list[int] = []  # allocations when each region's forward ended
         # storages, not keys: a key is reused once its storage is freed
-        self.input_refs: dict[int, list[weakref.ref]] = {}
         self.output_refs: dict[int, list[weakref.ref]] = {}
         self.output_sizes: dict[int, list[int]] = {}
         self.taken_later: set[tuple[int, int]] = set()  # (region, output) a later one takes
@@ -257,7 +256,7 @@ class _StepWatch:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             if index == 0 and "allocations" not in self.seen:
                 self.seen["allocations"] = self.tracker.allocations
-            if index in self.input_refs or "allocations" not in self.seen:
+            if index in self.region_starts or "allocations" not in self.seen:
                 return  # its first call in the chain only
             self._record_inputs(index, tree_leaves((args, kwargs)))
 
@@ -266,7 +265,6 @@ class _StepWatch:
     def _record_inputs(self, index: int, leaves: list[Any]) -> None:
         tracker = self.tracker
         tensors = [t for t in leaves if isinstance(t, Tensor)]
-        self.input_refs[index] = [weakref.ref(t.untyped_storage()) for t in tensors]
         taking = {t.untyped_storage()._cdata for t in tensors}
         self.taken_later.update(
             (j, o)
@@ -341,22 +339,22 @@ class _StepWatch:
             self.backward_start[index] = (max(0, made - unique_storage_bytes([grad])), pending)
             if index + 1 in self.gap_from:  # the peak since the region after it ended
                 self.gap_peak[index] = tracker.window_peak_bytes - tracker.current_bytes
-            inputs = _live_keys(self.input_refs.values())
+            inputs = _live_keys([list(self.region_inputs.values())])
             # a region's output only ops outside the regions take (and hold)
             handed_out = _live_keys(self.output_refs.values()) - inputs
             self.left_between[index] = tracker.live_bytes_born(
-                self._made_between_regions, inputs, handed_out
+                self._made_between_regions(), inputs, handed_out
             )
 
         return hook
 
-    def _made_between_regions(self, born: int) -> bool:
-        # made in the chain's forward by an op outside every region (a norm, a projection
-        # between two stacks of regions)
-        if not self.seen["allocations"] < born <= self.seen["tail_allocations"]:
-            return False
-        ends = dict(enumerate(self.region_ends))
-        return not any(a < born <= ends.get(i, a) for i, a in self.region_starts.items())
+    def _made_between_regions(self) -> Callable[[int], bool]:
+        """Whether a storage born then was made in the chain's forward by an op outside
+        every region (a norm, a projection between two stacks of regions)."""
+        start, end = self.seen["allocations"], self.seen["tail_allocations"]
+        ends = self.region_ends
+        inside = [(a, ends[i]) for i, a in self.region_starts.items() if i < len(ends)]
+        return lambda born: start < born <= end and not any(a < born <= e for a, e in inside)
 
     # ------------------------------------------------------------------ the result
     def inputs_live(self) -> frozenset[tuple[int, int]]:

@@ -293,8 +293,9 @@ def _check_budget(budget_bytes: int) -> int:
 
 def _tables(chain: Chain, nested: bool) -> int:
     """How many DP tables ``_table`` keeps: ``H`` besides ``C`` when a nested chain has a
-    region whose input nothing saves."""
-    return 2 if nested and not all(r.input_saved for r in chain.regions) else 1
+    region whose input, or part of it, nothing saves (``Region.unsaved_input_bytes``:
+    what a checkpoint holding it adds, ``memory_model.leaf_bytes``)."""
+    return 2 if nested and any(r.unsaved_input_bytes for r in chain.regions) else 1
 
 
 def _slots(n: int, nested: bool, slots: int | None, tables: int = 1) -> int:

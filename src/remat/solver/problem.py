@@ -269,8 +269,8 @@ class Region:
 
     @property
     def backward_bytes(self) -> int:
-        """Bytes live for this region while it runs backward, its input aside when nothing
-        saves it (``input_saved=False``): then a checkpoint holding it adds it."""
+        """Bytes live for this region while it runs backward, the part of its input nothing
+        saves aside (``unsaved_input_bytes``): a checkpoint holding it adds that."""
         return self.saved_bytes + self.output_gradient + self.transient_bytes
 
     @property
