@@ -1,4 +1,5 @@
-"""The tiny models the tests share (imported as ``from conftest import tiny_gpt``).
+"""The tiny models the tests share (imported as ``from conftest import tiny_gpt``), and the
+check that every plan of a profile measures its predicted peak to the byte.
 
 Byte-exact tests depend on their sizes, so every size is an argument: a test file passes
 its own, and the defaults are the smallest GPT the engine tests use.
@@ -6,7 +7,14 @@ its own, and the defaults are the smallest GPT the engine tests use.
 
 from __future__ import annotations
 
+import copy
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import remat
 from remat.bench.workloads import Workload, build_workload
+from remat.profiling.step import measure_step_peak
 
 
 def tiny_gpt(
@@ -33,3 +41,25 @@ def tiny_gpt(
         dropout=dropout,
         **options,
     )
+
+
+def mean_square(out: Any) -> Any:
+    """The loss the planner tests train with."""
+    return out.square().mean()
+
+
+def every_plan(n: int) -> list[list[str]]:
+    """Every block-level plan of ``n`` regions: each stored or recomputed."""
+    return [list(c) for c in itertools.product(["store", "recompute"], repeat=n)]
+
+
+def assert_predicted_to_the_byte(
+    model: Any, inputs: tuple[Any, ...], prof: Any, plans: Sequence[Sequence[str]]
+) -> None:
+    """Each plan (per region choices) applied to a copy of ``model`` measures its
+    predicted step peak to the byte (loss: ``mean_square``)."""
+    for choices in plans:
+        plan = remat.plan_from_choices(prof, list(choices))
+        m = copy.deepcopy(model)
+        remat.apply_plan(m, plan)
+        assert measure_step_peak(m, inputs, mean_square) == plan.predicted_peak_bytes, choices

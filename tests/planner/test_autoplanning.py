@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import itertools
 from collections.abc import Callable
 
 import pytest
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
-from conftest import tiny_gpt
+from conftest import assert_predicted_to_the_byte, every_plan, mean_square, tiny_gpt
 from remat.bench.workloads import build_workload
 from remat.engine.checkpointing import run_checkpoint
 from remat.profiling.profile_data import Profile
@@ -29,25 +28,6 @@ def small_gpt(**sizes):
 
 def loss_of(workload):
     return lambda out: workload.loss_fn(out, workload.targets)
-
-
-def _mean_square(out):
-    return out.square().mean()
-
-
-def _every_plan(n: int) -> list[list[str]]:
-    """Every block-level plan of ``n`` regions: each stored or recomputed."""
-    return [list(c) for c in itertools.product(["store", "recompute"], repeat=n)]
-
-
-def _assert_predicted_to_the_byte(model, inputs, prof, plans) -> None:
-    """Each plan (per region choices) applied to a copy of ``model`` measures its
-    predicted step peak to the byte."""
-    for choices in plans:
-        plan = remat.plan_from_choices(prof, choices)
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, inputs, _mean_square) == plan.predicted_peak_bytes, choices
 
 
 def assert_same_gradients(workload, reference):
@@ -107,14 +87,14 @@ def test_a_branch_the_forward_drops_is_not_counted_as_saved():
     model = nn.Sequential(*[_DroppedBranchBlock(d) for _ in range(4)])
     x = torch.randn(8, d, requires_grad=True)
 
-    prof = remat.profile(model, x, loss_fn=_mean_square)
+    prof = remat.profile(model, x, loss_fn=mean_square)
     act, weight = 8 * d * 4, d * d * 4
     # lin input (the first block's is the batch: not new), tanh output, the used branch's
     # exp result and -exp (the matmul's operand)
     saved = 2 * act + 2 * weight
     assert [r.saved_bytes for r in prof.regions] == [saved - act] + [saved] * 3
     plans = (["recompute"] * 4, ["store"] * 3 + ["recompute"], ["store"] * 4)
-    _assert_predicted_to_the_byte(model, (x,), prof, plans)
+    assert_predicted_to_the_byte(model, (x,), prof, plans)
 
 
 class _CachingBlock(nn.Module):
@@ -151,7 +131,7 @@ def test_a_region_holding_bytes_outside_the_graph_is_only_stored():
     model = _CachingModel(d)
     x = torch.randn(8, d, requires_grad=True)
 
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"blocks.{i}" for i in range(4)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[f"blocks.{i}" for i in range(4)])
     assert [r.held_bytes for r in prof.regions] == [0, 8 * d * 4, 0, 8 * d * 4]
     chain = prof.to_chain()
     assert [len(r.menu()) > 1 for r in chain.regions] == [True, False, True, False]
@@ -161,7 +141,7 @@ def test_a_region_holding_bytes_outside_the_graph_is_only_stored():
     plan = remat.plan_from_choices(prof, ["recompute", "store", "recompute", "store"])
     m = copy.deepcopy(model)
     remat.apply_plan(m, plan)
-    assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes
+    assert measure_step_peak(m, (x,), mean_square) == plan.predicted_peak_bytes
 
 
 class _BranchesAsRegions(nn.Module):
@@ -189,7 +169,7 @@ def test_an_output_gradient_held_outside_the_region_is_counted():
     x = torch.randn(512, d, requires_grad=True)  # activations, not weights, make the peak
 
     names = [name for i in range(n) for name in (f"ffns.{i}", f"norms.{i}")]
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=names)
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=names)
     for i in range(0, 2 * n, 2):  # each feed-forward recomputed alone, and all of them
         choices = ["store"] * (2 * n)
         choices[i] = "recompute"
@@ -197,7 +177,7 @@ def test_an_output_gradient_held_outside_the_region_is_counted():
             plan = remat.plan_from_choices(prof, plan_choices)
             m = copy.deepcopy(model)
             remat.apply_plan(m, plan)
-            assert measure_step_peak(m, (x,), _mean_square) <= plan.predicted_peak_bytes, (
+            assert measure_step_peak(m, (x,), mean_square) <= plan.predicted_peak_bytes, (
                 plan_choices
             )
 
@@ -243,7 +223,7 @@ def test_shared_inputs_live_in_the_backward_while_a_region_holds_them():
     model = _SharedTables(d, n)
     x = torch.randn(256, d, requires_grad=True)
 
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[f"layers.{i}" for i in range(n)])
     # the value the forward drops (no taker), the even layers' table and mask, the odd
     # ones' mask, the table layer 1 alone takes and the last layer's (made before the
     # chain, so not theirs to keep)
@@ -258,7 +238,7 @@ def test_shared_inputs_live_in_the_backward_while_a_region_holds_them():
         ((3,), (3,), nbytes),
     ]
     assert not any(t.held_outside for t in prof.shared_inputs)
-    _assert_predicted_to_the_byte(model, (x,), prof, _every_plan(n))
+    assert_predicted_to_the_byte(model, (x,), prof, every_plan(n))
 
 
 def test_a_shared_input_no_region_uses_gets_no_gradient_in_the_prediction():
@@ -268,7 +248,7 @@ def test_a_shared_input_no_region_uses_gets_no_gradient_in_the_prediction():
     d, n = 16, 4
     x = torch.randn(256, d, requires_grad=True)
     model = _SharedTables(d, n, unused=lambda h: h * 2.0)  # requires grad, used by none
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[f"layers.{i}" for i in range(n)])
     assert ((0, 1, 2, 3), ()) in [(t.takers, t.saved_by) for t in prof.shared_inputs]
     # only the parameter gradients of the layers after each (weight and bias of fc)
     params = sum(p.numel() * 4 for p in model.layers[0].parameters())
@@ -299,9 +279,9 @@ def test_a_stored_region_s_backward_does_not_carry_its_forward_s_temporaries():
     d, n = 64, 4
     model = nn.Sequential(*(_ForwardScratch(d, 256 if i < 2 else 0) for i in range(n)))
     x = torch.randn(8, d, requires_grad=True)  # the weights' gradients weigh most
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[str(i) for i in range(n)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[str(i) for i in range(n)])
     assert prof.regions[0].forward_transient_bytes > prof.regions[0].transient_bytes
-    _assert_predicted_to_the_byte(model, (x,), prof, _every_plan(n))
+    assert_predicted_to_the_byte(model, (x,), prof, every_plan(n))
 
 
 class _CrossLayer(nn.Module):
@@ -344,7 +324,7 @@ def test_a_shared_input_s_gradient_lives_from_its_last_taker_to_its_maker():
     model = _EncoderDecoder(d, n)
     x, y = torch.randn(256, d), torch.randn(64, d)
     names = [f"encoder.{i}" for i in range(n)] + [f"decoder.{i}" for i in range(n)]
-    prof = remat.profile(model, x, y, loss_fn=_mean_square, regions=names)
+    prof = remat.profile(model, x, y, loss_fn=mean_square, regions=names)
     memory = 256 * d * 4
     assert [(t.takers, t.nbytes) for t in prof.shared_inputs] == [((2, 3), memory)]
     params = sum(p.numel() * 4 for p in model.decoder[0].parameters())
@@ -352,7 +332,7 @@ def test_a_shared_input_s_gradient_lives_from_its_last_taker_to_its_maker():
     assert prof.regions[2].later_gradient_bytes - prof.regions[3].later_gradient_bytes == (
         params + memory
     )
-    _assert_predicted_to_the_byte(model, (x, y), prof, _every_plan(2 * n))
+    assert_predicted_to_the_byte(model, (x, y), prof, every_plan(2 * n))
 
 
 class _BiasBlock(nn.Module):
@@ -387,12 +367,12 @@ def test_an_output_later_regions_take_and_hand_back_is_counted_once():
     d, n = 32, 4
     model = _BiasChain(d, n)
     x = torch.randn(256, d)
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"blocks.{i}" for i in range(n)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[f"blocks.{i}" for i in range(n)])
     bias = 256 * d * 4
     assert [(t.takers, t.made_by, t.nbytes) for t in prof.shared_inputs] == [((1, 2, 3), 0, bias)]
     # made by the first block; the others hand it back: not their output, nor its gradient
     assert [r.output_gradient_bytes for r in prof.regions] == [2 * bias] + [bias] * (n - 1)
-    _assert_predicted_to_the_byte(model, (x,), prof, _every_plan(n))
+    assert_predicted_to_the_byte(model, (x,), prof, every_plan(n))
 
 
 class _AttentionReturningProbs(nn.Module):
@@ -426,7 +406,7 @@ def test_an_output_the_model_drops_gets_no_gradient_in_the_prediction():
     model = _DropsProbs(d, n)
     x = torch.randn(4, 64, d, requires_grad=True)  # the probabilities outweigh the output
 
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[f"layers.{i}" for i in range(n)])
     out, probs = 4 * 64 * d * 4, 4 * 64 * 64 * 4
     assert [(r.output_bytes, r.output_gradient_bytes) for r in prof.regions] == [
         (out + probs, out)
@@ -436,7 +416,7 @@ def test_an_output_the_model_drops_gets_no_gradient_in_the_prediction():
         ["store", "recompute", "store"],
         ["store"] * (n - 1) + ["recompute"],
     )
-    _assert_predicted_to_the_byte(model, (x,), prof, plans)
+    assert_predicted_to_the_byte(model, (x,), prof, plans)
 
 
 def test_profile_marks_the_op_outputs_autograd_saves():
@@ -1099,13 +1079,13 @@ def test_default_regions_the_forward_does_not_run_are_left_out():
     model = _Composite(d)
     x = torch.randn(64, d, requires_grad=True)
 
-    prof = remat.profile(model, x, loss_fn=_mean_square)
+    prof = remat.profile(model, x, loss_fn=mean_square)
     assert [r.name for r in prof.regions] == ["layers.0", "layers.1", "layers.2"]
     assert prof.meta["regions_not_run"] == ["vision.0", "vision.1"]
     plan = remat.plan_from_choices(prof, ["recompute", "store", "recompute"])
     m = copy.deepcopy(model)
     remat.apply_plan(m, plan)  # the vision blocks are not missing from the plan
     # to the byte: the vision blocks' parameters get no gradient, and none is counted
-    assert measure_step_peak(m, (x,), _mean_square) == plan.predicted_peak_bytes
+    assert measure_step_peak(m, (x,), mean_square) == plan.predicted_peak_bytes
     with pytest.raises(remat.PlanError, match="'vision.0' did not run"):
-        remat.profile(model, x, loss_fn=_mean_square, regions=["vision.0", "layers.0"])
+        remat.profile(model, x, loss_fn=mean_square, regions=["vision.0", "layers.0"])

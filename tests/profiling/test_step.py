@@ -3,26 +3,11 @@ these models is predicted to the byte."""
 
 from __future__ import annotations
 
-import copy
-import itertools
-
 import torch
 from torch import nn
 
 import remat
-from remat.profiling.step import measure_step_peak
-
-
-def _mean_square(out):
-    return out.square().mean()
-
-
-def _assert_every_plan_to_the_byte(model, inputs, prof) -> None:
-    for choices in itertools.product(["store", "recompute"], repeat=len(prof.regions)):
-        plan = remat.plan_from_choices(prof, list(choices))
-        m = copy.deepcopy(model)
-        remat.apply_plan(m, plan)
-        assert measure_step_peak(m, inputs, _mean_square) == plan.predicted_peak_bytes, choices
+from conftest import assert_predicted_to_the_byte, every_plan, mean_square
 
 
 class _Layer(nn.Module):
@@ -60,13 +45,13 @@ def test_a_gradient_made_between_regions_counts_from_where_it_appears():
     model = _TwoStacks(d, wide, n)
     x = torch.randn(8, d)
     names = [f"first.{i}" for i in range(n)] + [f"second.{i}" for i in range(n)]
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=names)
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=names)
     between = sum(p.numel() * 4 for m in (model.up, model.down) for p in m.parameters())
     # the layers between the stacks run backward after the second stack: their gradients
     # sit beside the first stack's backward only
     first, second = prof.regions[n - 1], prof.regions[n]
     assert second.later_gradient_bytes < between <= first.later_gradient_bytes
-    _assert_every_plan_to_the_byte(model, (x,), prof)
+    assert_predicted_to_the_byte(model, (x,), prof, every_plan(len(prof.regions)))
 
 
 class _PairLayer(nn.Module):
@@ -105,9 +90,9 @@ def test_an_input_saved_in_part_holds_only_the_rest_on_top():
     d, n = 64, 4
     model = _Pairs(d, n)
     x = torch.randn(128, d)
-    prof = remat.profile(model, x, loss_fn=_mean_square, regions=[f"layers.{i}" for i in range(n)])
+    prof = remat.profile(model, x, loss_fn=mean_square, regions=[f"layers.{i}" for i in range(n)])
     one = 128 * d * 4
     later = prof.regions[1]
     assert (later.input_bytes, later.saved_input_bytes, later.input_saved) == (2 * one, one, False)
     assert later.to_region().unsaved_input_bytes == one
-    _assert_every_plan_to_the_byte(model, (x,), prof)
+    assert_predicted_to_the_byte(model, (x,), prof, every_plan(len(prof.regions)))
