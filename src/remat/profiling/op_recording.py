@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from remat.engine.caches import snapshot_caches
 from remat.engine.tape import writes_to_arguments
 from remat.policy.op_level import draws_random_numbers
+from remat.profiling.region_record import RegionRecord, Storages
 from remat.targets.devices import Target, bytes_moved, op_flops
 
 __all__ = [
@@ -32,14 +33,14 @@ __all__ = [
 ]
 
 
-def storage_bytes(tree: Any, exclude: set[int]) -> tuple[set[int], int]:
+def storage_bytes(tree: Any, exclude: set[int]) -> Storages:
     keys: dict[int, int] = {}
     for t in tree_leaves(tree):
         if isinstance(t, Tensor):
             st = t.untyped_storage()
             if st._cdata not in exclude:
                 keys[st._cdata] = st.nbytes()
-    return set(keys), sum(keys.values())
+    return Storages(set(keys), sum(keys.values()))
 
 
 @dataclass(slots=True)
@@ -67,7 +68,7 @@ class OpRecorder(TorchDispatchMode):
         timed: bool,
         sync: Callable[[], None],
         target: Target | None = None,
-        records: dict[str, dict[str, Any]] | None = None,
+        records: dict[str, RegionRecord] | None = None,
     ):
         super().__init__()
         self.current, self.timed, self.sync, self.target = current, timed, sync, target
@@ -138,53 +139,53 @@ _GRADIENT_PASSING = frozenset(
 )
 
 
-def mark_gradient_held(records: dict[str, dict[str, Any]], args: tuple) -> None:
+def mark_gradient_held(records: dict[str, RegionRecord], args: tuple) -> None:
     """An add outside the regions of a region's output and its input (``x + ffn(x)`` with
     the feed-forward as the region, as XLM's layers are split): its backward hands the
     same gradient to the region and to ``x``'s other path, which holds it until the
     region's input gradient is added to it, through the region's whole backward. Run
     alone, the region frees its output's gradient once its last op used it: its
-    transients are then measured with that gradient held (``rec["gradient_held"]``)."""
+    transients are then measured with that gradient held (``gradient_held``)."""
     keys = {t.untyped_storage()._cdata for t in args if isinstance(t, Tensor) and t.requires_grad}
     if len(keys) < 2:
         return
     for rec in records.values():
-        if "output" in rec and rec["output"][0] & keys and rec["input"][0] & keys:
-            rec["gradient_held"] = True
+        if rec.output is not None and rec.output.keys & keys and rec.input.keys & keys:
+            rec.gradient_held = True
 
 
 def pre_hook(name, stack, records, exclude, sync):
     def hook(module, args, kwargs):
         sync()
         rec = records[name]
-        if "call" not in rec:  # bytes come from the first (profiled) call; later ones are timed
-            rec["order"] = sum("order" in r for r in records.values())  # in the forward
+        if rec.call is None:  # bytes come from the first (profiled) call; later ones are timed
+            rec.order = sum(r.order is not None for r in records.values())  # in the forward
             # replayed alone for the transient, with any KV cache as it was before the call
             leaves, spec = tree_flatten((args, kwargs))
-            rec["call"] = tree_unflatten(snapshot_caches(leaves), spec)
-            rec["input"] = storage_bytes((args, kwargs), exclude)
-            rec["input_sizes"] = {
+            rec.call = tree_unflatten(snapshot_caches(leaves), spec)
+            rec.input = storage_bytes((args, kwargs), exclude)
+            rec.input_sizes = {
                 t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
             }  # fmt: skip
             # which inputs a gradient reaches (a shared one no region uses gets none)
-            rec["inputs_with_gradient"] = received = set()
+            received = rec.inputs_with_gradient
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, Tensor) and t.requires_grad:
                     key = t.untyped_storage()._cdata
                     t.register_hook(functools.partial(_received_gradient, received, key))
-            rec["input_versions"] = [
+            rec.input_versions = [
                 (t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
             ]
             # Which regions' outputs it takes, as tensor objects: a remat segment carries on
             # into a call only through the very tensors its calls returned.
-            rec["takes_output_of"] = {
+            rec.takes_output_of = {
                 other
                 for other, r in records.items()
-                for ref in r.get("output_refs", ())
-                if any(ref() is t for t, _ in rec["input_versions"])
+                for ref in r.output_refs
+                if any(ref() is t for t, _ in rec.input_versions)
             }
-        rec["start"] = time.perf_counter()
+        rec.start = time.perf_counter()
         stack.append(name)
 
     return hook
@@ -194,31 +195,29 @@ def post_hook(name, stack, records, exclude, sync):
     def hook(module, args, output):
         sync()
         rec = records[name]
-        rec["times"].append(time.perf_counter() - rec["start"])
-        if "output" not in rec:
-            rec["output"] = storage_bytes(output, exclude)
-            rec["output_refs"] = [
-                weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)
-            ]
+        rec.times.append(time.perf_counter() - rec.start)
+        if rec.output is None:
+            rec.output = storage_bytes(output, exclude)
+            rec.output_refs = [weakref.ref(t) for t in tree_leaves(output) if isinstance(t, Tensor)]
             # an input handed back unchanged (T5's blocks return the position bias they
             # take) is not the region's output: its gradient is the input's
-            passed = {id(t) for t, v in rec.get("input_versions", ()) if t._version == v}
-            rec["passed_keys"] = {
+            passed = {id(t) for t, v in rec.input_versions if t._version == v}
+            rec.passed_keys = {
                 t.untyped_storage()._cdata
                 for t in tree_leaves(output)
                 if isinstance(t, Tensor) and id(t) in passed
             }
             watch_output_gradients(rec, output, passed)
-        versions = rec.pop("input_versions", ())
+        versions, rec.input_versions = rec.input_versions, []
         if any(t._version != v for t, v in versions):  # checkpointing it would raise
-            rec["writes_input"] = True
+            rec.writes_input = True
         if stack and stack[-1] == name:
             stack.pop()
 
     return hook
 
 
-def watch_output_gradients(rec: dict[str, Any], output: Any, passed: Collection[int] = ()) -> None:
+def watch_output_gradients(rec: RegionRecord, output: Any, passed: Collection[int] = ()) -> None:
     """Note in ``rec`` which of the region's outputs (positions among its tensor leaves)
     get a gradient from the rest of the step, and their sizes: an output the model drops
     (the attention probabilities a layer returns beside its hidden state) gets none, so
@@ -226,14 +225,11 @@ def watch_output_gradients(rec: dict[str, Any], output: Any, passed: Collection[
     outside the region takes the output (``mark_used_outputs``: a hook on the tensor also
     fires for the region's own uses of it), and a gradient reaches it in the backward.
     ``passed``: the ids of its inputs it hands back unchanged, which are not watched."""
-    rec["output_sizes"] = {}
-    rec["output_gradients"] = set()
-    rec["used_outside"] = set()
-    rec["output_positions"] = positions = {}
+    positions = rec.output_positions
     for i, t in enumerate(tree_leaves(output)):
         if isinstance(t, Tensor) and t.requires_grad and id(t) not in passed:
-            rec["output_sizes"][i] = t.numel() * t.element_size()
-            t.register_hook(functools.partial(_received_gradient, rec["output_gradients"], i))
+            rec.output_sizes[i] = t.numel() * t.element_size()
+            t.register_hook(functools.partial(_received_gradient, rec.output_gradients, i))
             st = t.untyped_storage()
             if st._cdata not in positions:  # a storage freed may be reused by another tensor
                 weakref.finalize(st, positions.pop, st._cdata, None)
@@ -244,19 +240,19 @@ def _received_gradient(received: set[int], position_or_key: int, grad: Tensor) -
     received.add(position_or_key)
 
 
-def mark_used_outputs(records: dict[str, dict[str, Any]], region: str | None, args: Any) -> None:
+def mark_used_outputs(records: dict[str, RegionRecord], region: str | None, args: Any) -> None:
     """The outputs of regions other than the running one (``region``) that an op takes."""
     keys = {t.untyped_storage()._cdata for t in tree_leaves(args) if isinstance(t, Tensor)}
     for name, rec in records.items():
-        positions = rec.get("output_positions")
+        positions = rec.output_positions
         if name != region and positions:
             for key in keys & positions.keys():
-                rec["used_outside"] |= positions[key]
+                rec.used_outside |= positions[key]
 
 
-def received_output_gradient(rec: dict[str, Any]) -> frozenset[int]:
+def received_output_gradient(rec: RegionRecord) -> frozenset[int]:
     """The positions of the region's outputs that get a gradient from the rest of the step."""
-    return frozenset(rec["output_gradients"] & rec["used_outside"])
+    return frozenset(rec.output_gradients & rec.used_outside)
 
 
 def region_flops(model, chosen, inputs, kwargs) -> dict[str, int]:

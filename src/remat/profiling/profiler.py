@@ -46,6 +46,7 @@ from remat.profiling.profile_data import (
     store_all_peak_of,
 )
 from remat.profiling.recording import Recording, record_regions
+from remat.profiling.region_record import RegionRecord
 from remat.profiling.regions import default_regions
 from remat.profiling.run_alone import recompute_transient_bytes, transient_bytes
 from remat.profiling.saved_bytes import handed_on, saved_union
@@ -66,14 +67,14 @@ from remat.targets.kernels import target_kernels
 __all__ = ["profile"]
 
 
-def _segment_break(chosen: list[tuple[str, Any]], records: dict[str, Any], i: int) -> str:
+def _segment_break(chosen: list[tuple[str, Any]], records: dict[str, RegionRecord], i: int) -> str:
     """Why a segment cannot carry on into region ``i`` (``""``: it can): none of its inputs
     is an output of region ``i - 1`` (code between them makes its input, ``x = block(x) *
     scale``, or it takes the model's input)."""
     if i == 0:
         return ""
     before = chosen[i - 1][0]
-    if before in records[chosen[i][0]].get("takes_output_of", ()):
+    if before in records[chosen[i][0]].takes_output_of:
         return ""
     return f"its input is not an output of {before!r}: the model makes it between them"
 
@@ -200,7 +201,7 @@ def _profile(
     costs = "target" if target is not None else "meta" if on_meta else "timed"
     recs = [recording.records[name] for name, _ in chosen]
     # first: it takes the inputs several regions share out of each region's record
-    shared = shared_inputs(recs, made_before_chain([rec.get("call", ()) for rec in recs], step))
+    shared = shared_inputs(recs, made_before_chain([rec.call for rec in recs], step))
     handed = handed_on(recs)
     profiles = [_region_profile(recording, i, handed, costs) for i in range(len(chosen))]
     return _assemble(
@@ -247,19 +248,19 @@ def _region_profile(
     running it on its own (``run_alone``), its cost and its ops' (``_costs``)."""
     name, module = recording.chosen[i]
     rec = recording.records[name]
-    received = set().union(*handed[:i]) & rec["input"][0]
+    received = set().union(*handed[:i]) & rec.input.keys
     saved_bytes, input_saved, saved_input = saved_union(rec, handed[i], received)
     # the producer still needs what it hands on in its own backward, after the consumer's
     # backward has released it
-    moved = sum(rec["saved"][k] for k in handed[i])
-    gradient_held = rec.get("gradient_held", False)
+    moved = sum(rec.saved[k] for k in handed[i])
+    gradient_held = rec.gradient_held
     seeded = received_output_gradient(rec)
-    forward_transient, transient = transient_bytes(module, *rec["call"], gradient_held, seeded)
+    forward_transient, transient = transient_bytes(module, *rec.call, gradient_held, seeded)
     # A region that writes its input is never recomputed alone (store_only)
     rerun_forward, rerun, held = (
         (None, None, 0)
-        if rec.get("writes_input")
-        else recompute_transient_bytes(module, *rec["call"], gradient_held, seeded)
+        if rec.writes_input
+        else recompute_transient_bytes(module, *rec.call, gradient_held, seeded)
     )
     ops = recording.ops.get(name, [])
     cost, op_costs = _costs(rec, ops, recording.flops.get(name, 0), costs)
@@ -269,17 +270,17 @@ def _region_profile(
         type=type(module).__name__,
         cost=cost,
         flops=int(recording.flops.get(name, 0)),
-        input_bytes=rec["input"][1],
+        input_bytes=rec.input.nbytes,
         saved_bytes=saved_bytes,
         input_saved=input_saved,
         saved_input_bytes=saved_input,
-        output_bytes=rec["output"][1],
-        output_gradient_bytes=sum(rec["output_sizes"][k] for k in seeded),
+        output_bytes=rec.output.nbytes,
+        output_gradient_bytes=sum(rec.output_sizes[k] for k in seeded),
         transient_bytes=transient + moved,
         forward_transient_bytes=forward_transient,
-        recompute_ops=rec.get("rerun_ops", 0),
+        recompute_ops=rec.rerun_ops,
         op_overhead=overhead or 0.0,
-        store_only="writes its input in place" if rec.get("writes_input") else "",
+        store_only="writes its input in place" if rec.writes_input else "",
         segment_break=_segment_break(recording.chosen, recording.records, i) or _held_note(held),
         held_bytes=held,
         recompute_forward_transient_bytes=rerun_forward,
@@ -300,7 +301,7 @@ def _region_profile(
 
 
 def _costs(
-    rec: dict[str, Any], ops: Sequence[OpRecord], flops: int, costs: str
+    rec: RegionRecord, ops: Sequence[OpRecord], flops: int, costs: str
 ) -> tuple[float, list[float]]:
     """A region's cost and its ops' shares: predicted seconds on the target, FLOPs plus
     bytes on meta, or the median timed forward split by the ops' measured shares."""
@@ -308,7 +309,7 @@ def _costs(
         return sum(o.seconds for o in ops), [o.seconds for o in ops]
     if costs == "meta":  # FLOPs per op are not broken out
         return float(flops + sum(o.output_bytes for o in ops)), [float(o.output_bytes) for o in ops]
-    cost = statistics.median(rec["times"]) if rec["times"] else 0.0
+    cost = statistics.median(rec.times) if rec.times else 0.0
     total = sum(o.seconds for o in ops) or 1.0
     return cost, [cost * o.seconds / total for o in ops]  # scaled to the timed forward
 
@@ -326,7 +327,7 @@ def _assemble(
     ``shared``: the inputs several regions take; ``identity``: the profile's other
     fields (device, cost unit, ...)."""
     recs = [recording.records[name] for name, _ in recording.chosen]
-    calls = [rec.get("call", ()) for rec in recs]
+    calls = [rec.call for rec in recs]
     chain_shared, made_before, live_at_backward = shared_in_step(
         shared, calls, step, recording.saved_outside
     )

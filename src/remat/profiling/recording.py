@@ -3,9 +3,8 @@ bytes, its input, its output and what autograd saves while it runs (unique stora
 parameters, buffers and the model's inputs excluded), while a dispatch mode lists every op
 of each region; then the timed forward passes and the op-level overheads.
 
-The records are the profile's working format, one ``dict`` per region, written by
-``op_recording`` (``call``, ``input``, ``output``, ``saved``, ``takes_output_of``,
-``writes_input``, ``rerun_ops``, ``times``, ...) and read by the profile's later steps.
+The records are the profile's working format, one :class:`RegionRecord` per region,
+written by ``op_recording``'s hooks and read by the profile's later steps.
 """
 
 from __future__ import annotations
@@ -23,12 +22,13 @@ from remat.errors import PlanError
 from remat.measure.versions import Versioned
 from remat.profiling.gradients import GradientOrder
 from remat.profiling.op_recording import OpRecord, OpRecorder, post_hook, pre_hook, region_flops
+from remat.profiling.region_record import RegionRecord
 from remat.profiling.run_alone import op_overheads
 from remat.targets.devices import Target
 
 __all__ = ["Recording", "record_regions"]
 
-Records = dict[str, dict[str, Any]]
+Records = dict[str, RegionRecord]
 
 
 @dataclass
@@ -70,7 +70,7 @@ def record_regions(
     existing = (*model.parameters(), *model.buffers(), *tree_leaves((inputs, kwargs)))
     exclude = {t.untyped_storage()._cdata for t in existing if isinstance(t, Tensor)}
     stack: list[str] = []
-    records: Records = {name: {"saved": {}, "times": []} for name, _ in chosen}
+    records: Records = {name: RegionRecord() for name, _ in chosen}
     handles = []
     for name, module in chosen:
         before = pre_hook(name, stack, records, exclude, sync)
@@ -89,13 +89,13 @@ def record_regions(
         _check_called_once(chosen, records)
         # The chain runs in forward order, whatever order the module lists give (XLM keeps
         # its attentions, norms and feed-forwards in four lists, called interleaved).
-        chosen.sort(key=lambda item: records[item[0]].get("order", len(chosen)))
+        chosen.sort(key=lambda item: _forward_position(records[item[0]], len(chosen)))
         grad_order = GradientOrder()
-        handles += grad_order.watch(model, records[chosen[0][0]].get("call"))
+        handles += grad_order.watch(model, records[chosen[0][0]].call)
         loss.backward()
         model.zero_grad(set_to_none=True)
         for rec in records.values():
-            rec["times"].clear()
+            rec.times.clear()
         for _ in range(repeats if timed else 0):
             with torch.no_grad():
                 model(*inputs, **kwargs)
@@ -110,7 +110,7 @@ def record_regions(
             h.remove()
         saves.forget()
     for name, _ in chosen:
-        if "input" not in records[name]:
+        if not records[name].ran:
             raise PlanError(f"remat.profile: region {name!r} did not run in the forward pass")
     return Recording(
         chosen=chosen,
@@ -141,19 +141,19 @@ class _SavedTensors:
         # as Mamba's mixer computes A twice): that node dies with the branch, in the
         # forward, and its saved tensors with it; they are never live at the backward.
         if self.forward_running:
-            self.records[name]["saved"].pop(key, None)
+            self.records[name].saved.pop(key, None)
 
     def pack(self, t: Tensor) -> Versioned:
         stack, records, recorder = self.stack, self.records, self.recorder
         st = t.untyped_storage()
         if stack:  # a recomputation stops at the region's last save, parameters included
-            records[stack[-1]]["rerun_ops"] = len(recorder.ops.get(stack[-1], ()))
+            records[stack[-1]].rerun_ops = len(recorder.ops.get(stack[-1], ()))
         if not stack and st._cdata not in self.exclude:
             self.saved_outside.add(st._cdata)  # by an op outside the regions
         if stack and st._cdata not in self.exclude:
-            if st._cdata not in records[stack[-1]]["saved"]:
+            if st._cdata not in records[stack[-1]].saved:
                 self._finalizers.append(weakref.finalize(st, self._unsaved, stack[-1], st._cdata))
-            records[stack[-1]]["saved"][st._cdata] = st.nbytes()
+            records[stack[-1]].saved[st._cdata] = st.nbytes()
             recorder.mark_saved(st._cdata, stack[-1])
         # Detached: an output its own node saves (exp's result) held as itself would keep
         # that node alive through a cycle, so a branch the forward drops (Mamba's mixer
@@ -174,27 +174,25 @@ def _unpack(packed: Versioned) -> Tensor:
 
 
 def _default_regions_that_ran(
-    model: nn.Module, chosen: list[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], records: Records
 ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """The default regions the forward ran, and the names of those it did not: a
     composite's vision or audio tower on text input, a cross-attention layer without an
     image. Those hold nothing in this step; a plan leaves them as they are."""
-    ran = [(name, module) for name, module in chosen if "input" in records[name]]
+    ran = [(name, module) for name, module in chosen if records[name].ran]
     if not ran:
         raise PlanError(
             f"remat.profile: none of the {len(chosen)} default regions of "
             f"{type(model).__name__} ({chosen[0][0]}, ...) ran in the forward pass; pass "
             "regions= naming the modules it runs"
         )
-    return ran, [name for name, _ in chosen if "input" not in records[name]]
+    return ran, [name for name, _ in chosen if not records[name].ran]
 
 
-def _check_called_once(
-    chosen: Sequence[tuple[str, nn.Module]], records: dict[str, dict[str, Any]]
-) -> None:
+def _check_called_once(chosen: Sequence[tuple[str, nn.Module]], records: Records) -> None:
     """The chain model runs each region once per step; a region the forward calls again (a
     layer looped over, a block shared by several places) is outside it: say so."""
-    again = {name: len(records[name]["times"]) for name, _ in chosen}
+    again = {name: len(records[name].times) for name, _ in chosen}
     again = {name: calls for name, calls in again.items() if calls > 1}
     if again:
         name, calls = next(iter(again.items()))
@@ -205,3 +203,7 @@ def _check_called_once(
             "several places, saves again on every call): pass regions= naming modules the "
             "forward calls once each, or checkpoint it by hand with remat.apply"
         )
+
+
+def _forward_position(rec: RegionRecord, not_run: int) -> int:
+    return not_run if rec.order is None else rec.order

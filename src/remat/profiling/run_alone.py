@@ -21,6 +21,7 @@ from remat.policy.op_level import Ops
 from remat.policy.treatments import Recompute, Treatment
 from remat.profiling.op_recording import OpRecord
 from remat.profiling.profile_data import op_engine
+from remat.profiling.region_record import RegionRecord
 
 __all__ = ["op_overheads", "recompute_transient_bytes", "transient_bytes"]
 
@@ -35,7 +36,7 @@ _MEASURED_PAIRS = 15
 
 def op_overheads(
     chosen: Sequence[tuple[str, nn.Module]],
-    records: dict[str, dict[str, Any]],
+    records: dict[str, RegionRecord],
     ops: dict[str, list[OpRecord]],
     sync: Callable[[], None],
     repeats: int,
@@ -55,14 +56,14 @@ def op_overheads(
     for name, module in chosen:
         region_ops = ops.get(name, ())
         key = (type(module), tuple(o.name for o in region_ops))
-        writes_input = records[name].get("writes_input", False)
+        writes_input = records[name].writes_input
         key = (*key, writes_input)
         if region_ops and key not in measured:
             treatment = Ops(
                 save_calls=frozenset(o.name for o in region_ops if o.saveable),
                 engine="tape" if writes_input else op_engine(region_ops, op_engines),
             )
-            call = records[name]["call"]
+            call = records[name].call
             differences = []
             try:
                 with own_gradients(module):

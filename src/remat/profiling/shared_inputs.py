@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from remat.profiling.region_record import RegionRecord, Storages
 from remat.profiling.step import StepMemory
 from remat.solver.problem import SharedInput
 
@@ -45,9 +46,7 @@ class SharedInputs:
     made_by: dict[int, int]
 
 
-def shared_inputs(
-    recs: Sequence[dict[str, Any]], made_before: Collection[int] = ()
-) -> SharedInputs:
+def shared_inputs(recs: Sequence[RegionRecord], made_before: Collection[int] = ()) -> SharedInputs:
     """Take the inputs that several regions take out of every region's inputs and saved
     tensors: they are counted once, as the chain's shared inputs, not once per region
     that holds or saves them (:class:`SharedInputs`). Made outside the regions, or by a
@@ -58,7 +57,7 @@ def shared_inputs(
     the plan, it is not that region's to keep."""
     takers: dict[int, list[int]] = {}
     for i, rec in enumerate(recs):
-        for key in rec["input"][0]:
+        for key in rec.input.keys:
             takers.setdefault(key, []).append(i)
     makers = {k: _maker(recs, k) for k in takers}
     shared = {
@@ -67,19 +66,19 @@ def shared_inputs(
         if (makers[k] == -1 and (len(who) > 1 or (who[0] > 0 and k in made_before)))
         or (len(who) > 1 and makers[k] is not None and -1 < makers[k] < who[0])
     }
-    sizes = {k: recs[takers[k][0]]["input_sizes"][k] for k in shared}
-    saved_by = {k: tuple(i for i in takers[k] if k in recs[i]["saved"]) for k in shared}
+    sizes = {k: recs[takers[k][0]].input_sizes[k] for k in shared}
+    saved_by = {k: tuple(i for i in takers[k] if k in recs[i].saved) for k in shared}
     for rec in recs:  # a taker that hands it back (T5's blocks) does not make it again
-        keys, total = rec["output"]
-        through = keys & shared & rec["input"][0]
-        rec["output"] = (keys - through, total - sum(sizes[k] for k in through))
+        keys, total = rec.output
+        through = keys & shared & rec.input.keys
+        rec.output = Storages(keys - through, total - sum(sizes[k] for k in through))
     for rec in recs:
-        keys, total = rec["input"]
+        keys, total = rec.input
         common = keys & shared
-        rec["input"] = (keys - common, total - sum(rec["input_sizes"][k] for k in common))
+        rec.input = Storages(keys - common, total - sum(rec.input_sizes[k] for k in common))
         for k in common:
-            rec["input_sizes"].pop(k)
-            rec["saved"].pop(k, None)
+            rec.input_sizes.pop(k)
+            rec.saved.pop(k, None)
     return SharedInputs(
         sizes=sizes,
         takers={k: tuple(takers[k]) for k in shared},
@@ -88,19 +87,19 @@ def shared_inputs(
     )
 
 
-def _maker(recs: Sequence[dict[str, Any]], key: int) -> int | None:
+def _maker(recs: Sequence[RegionRecord], key: int) -> int | None:
     """The one region whose output ``key`` is, the others that output it handing back
     their input unchanged (``-1``: no region outputs it; ``None``: several make or write
     it, as an in-place ReLU rewrites the Linear's output it takes)."""
-    outputs = [i for i, rec in enumerate(recs) if key in rec["output"][0]]
-    made = [i for i in outputs if key not in recs[i].get("passed_keys", ())]
+    outputs = [i for i, rec in enumerate(recs) if key in rec.output.keys]
+    made = [i for i in outputs if key not in recs[i].passed_keys]
     if not outputs:
         return -1
     return made[0] if len(made) == 1 else None
 
 
 def shared_gradient_bytes(
-    shared: SharedInputs, recs: Sequence[dict[str, Any]], calls: Sequence[Any], step: StepMemory
+    shared: SharedInputs, recs: Sequence[RegionRecord], calls: Sequence[Any], step: StepMemory
 ) -> list[int]:
     """Per region, the gradients of shared inputs accumulating beside its backward.
 
@@ -108,9 +107,9 @@ def shared_gradient_bytes(
     first part, in its own measured transient) until whatever made it runs backward: the
     regions below its last taker, down to the first whose forward had not ended when it
     was made (``StepMemory.inputs_made_after_region``; all of them when it was made
-    before the chain). Only an input a gradient reached counts (``rec["inputs_with_gradient"]``):
+    before the chain). Only an input a gradient reached counts (``inputs_with_gradient``):
     zamba2's layers ignore the embeddings they are handed, which never get one."""
-    reached = set().union(*(rec.get("inputs_with_gradient", ()) for rec in recs))
+    reached = set().union(*(rec.inputs_with_gradient for rec in recs))
     out = [0] * len(recs)
     for key, nbytes in shared.sizes.items():
         if key not in reached:
