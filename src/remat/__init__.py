@@ -13,6 +13,7 @@ from remat.planner.applying import apply_plan
 from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
 from remat.planner.planning import pareto, plan, plan_from_choices
+from remat.planner.verification import PlanCheck, verify_plan
 from remat.policy.offload_stores import CpuStore, CudaPinnedStore, OffloadStats, OffloadStore
 from remat.policy.offloading import Offload, offload
 from remat.policy.op_level import Ops, ops
@@ -68,6 +69,7 @@ __all__ = [
     "AutoPlan",
     "Chain",
     "Plan",
+    "PlanCheck",
     "Profile",
     "Region",
     "RegionOption",
@@ -81,6 +83,7 @@ __all__ = [
     "plan_chain",
     "plan_from_choices",
     "profile",
+    "verify_plan",
     # errors
     "BudgetError",
     "CheckpointError",

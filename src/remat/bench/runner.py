@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from remat.bench.configurations import (
 from remat.bench.model_choice import DTYPES, check_model, check_model_options, effective_sizes
 from remat.bench.worker import WorkerProcess
 from remat.errors import MissingExtraError
+from remat.measure.comparison import close, compare_tensors
 
 __all__ = [
     "CONFIGS",
@@ -355,43 +355,6 @@ def run_bench(
     return BenchResult(environment=env, configs=list(results.values()))
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    try:
-        torch.testing.assert_close(actual, expected)
-    except AssertionError:
-        return False
-    return True
-
-
-def compare_tensors(
-    reference: dict[str, torch.Tensor | None], other: dict[str, torch.Tensor | None]
-) -> tuple[bool, float, list[str]]:
-    """Compare named tensors (gradients, buffers) with ``torch.testing.assert_close``.
-
-    Returns:
-        ``(match, max_diff, mismatched)``: whether every tensor is within the dtype's
-        tolerances, the largest absolute element difference (a tensor missing on one side
-        counts as zeros there; a shape mismatch as infinite), and the names that differ.
-    """
-    max_diff, mismatched = 0.0, []
-    for name in dict.fromkeys([*reference, *other]):
-        a, b = other.get(name), reference.get(name)
-        if a is None and b is None:
-            continue
-        if a is None or b is None:
-            diff = (a if a is not None else b).double().abs().max().item()
-        elif a.shape != b.shape:
-            diff = math.inf
-        else:
-            diff = (a.double() - b.double()).abs().max().item()
-            if _close(a, b):
-                max_diff = max(max_diff, diff)
-                continue
-        mismatched.append(name)
-        max_diff = max(max_diff, diff)
-    return not mismatched, max_diff, mismatched
-
-
 def compare_grads(
     reference: dict[str, Any], other: dict[str, Any]
 ) -> tuple[bool, float, float, list[str]]:
@@ -406,7 +369,7 @@ def compare_grads(
         within ``torch.testing.assert_close`` tolerances, the absolute loss difference, the
         largest absolute gradient difference, and the parameters whose gradients differ.
     """
-    loss_ok = _close(other["loss"], reference["loss"])
+    loss_ok = close(other["loss"], reference["loss"])
     loss_diff = (other["loss"].double() - reference["loss"].double()).abs().item()
     match, max_diff, mismatched = compare_tensors(reference["grads"], other["grads"])
     return loss_ok and match, loss_diff, max_diff, mismatched

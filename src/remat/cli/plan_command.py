@@ -9,19 +9,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 import remat
 from remat.bench.configurations import check_budget, offload_store_for
 from remat.bench.model_choice import DTYPES, build_bench_workload, check_model, check_model_options
-from remat.bench.runner import compare_tensors, resolve_device
+from remat.bench.runner import resolve_device
 from remat.bench.user_models import parse_model_args
 from remat.cli.common import error, output_path_error, sizes_given
 from remat.errors import MissingExtraError
 from remat.measure.storage import unique_storage_bytes
 from remat.planner.sharding import shard_profile, sharded_state
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
-from remat.profiling.step import measure_step_peak
 from remat.solver import SOLVERS
 from remat.solver.budget import looks_like_percent, parse_budget
 from remat.targets.devices import Target, describe_targets, get_target
@@ -76,7 +73,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
     }
     status = 0
     if args.verify:
-        status = _verify(args, checked, planned, report)
+        status = _verify(planned, report, seed=args.seed)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -187,30 +184,24 @@ def _print_plan(args: argparse.Namespace, checked: _Checked, planned: _Planned) 
         )
 
 
-def _verify(
-    args: argparse.Namespace, checked: _Checked, planned: _Planned, report: dict[str, Any]
-) -> int:
-    """Apply the plan, measure the step's peak and compare the gradients with a fresh,
-    un-checkpointed copy: 0 when within the budget and equal, else 1."""
-    workload, chosen = planned.workload, planned.plan
-    reference = _build(args, checked)
-    torch.manual_seed(args.seed)
-    reference.loss().backward()
-    remat.apply_plan(workload.model, chosen, offload_store=offload_store_for(workload.device))
-    measured = measure_step_peak(
-        workload.model, workload.inputs, workload.loss_of, **workload.kwargs
+def _verify(planned: _Planned, report: dict[str, Any], *, seed: int) -> int:
+    """Apply the plan to a copy, measure the step's peak and compare the gradients with an
+    un-checkpointed copy (``remat.verify_plan``): 0 when within the budget and the
+    prediction with equal gradients, else 1."""
+    workload = planned.workload
+    check = remat.verify_plan(
+        workload.model,
+        planned.plan,
+        *workload.inputs,
+        loss_fn=workload.loss_of,
+        seed=seed,
+        offload_store=offload_store_for(workload.device),
+        **workload.kwargs,
     )
-    torch.manual_seed(args.seed)
-    workload.loss().backward()
-    # the bench's comparison: assert_close's tolerances per gradient, the largest difference
-    same, diff, _ = compare_tensors(
-        *({n: p.grad for n, p in w.model.named_parameters()} for w in (reference, workload))
-    )
-    fits = measured <= chosen.budget_bytes
-    print(
-        f"measured peak {measured / 1e6:.2f} MB ({'within' if fits else 'OVER'} the budget "
-        f"{chosen.budget_bytes / 1e6:.2f} MB; predicted {chosen.predicted_peak_bytes / 1e6:.2f}"
-        f" MB); max |gradient difference| {diff:.1e}"
-    )
-    report["verify"] = {"measured_peak_bytes": measured, "max_grad_diff": diff}
-    return 0 if fits and same else 1
+    print(check)
+    report["verify"] = {
+        "measured_peak_bytes": check.measured_peak_bytes,
+        "max_grad_diff": check.max_gradient_difference,
+        "mismatched": list(check.mismatched),
+    }
+    return 0 if check.ok else 1
