@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from remat.errors import PlanError, check_choice
 from remat.measure.training_call import (
@@ -203,7 +204,8 @@ def _profile(
     # first: it takes the inputs several regions share out of each region's record
     shared = shared_inputs(recs, made_before_chain([rec.call for rec in recs], step))
     handed = handed_on(recs)
-    profiles = [_region_profile(recording, i, handed, costs) for i in range(len(chosen))]
+    alone: dict[tuple[Any, ...], Any] = {}  # regions alike are run alone once
+    profiles = [_region_profile(recording, i, handed, costs, alone) for i in range(len(chosen))]
     return _assemble(
         model,
         recording,
@@ -242,10 +244,15 @@ def _chosen_regions(model: nn.Module, regions: Sequence[str] | None) -> list[tup
 
 
 def _region_profile(
-    recording: Recording, i: int, handed: list[set[int]], costs: str
+    recording: Recording,
+    i: int,
+    handed: list[set[int]],
+    costs: str,
+    alone: dict[tuple[Any, ...], Any],
 ) -> RegionProfile:
     """Region ``i`` of the recording: its bytes from its record, its transients measured by
-    running it on its own (``run_alone``), its cost and its ops' (``_costs``)."""
+    running it on its own (``run_alone``; ``alone`` holds what regions alike measured),
+    its cost and its ops' (``_costs``)."""
     name, module = recording.chosen[i]
     rec = recording.records[name]
     received = set().union(*handed[:i]) & rec.input.keys
@@ -255,14 +262,17 @@ def _region_profile(
     moved = sum(rec.saved[k] for k in handed[i])
     gradient_held = rec.gradient_held
     seeded = received_output_gradient(rec)
-    forward_transient, transient = transient_bytes(module, *rec.call, gradient_held, seeded)
-    # A region that writes its input is never recomputed alone (store_only)
-    rerun_forward, rerun, held = (
-        (None, None, 0)
-        if rec.writes_input
-        else recompute_transient_bytes(module, *rec.call, gradient_held, seeded)
-    )
     ops = recording.ops.get(name, [])
+    key = _alike(module, rec, ops, seeded)
+    if key not in alone:
+        alone[key] = (
+            transient_bytes(module, *rec.call, gradient_held, seeded),
+            # A region that writes its input is never recomputed alone (store_only)
+            (None, None, 0)
+            if rec.writes_input
+            else recompute_transient_bytes(module, *rec.call, gradient_held, seeded),
+        )
+    (forward_transient, transient), (rerun_forward, rerun, held) = alone[key]
     cost, op_costs = _costs(rec, ops, recording.flops.get(name, 0), costs)
     overhead = recording.overheads.get(name)
     return RegionProfile(
@@ -297,6 +307,34 @@ def _region_profile(
             )
             for o, c in zip(ops, op_costs)
         ),
+    )
+
+
+def _alike(
+    module: nn.Module, rec: RegionRecord, ops: Sequence[OpRecord], seeded: frozenset[int]
+) -> tuple[Any, ...]:
+    """What a region's run alone depends on: its type and parameters, its inputs' shapes and
+    which of them share a storage, the ops its forward ran with their output bytes and
+    saves, and which outputs get a gradient. The layers of a transformer match: their
+    transients are measured once (half of a 32-layer profile's time otherwise)."""
+    leaves = tree_leaves(rec.call)
+    storages: dict[int, int] = {}
+    inputs = tuple(
+        (tuple(t.shape), t.stride(), t.dtype, t.requires_grad,
+         storages.setdefault(t.untyped_storage()._cdata, len(storages)))
+        if isinstance(t, Tensor)
+        else type(t).__name__
+        for t in leaves
+    )  # fmt: skip
+    params = tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in module.parameters())
+    return (
+        type(module),
+        params,
+        inputs,
+        tuple((o.name, o.output_bytes, o.output_saved, o.saveable) for o in ops),
+        seeded,
+        rec.gradient_held,
+        rec.writes_input,
     )
 
 
