@@ -12,6 +12,7 @@ from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.planner.applying import apply_plan
 from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
+from remat.planner.plan_files import load_plan
 from remat.planner.planning import pareto, plan, plan_from_choices
 from remat.planner.verification import PlanCheck, verify_plan
 from remat.policy.offload_stores import CpuStore, CudaPinnedStore, OffloadStats, OffloadStore
@@ -75,6 +76,7 @@ __all__ = [
     "RegionOption",
     "apply_plan",
     "autoplan",
+    "load_plan",
     "TARGETS",
     "Target",
     "pareto",

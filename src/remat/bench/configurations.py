@@ -12,7 +12,6 @@ the other policies go through ``remat.apply`` (see :func:`policy_config`).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 import remat
 from remat.bench.workloads import Workload
+from remat.planner.plan_files import read_plan_file
 
 # --------------------------------------------------------------------------------------------
 # Configurations: how each one wraps the model. A new configuration is one `register_config`.
@@ -232,14 +232,12 @@ def _offload(workload: Workload):
 def check_budget(budget: str | None, what: str) -> None:
     """Raise ``ValueError`` for a budget that cannot be meant (before anything runs): one that
     does not parse, or a bare number of at most 100 (bytes by the rules, a percentage by
-    intent)."""
-    from remat.solver.budget import looks_like_percent, parse_budget
+    intent). The same check as ``remat.autoplan``'s (``solver.budget.check_budget_value``)."""
+    from remat.solver.budget import check_budget_value
 
     if not budget:
         raise ValueError(f"{what} needs a budget, e.g. 40%, 300MB or 6GiB")
-    if looks_like_percent(budget):
-        raise ValueError(f"{what} {budget}: {budget} bytes fit no model; did you mean {budget}%?")
-    parse_budget(budget, baseline_bytes=2**60)  # raises naming the bad budget
+    check_budget_value(budget, what)
 
 
 def _check_auto(arg: str | None) -> None:
@@ -254,7 +252,8 @@ def _auto(workload: Workload, arg: str | None) -> None:
 
 
 def load_plan_file(path: str | None) -> remat.Plan:
-    """The plan saved at ``path``: ``Plan.to_json``'s file or ``remat plan --json``'s report.
+    """The plan saved at ``path``: ``Plan.to_json``'s file or ``remat plan --json``'s report
+    (``remat.load_plan``).
 
     Raises:
         ValueError: no path, no such file, or not a plan (the field at fault named).
@@ -262,18 +261,9 @@ def load_plan_file(path: str | None) -> remat.Plan:
     if not path:
         raise ValueError("configuration plan:<path.json> needs a file, e.g. plan:plan.json")
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as err:
-        raise ValueError(f"configuration plan:{path}: cannot read it ({err.strerror})") from None
-    except ValueError as err:
-        raise ValueError(f"configuration plan:{path}: not JSON ({err})") from None
-    if isinstance(data, dict) and "regions" not in data and "plan" in data:
-        data = data["plan"]  # remat plan --json writes {"plan": ..., "step_peak_bytes": ...}
-    try:
-        return remat.Plan.from_dict(data)
-    except (remat.PlanError, TypeError) as err:
-        raise ValueError(f"configuration plan:{path}: {err}") from None
+        return read_plan_file(path, f"configuration plan:{path}")
+    except remat.PlanError as err:
+        raise ValueError(str(err)) from None
 
 
 def _apply_plan_file(workload: Workload, arg: str | None) -> None:

@@ -1,7 +1,8 @@
 """Plans on models: ``plan``/``pareto`` on a profile (``planning``), ``apply_plan``
-(``applying``), ``autoplan`` (``autoplanning``), ``estimate`` (``estimation``), a rank's
-training state (``training_state``) and FSDP sharding (``sharding``), each imported from its
-module (``remat`` exports them); this package's top level stays free of torch models.
+(``applying``), ``autoplan`` (``autoplanning``), ``load_plan`` (``plan_files``), ``estimate``
+(``estimation``), a rank's training state (``training_state``) and FSDP sharding
+(``sharding``), each imported from its module (``remat`` exports them); this package's top
+level stays free of torch models.
 
 The chain problem and its solvers (``Chain``, ``Region``, ``plan_chain``, ``pareto``, ...)
 moved to :mod:`remat.solver`; their names here still work, with a ``DeprecationWarning``.

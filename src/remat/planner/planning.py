@@ -15,7 +15,7 @@ from remat.profiling.profile_data import Profile
 from remat.solver import Chain, min_peak_bytes, parse_budget, plan_chain
 from remat.solver import pareto as chain_pareto
 from remat.solver import plan_from_choices as chain_plan_from_choices
-from remat.solver.budget import describe_bytes, looks_like_percent
+from remat.solver.budget import describe_bytes, percent_meant
 from remat.solver.solution import Plan
 
 __all__ = ["budget_hint", "pareto", "plan", "plan_from_choices", "short_repr", "split_budget"]
@@ -41,7 +41,8 @@ def short_repr(value: Any) -> str:
 
 
 def budget_hint(budget: Any) -> str:
-    return f" (did you mean {budget}%?)" if looks_like_percent(budget) else ""
+    meant = percent_meant(budget)
+    return f" (did you mean {meant}?)" if meant is not None else ""
 
 
 def plan(

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["describe_bytes", "looks_like_percent", "parse_budget"]
+__all__ = [
+    "check_budget_value",
+    "describe_bytes",
+    "looks_like_percent",
+    "parse_budget",
+    "percent_meant",
+    "short_bytes",
+]
 
 # SI units are powers of 1000, IEC units powers of 1024 (as in `ls --si` / `ls -h`).
 _UNITS = {
@@ -23,11 +30,16 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
 
 
+def short_bytes(n: int) -> str:
+    """``n`` bytes in kB, MB or GB (powers of 1000, by size): ``"52.3 MB"``."""
+    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6)) if abs(n) >= s), ("kB", 1e3))
+    return f"{n / size:.1f} {unit}"
+
+
 def describe_bytes(n: int, baseline_bytes: int | None = None) -> str:
     """``n`` bytes as people read them: ``"52,300,000 B (52.3 MB, 30% of the step's peak)"``
     (kB, MB or GB, powers of 1000, by size)."""
-    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6)) if abs(n) >= s), ("kB", 1e3))
-    text = f"{n:,} B ({n / size:.1f} {unit}"
+    text = f"{n:,} B ({short_bytes(n)}"
     if baseline_bytes:
         text += f", {100 * n / baseline_bytes:.0f}% of the un-checkpointed step's peak"
     return text + ")"
@@ -43,7 +55,53 @@ def looks_like_percent(budget: int | float | str) -> bool:
     return 0 < value <= 100
 
 
-def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None) -> int:
+def percent_meant(budget: int | float | str) -> str | None:
+    """The percentage a bare number of at most 100 most likely means: ``40`` -> ``"40%"``,
+    a fraction below 1 -> its percentage (``0.5`` -> ``"50%"``); ``None`` for any other
+    budget."""
+    if not looks_like_percent(budget):
+        return None
+    value = float(budget)
+    return f"{100 * value if value < 1 else value:g}%"
+
+
+def check_budget_value(budget: object, who: str) -> None:
+    """Raise unless ``budget`` can be meant, before anything runs (no baseline needed).
+
+    One check for the Python API and the command line, so both say the same thing.
+
+    Args:
+        budget: the budget as given.
+        who: the caller and argument as the message names them: ``"remat.autoplan: budget"``,
+            ``"--budget"``.
+
+    Raises:
+        TypeError: ``budget`` is neither a number nor a string.
+        ValueError: a bare number of at most 100 (bytes by the rules, a percentage by intent:
+            "did you mean 40%?"), a string that does not parse, or a budget that is not
+            positive.
+
+    Example:
+        >>> check_budget_value("0.5", "remat.autoplan: budget")
+        Traceback (most recent call last):
+        ValueError: remat.autoplan: budget 0.5: 0.5 bytes fit no model; did you mean 50%?
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(
+            f"{who} must be bytes (an int), a size such as '6GiB' or a percentage such as "
+            f"'40%', got {type(budget).__name__} {budget!r}"
+        )
+    meant = percent_meant(budget)
+    if meant is not None:
+        raise ValueError(f"{who} {budget}: {budget} bytes fit no model; did you mean {meant}?")
+    # Any baseline a real step has is below 2**60 bytes: a percentage that is 0 bytes of it
+    # is 0 bytes of every baseline.
+    parse_budget(budget, baseline_bytes=2**60, name=who)
+
+
+def parse_budget(
+    budget: int | float | str, *, baseline_bytes: int | None = None, name: str = "budget"
+) -> int:
     """A memory budget in bytes.
 
     Args:
@@ -51,6 +109,7 @@ def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None
             ``"1.5 GB"``; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024,
             case-insensitive), or a percentage of ``baseline_bytes`` (``"40%"``).
         baseline_bytes: the un-checkpointed activation memory that percentages refer to.
+        name: how the messages name the budget (``"remat.autoplan: budget"``, ``"--budget"``).
 
     Returns:
         The budget in whole bytes (rounded down), always positive.
@@ -68,33 +127,33 @@ def parse_budget(budget: int | float | str, *, baseline_bytes: int | None = None
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise TypeError(
-            f"budget must be bytes (int) or a string like '6GiB' or '40%', got {budget!r}"
+            f"{name} must be bytes (int) or a string like '6GiB' or '40%', got {budget!r}"
         )
     if isinstance(budget, (int, float)):
         if not math.isfinite(budget) or budget < 1:
-            raise ValueError(f"budget must be a positive number of bytes, got {budget!r}")
+            raise ValueError(f"{name} must be a positive number of bytes, got {budget!r}")
         return int(budget)
     m = _PATTERN.match(budget)
     if m is None:
         raise ValueError(
-            f"budget {budget!r} does not parse: expected e.g. '6GiB', '512MB', '123456' or '40%'"
+            f"{name} {budget!r} does not parse: expected e.g. '6GiB', '512MB', '123456' or '40%'"
         )
     value, unit = float(m.group(1)), m.group(2).lower()
     if not math.isfinite(value):
-        raise ValueError(f"budget {budget!r} is not a finite number")
+        raise ValueError(f"{name} {budget!r} is not a finite number")
     if unit == "%":
         if baseline_bytes is None:
-            raise ValueError(f"budget {budget!r} is a percentage but no baseline_bytes was given")
+            raise ValueError(f"{name} {budget!r} is a percentage but no baseline_bytes was given")
         if isinstance(baseline_bytes, bool) or not isinstance(baseline_bytes, int):
             raise TypeError(f"baseline_bytes must be an int, got {baseline_bytes!r}")
         out = int(baseline_bytes * value / 100)
     elif unit in _UNITS:
         if not math.isfinite(value * _UNITS[unit]):
-            raise ValueError(f"budget {budget!r} is not a finite number of bytes")
+            raise ValueError(f"{name} {budget!r} is not a finite number of bytes")
         out = int(value * _UNITS[unit])
     else:
         valid = ", ".join(u for u in _UNITS if u) + ", %"
-        raise ValueError(f"budget {budget!r}: unknown unit {m.group(2)!r}; use one of {valid}")
+        raise ValueError(f"{name} {budget!r}: unknown unit {m.group(2)!r}; use one of {valid}")
     if out < 1:
-        raise ValueError(f"budget {budget!r} is {out} bytes; it must be at least 1 byte")
+        raise ValueError(f"{name} {budget!r} is {out} bytes; it must be at least 1 byte")
     return out

@@ -120,11 +120,15 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """A plan from :meth:`to_dict`'s form (a loaded JSON file).
+        """A plan from :meth:`to_dict`'s form (a loaded JSON file), or from the report
+        ``remat plan --json`` writes (``{"plan": {...}, "step_peak_bytes": ..., "verify":
+        ...}``): its ``"plan"``.
 
         Raises:
             PlanError: a field is missing, unknown or of the wrong kind (named).
         """
+        if isinstance(data, dict) and "plan" in data and "regions" not in data:
+            data = data["plan"]  # a report: the plan and what was measured of it
         _check_fields(data, "plan", _PLAN_FIELDS, _PLAN_REQUIRED)
         if not isinstance(data["regions"], list) or not data["regions"]:
             raise PlanError(f"plan: 'regions' must be a non-empty list, got {data['regions']!r}")
@@ -150,7 +154,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """A plan from :meth:`to_json`'s text.
+        """A plan from :meth:`to_json`'s text, or from the report ``remat plan --json``
+        writes (:meth:`from_dict`).
 
         Raises:
             PlanError: the text is not JSON, or a field is missing, unknown or of the wrong
