@@ -14,6 +14,7 @@ from remat.solver import (
     Plan,
     Region,
     RegionOption,
+    RegionPlan,
     evaluate,
     parse_budget,
     plan_chain,
@@ -146,20 +147,57 @@ def test_plan_prints_a_table():
     text = str(plan)
     lines = text.splitlines()
     assert lines[0].startswith("Plan by x: predicted peak 14 B (budget 30 B)")
-    header = ["#", "region", "action", "option", "kept", "recompute", "keeps", "segments"]
-    assert lines[1].split() == header
-    assert lines[3].split()[:5] == ["1", "b", "ops", "(replay)", "keep-mm"]
-    # the ops it keeps by their short names, the recomputation as a share of the forward
-    assert lines[3].split()[-1] == "mm" and "%" in lines[2]
-    assert "MiB" not in text
+    assert lines[1].split() == ["#", "region", "treatment", "kept", "recompute"]  # no empty column
+    assert lines[3].split()[:4] == ["1", "b", "keep-mm", "(replay)"]
+    assert "%" in lines[2] and "MiB" not in text and "e+" not in text
     tape = dataclasses.replace(plan.regions[1], engine="tape")
     tape_plan = dataclasses.replace(plan, regions=(plan.regions[0], tape, plan.regions[2]))
-    assert str(tape_plan).splitlines()[3].split()[2:4] == ["ops", "(tape)"]
+    assert str(tape_plan).splitlines()[3].split()[2:4] == ["keep-mm", "(tape)"]
+    # a knapsack option is named by what it keeps; verbose lists the ops by their short names
     sdpa = "aten._scaled_dot_product_flash_attention_for_cpu.default#0"
-    kept = dataclasses.replace(tape, save_ops=(sdpa, "aten.addmm.default#1"))
+    kept = dataclasses.replace(tape, option="ops7", save_ops=(sdpa, "aten.addmm.default#1"))
     kept_plan = dataclasses.replace(plan, regions=(plan.regions[0], kept, plan.regions[2]))
-    assert str(kept_plan).splitlines()[3].endswith("sdpa#0, addmm#1")
+    assert "keep 2 op outputs (tape)" in str(kept_plan).splitlines()[3]
+    verbose = kept_plan.table(verbose=True).splitlines()
+    assert verbose[1].split() == [
+        "#",
+        "region",
+        "treatment",
+        "kept",
+        "recompute",
+        "option",
+        "keeps",
+    ]
+    assert verbose[3].endswith("ops7    sdpa#0, addmm#1") or verbose[3].endswith("sdpa#0, addmm#1")
     assert "S0: regions 0..1" in str(plan_from_choices(three(), [0, 0, 0], [(0, 2)]))
+
+
+def test_a_plan_table_groups_regions_alike_and_fits_120_columns():
+    layers = [
+        RegionPlan(
+            name=f"model.language_model.decoder.layers.{i}.very_long_block_name_{'x' * 40}",
+            action="store",
+            option="store",
+            kept_bytes=1_650_000_000,
+            recompute_cost=0.0,
+        )
+        for i in range(30)
+    ]
+    head = RegionPlan(
+        name="head", action="recompute", option="recompute", kept_bytes=10**6, recompute_cost=0.5
+    )
+    regions = (*layers, head)
+    plan = Plan(
+        regions=regions, predicted_peak_bytes=10**11, extra_cost=0.5, forward_cost=10.0,
+        budget_bytes=2 * 10**11, solver="chain",
+        meta={"cost_unit": "seconds", "forward_flops": 1.5e14, "target": "h100"},
+    )  # fmt: skip
+    lines = str(plan).splitlines()
+    assert max(map(len, lines)) <= 120
+    rows = [line for line in lines if line[:1].isdigit()]
+    assert len(rows) == 2 and rows[0].startswith("0-29") and "1.65 GB" in rows[0]
+    assert "150 TFLOP" in str(plan) and "e+" not in str(plan)
+    assert len(plan.table(verbose=True).splitlines()) > 31  # verbose: a row per region
 
 
 @pytest.mark.parametrize(

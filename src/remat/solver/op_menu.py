@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import reduce
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from remat.solver.problem import Region, RegionOption
 
@@ -145,6 +145,23 @@ def solve_ops(
         included (it is the region's ``recompute``).
     """
 
+    entries, total_cost = _menu_entries(
+        ops, input_bytes, budget_bytes, method, resolution_bytes, slots, overhead
+    )
+    menu = [_build(ops, e, input_bytes, total_cost, overhead) for e in entries]
+    return _thinned(menu, max_options)
+
+
+def _menu_entries(
+    ops: Sequence[Op],
+    input_bytes: int,
+    budget_bytes: int | None,
+    method: str,
+    resolution_bytes: int | None,
+    slots: int,
+    overhead: float,
+) -> tuple[list[_Entry], float]:
+    """``solve_ops``'s menu before its options are built, and the ops' total cost."""
     if method not in ("dp", "milp"):
         raise ValueError(f"method must be 'dp' or 'milp', got {method!r}")
     r = _resolution(ops, resolution_bytes, slots)
@@ -153,7 +170,7 @@ def solve_ops(
     total_cost = float(sum(v))
     cap_max = sum(w) if budget_bytes is None else max(-1, (budget_bytes - input_bytes) // r)
     if cap_max < 0:
-        return []
+        return [], total_cost
     sets: list[list[int]] = []
     if method == "dp":
         best, take = knapsack_dp(w, v, cap_max)
@@ -172,19 +189,45 @@ def solve_ops(
                 break
             c = sum(w[i] for i in chosen) - 1
         sets.reverse()
-    menu: list[RegionOption] = []
+    return _entries(ops, sets, input_bytes, total_cost, overhead), total_cost
+
+
+class _Entry(NamedTuple):
+    """A menu option before it is built: its name, the ops it saves, its bytes and cost."""
+
+    name: str
+    saved: list[int]
+    kept_bytes: int
+    recompute_cost: float
+
+
+def _entries(
+    ops: Sequence[Op], sets: list[list[int]], input_bytes: int, total_cost: float, overhead: float
+) -> list[_Entry]:
+    """The menu's save sets with their exact bytes and cost (as ``saving_option`` counts
+    them), each cheaper than the one before; building the options is left to those kept
+    (a region's menu has hundreds of sets, of which a few are kept)."""
+    entries: list[_Entry] = []
     for s in sets:
-        option = saving_option(
-            f"ops{len(menu)}",
-            [ops[i] for i in s],
-            input_bytes=input_bytes,
-            total_cost=total_cost,
-            overhead=overhead,
-        )
-        if menu and option.recompute_cost >= menu[-1].recompute_cost:
+        saved = [ops[i] for i in s]
+        cost = overhead + total_cost - sum(float(o.recompute_cost) for o in saved)
+        if entries and cost >= entries[-1].recompute_cost:
             continue  # the exact bytes/cost may tie where the rounded ones did not
-        menu.append(option)
-    return _thinned(menu, max_options)
+        kept = input_bytes + sum(o.output_bytes for o in saved)
+        entries.append(_Entry(f"ops{len(entries)}", s, kept, cost))
+    return entries
+
+
+def _build(
+    ops: Sequence[Op], entry: _Entry, input_bytes: int, total_cost: float, overhead: float
+) -> RegionOption:
+    return saving_option(
+        entry.name,
+        [ops[i] for i in entry.saved],
+        input_bytes=input_bytes,
+        total_cost=total_cost,
+        overhead=overhead,
+    )
 
 
 def _thinned(menu: list[RegionOption], max_options: int | None) -> list[RegionOption]:
@@ -219,10 +262,17 @@ def with_ops(
     (at most ``max_options`` of them). A region that cannot recompute (``store_only``) has
     no recompute to beat: every option keeping less than store is on its menu, saving
     nothing included."""
-    opts = []
-    for o in solve_ops(ops, input_bytes=region.input_bytes, **kwargs):
-        inside = region.input_bytes <= o.kept_bytes < region.saved_with_input_bytes
-        cheaper = region.store_only or 0 < o.recompute_cost < region.rerun_cost
+    options = {"budget_bytes": None, "method": "dp", "resolution_bytes": None, "slots": 4000,
+               "overhead": 0.0, **kwargs}  # fmt: skip
+    entries, total_cost = _menu_entries(ops, region.input_bytes, **options)
+    kept = []
+    for e in entries:
+        inside = region.input_bytes <= e.kept_bytes < region.saved_with_input_bytes
+        cheaper = region.store_only or 0 < e.recompute_cost < region.rerun_cost
         if inside and cheaper:
-            opts.append(o)
-    return replace(region, options=tuple(_thinned(opts, max_options)))
+            kept.append(e)
+    built = [
+        _build(ops, e, region.input_bytes, total_cost, options["overhead"])
+        for e in _thinned(kept, max_options)
+    ]
+    return replace(region, options=tuple(built))

@@ -5,12 +5,14 @@ segments), with its JSON round-trip and its validation, and the table it prints.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remat.errors import PlanError
 from remat.solver.problem import ACTIONS, OFFLOAD, OPS, Action, check_bytes, check_cost
+from remat.solver.units import fmt_bytes, fmt_flops, fmt_seconds
 
 __all__ = ["Plan", "RegionPlan", "check_segments", "offloaded_in_segments"]
 
@@ -168,36 +170,48 @@ class Plan:
         return cls.from_dict(data)
 
     def __str__(self) -> str:
+        return self.table()
+
+    def table(self, *, verbose: bool = False, width: int = 120) -> str:
+        """The plan as a table: a header with the prediction, one row per region (runs of
+        regions treated alike share a row), and a legend.
+
+        Args:
+            verbose: add each region's option name and the ops an op-level region keeps,
+                one row per region, at any width.
+            width: the widest line of the default table (region names are shortened).
+        """
         seg_of: dict[int, list[str]] = {}
         for k, (a, b) in enumerate(self.segments):
             for i in range(a, b):
                 seg_of.setdefault(i, []).append(f"S{k}")
         forward = self.forward_cost or 0.0
-        rows = [("#", "region", "action", "option", "kept", "recompute", "keeps", "segments")]
+        header = ["#", "region", "treatment", "kept", "recompute"]
+        header += ["option", "keeps"] if verbose else []
+        header += ["segments"] if self.segments or any(r.note for r in self.regions) else []
+        cells = []
         for i, r in enumerate(self.regions):
-            rows.append(
-                (
-                    str(i),
-                    r.name,
-                    f"ops ({r.engine})" if r.action == OPS else r.action,
-                    r.option,
-                    _fmt_bytes(r.kept_bytes),
-                    _share(r.recompute_cost, forward) if r.recompute_cost else "-",
-                    _keeps(r),
-                    ",".join(seg_of.get(i, ())) + (f"  ({r.note})" if r.note else ""),
-                )
-            )
-        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+            row = [r.name, _treatment(r), fmt_bytes(r.kept_bytes)]
+            row.append(_share(r.recompute_cost, forward) if r.recompute_cost else "-")
+            row += [r.option, _keeps(r)] if verbose else []
+            if "segments" in header:
+                row.append(",".join(seg_of.get(i, ())) + (f"  ({r.note})" if r.note else ""))
+            cells.append(row)
+        rows = [header] + (_per_region(cells) if verbose else _runs_alike(cells))
+        if not verbose:
+            rows = _fitted(rows, width)
+        widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
-        budget = "none" if self.budget_bytes is None else _fmt_bytes(self.budget_bytes)
-        lines.insert(
-            0,
-            f"Plan by {self.solver}: predicted peak {_fmt_bytes(self.predicted_peak_bytes)} "
-            f"(budget {budget}), extra compute {_share(self.extra_cost, forward)} of the "
-            f"forward{_measured(self.extra_cost, forward, self.meta)}",
-        )
+        budget = "none" if self.budget_bytes is None else fmt_bytes(self.budget_bytes)
+        lines[:0] = [
+            f"Plan by {self.solver}: predicted peak {fmt_bytes(self.predicted_peak_bytes)} "
+            f"(budget {budget}); recomputes {_share(self.extra_cost, forward)} of the forward",
+            *_measured(self.extra_cost, forward, self.meta),
+        ]
         lines.append("kept: held from the region's forward to its backward (1 MB = 10^6 B)")
         lines.append("recompute: the region's recomputation, as a share of the whole forward")
+        if any(r.action == OPS for r in self.regions) and not verbose:
+            lines.append("keep N op outputs: op-level, the rest recomputed (which: verbose)")
         if any(r.action == "offload" for r in self.regions):
             lines.append("offload: its recompute is the host transfer time compute does not hide")
         for k, (a, b) in enumerate(self.segments):
@@ -205,18 +219,73 @@ class Plan:
         return "\n".join(lines)
 
 
+def _treatment(r: RegionPlan) -> str:
+    """What the region does, in words: an op-level option by what it keeps."""
+    if r.action != OPS:
+        return r.action
+    named = r.option if not re.fullmatch(r"ops\d+", r.option) else ""
+    kept = named or f"keep {len(r.save_ops)} op output{'s' if len(r.save_ops) != 1 else ''}"
+    return f"{kept} ({r.engine})"
+
+
+def _per_region(cells: list[list[str]]) -> list[list[str]]:
+    return [[str(i), *row] for i, row in enumerate(cells)]
+
+
+def _runs_alike(cells: list[list[str]]) -> list[list[str]]:
+    """Consecutive regions with the same row but their name share one row:
+    ``0-30  model.layers.0-30``."""
+    rows: list[list[str]] = []
+    start = 0
+    for i in range(1, len(cells) + 1):
+        if i < len(cells) and cells[i][1:] == cells[start][1:]:
+            continue
+        first, last = cells[start][0], cells[i - 1][0]
+        index = str(start) if i - 1 == start else f"{start}-{i - 1}"
+        rows.append([index, first if i - 1 == start else _name_run(first, last), *cells[start][1:]])
+        start = i
+    return rows
+
+
+def _name_run(first: str, last: str) -> str:
+    """``model.layers.0``, ``model.layers.30`` -> ``model.layers.0-30``."""
+    a, b = re.fullmatch(r"(.*?)(\d+)", first), re.fullmatch(r"(.*?)(\d+)", last)
+    if a and b and a.group(1) == b.group(1):
+        return f"{first}-{b.group(2)}"
+    return f"{first} .. {last}"
+
+
+def _fitted(rows: list[list[str]], width: int) -> list[list[str]]:
+    """Shorten the region names (their middle) until the rows fit ``width``."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    if over <= 0:
+        return rows
+    room = max(12, widths[1] - over)
+    return [[row[0], _shortened(row[1], room), *row[2:]] for row in rows]
+
+
+def _shortened(text: str, room: int) -> str:
+    if len(text) <= room:
+        return text
+    keep = room - 3
+    return text[: keep - keep // 2] + "..." + text[len(text) - keep // 2 :]
+
+
 def _share(cost: float, forward: float) -> str:
     return f"{cost / forward:.1%}" if forward else f"{cost:g}"
 
 
-def _measured(extra: float, forward: float, meta: dict[str, Any]) -> str:
+def _measured(extra: float, forward: float, meta: dict[str, Any]) -> list[str]:
     """The costs in their unit, where they were measured: seconds (and the FLOPs counted)."""
     if meta.get("cost_unit") != "seconds":
-        return ""
+        return []
     flops = meta.get("forward_flops")
-    counted = f", {flops / 1e9:.3g} GFLOP" if flops else ""
+    counted = f"; forward {fmt_flops(flops)}" if flops else ""
     how = f"predicted on {meta['target']}" if meta.get("target") else "measured"
-    return f" ({extra * 1e3:.3g} ms of {forward * 1e3:.3g} ms {how}{counted})"
+    return [
+        f"  {fmt_seconds(extra)} recomputed of a {fmt_seconds(forward)} forward ({how}{counted})"
+    ]
 
 
 def _short_op(name: str) -> str:
@@ -293,14 +362,6 @@ def _check_fields(data: Any, what: str, fields: Sequence[str], required: Sequenc
             f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; its fields are "
             f"{', '.join(fields)}"
         )
-
-
-def _fmt_bytes(n: int) -> str:
-    """Decimal units (MB = 10^6 B), as ``remat bench`` and ``remat plan`` print them."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def check_segments(n: int, segments: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
