@@ -152,6 +152,8 @@ def plan_from_choices(
     profile: Profile | Chain,
     choices: Sequence[int | str],
     segments: Sequence[tuple[int, int]] = (),
+    *,
+    every_preset: bool = False,
 ) -> Plan:
     """A hand-made plan and its predicted training-step peak, as :func:`plan` predicts.
 
@@ -160,6 +162,9 @@ def plan_from_choices(
         choices: per region, in chain order, an option name (``"store"``, ``"recompute"``,
             ``"offload"`` or an op-level option's name) or an index into its menu.
         segments: ``(start, stop)`` runs of regions checkpointed as one unit.
+        every_preset: every region's menu holds the named op presets
+            (``"save-matmuls"``), even where the planner's menu leaves one out as no
+            better than another option: to predict a preset on every region.
 
     Returns:
         A ``remat.solver.Plan``; for a Profile its ``predicted_peak_bytes`` counts what the
@@ -176,5 +181,6 @@ def plan_from_choices(
     profile = _problem(profile, "remat.plan_from_choices")
     if isinstance(profile, Chain):
         return chain_plan_from_choices(profile, choices, segments)
-    result = chain_plan_from_choices(profile.to_chain(), choices, segments)
+    chain = profile.to_chain(every_preset=every_preset)
+    result = chain_plan_from_choices(chain, choices, segments)
     return _with_outside(profile, result)

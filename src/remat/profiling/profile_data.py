@@ -233,10 +233,15 @@ class Profile:
         """The least any plan's predicted peak can be: the peaks outside the chain."""
         return max(self.before_chain_peak_bytes, self.after_chain_peak_bytes)
 
-    def to_chain(self, *, op_options: bool = True, max_options: int = 8) -> Any:
-        """The planner's problem for these regions (op-level menus when ``op_options``)."""
+    def to_chain(
+        self, *, op_options: bool = True, max_options: int = 8, every_preset: bool = False
+    ) -> Any:
+        """The planner's problem for these regions (op-level menus when ``op_options``;
+        ``every_preset``: each named op preset in every menu, even where another option
+        keeps no more for no more cost, to predict that preset everywhere)."""
 
         regions = []
+        menus: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         for r in self.regions:
             region = r.to_region()
             ops = [
@@ -246,8 +251,14 @@ class Profile:
             ]  # fmt: skip
             if op_options and ops:
                 overhead = r.op_overhead
-                region = with_ops(region, ops, max_options=max_options, overhead=overhead)
-                region = with_preset_options(region, ops, overhead)
+                # the layers of a transformer have the same menu: solved once
+                key = (tuple(ops), region.options, region.input_bytes, region.rerun_cost,
+                       region.saved_with_input_bytes, region.store_only, overhead)  # fmt: skip
+                if key not in menus:
+                    region = with_ops(region, ops, max_options=max_options, overhead=overhead)
+                    region = with_preset_options(region, ops, overhead, every=every_preset)
+                    menus[key] = region.options
+                region = replace(region, options=menus[key])
                 # A region that writes its input runs op-level on the tape only: the
                 # replay reruns it from the written input.
                 engine = "tape" if r.store_only else op_engine(r.ops, self.op_engines)
@@ -290,12 +301,15 @@ def on_engine(region: Any, engine: str) -> Any:
     return replace(region, options=tuple(replace(o, engine=engine) for o in region.options))
 
 
-def with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) -> Any:
+def with_preset_options(
+    region: Any, ops: Sequence[Any], overhead: float = 0.0, *, every: bool = False
+) -> Any:
     """Add the named op presets (``"save-matmuls"``...) to a region's menu.
 
     The knapsack menu is thinned to a few options spread over memory, which can drop the
     well-known good ones (keep every matmul, recompute the pointwise ops); they are added
-    back by name, unless an option of the menu keeps no more bytes for no more cost.
+    back by name, unless an option of the menu keeps no more bytes for no more cost
+    (``every``: added whenever the region runs one of the preset's ops).
     """
 
     options = list(region.options)
@@ -313,7 +327,7 @@ def with_preset_options(region: Any, ops: Sequence[Any], overhead: float = 0.0) 
             and 0 < cost < region.rerun_cost
         )
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
-        if inside and not dominated:
+        if every or (inside and not dominated):
             options.append(new)
     return replace(region, options=tuple(options))
 
