@@ -12,6 +12,7 @@ from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.planner.applying import apply_plan
 from remat.planner.autoplanning import AutoPlan, autoplan
 from remat.planner.estimation import EstimateReport, estimate
+from remat.planner.fitting import FitResult, FitRow, fit
 from remat.planner.plan_files import load_plan
 from remat.planner.planning import pareto, plan, plan_from_choices
 from remat.planner.verification import PlanCheck, verify_plan
@@ -76,6 +77,9 @@ __all__ = [
     "RegionOption",
     "apply_plan",
     "autoplan",
+    "fit",
+    "FitResult",
+    "FitRow",
     "load_plan",
     "TARGETS",
     "Target",

@@ -25,6 +25,7 @@ from torch import nn
 from remat.measure.storage import unique_storage_bytes
 from remat.planner.training_state import TrainingState
 from remat.profiling.profile_data import Profile, store_all_peak_of
+from remat.solver.units import fmt_bytes
 
 __all__ = ["ShardedState", "shard_profile", "sharded_state"]
 
@@ -86,17 +87,20 @@ class ShardedState:
     def total(self) -> int:
         return self.shards + self.gathered
 
-    def describe(self, inputs: int, left: int) -> str:
-        """One line: what each rank holds, and what the step's new bytes get (``left``)."""
+    def describe(self, inputs: int, left: int | None = None) -> str:
+        """What each rank holds (two lines of at most 120 columns), and what the step's new
+        bytes get (``left``, when given)."""
         s = self.state
-        return (
+        lines = [
             f"training state ({s.optimizer}, FSDP over {self.world_size} ranks): parameters "
-            f"{s.parameters / 1e6:.2f} MB, fp32 master weights {s.master_weights / 1e6:.2f} MB, "
-            f"optimizer state {s.optimizer_state / 1e6:.2f} MB in all; per rank its shards "
-            f"{self.shards / 1e6:.2f} MB, gathered parameters (the root unit and two regions in "
-            f"flight) {self.gathered / 1e6:.2f} MB, inputs {inputs / 1e6:.2f} MB; the step's "
-            f"activations and gradients get {left / 1e6:.2f} MB"
-        )
+            f"{fmt_bytes(s.parameters)}, fp32 master weights "
+            f"{fmt_bytes(s.master_weights)}, optimizer state {fmt_bytes(s.optimizer_state)}",
+            f"  per rank: shards {fmt_bytes(self.shards)}, gathered parameters (the root unit "
+            f"and two regions in flight) {fmt_bytes(self.gathered)}, inputs {fmt_bytes(inputs)}",
+        ]
+        if left is not None:
+            lines.append(f"  the step's activations and gradients get {fmt_bytes(left)}")
+        return "\n".join(lines)
 
 
 def sharded_state(

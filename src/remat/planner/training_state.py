@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from remat.measure.storage import unique_storage_bytes
+from remat.solver.units import fmt_bytes
 
 __all__ = ["OPTIMIZER_STATE_BYTES", "TrainingState", "training_state"]
 
@@ -44,14 +45,17 @@ class TrainingState:
     def total(self) -> int:
         return self.parameters + self.master_weights + self.optimizer_state
 
-    def describe(self, inputs: int, left: int) -> str:
-        """One line: the state, the inputs, and what the step's new bytes get (``left``)."""
-        return (
-            f"training state ({self.optimizer}): parameters {self.parameters / 1e6:.2f} MB, "
-            f"fp32 master weights {self.master_weights / 1e6:.2f} MB, optimizer state "
-            f"{self.optimizer_state / 1e6:.2f} MB, inputs {inputs / 1e6:.2f} MB; the step's "
-            f"activations and gradients get {left / 1e6:.2f} MB"
+    def describe(self, inputs: int, left: int | None = None) -> str:
+        """What the device holds through the job, and what the step's new bytes get
+        (``left``, when given)."""
+        text = (
+            f"training state ({self.optimizer}): parameters {fmt_bytes(self.parameters)}, fp32 "
+            f"master weights {fmt_bytes(self.master_weights)}, optimizer state "
+            f"{fmt_bytes(self.optimizer_state)}, inputs {fmt_bytes(inputs)}"
         )
+        if left is not None:
+            text += f"\n  the step's activations and gradients get {fmt_bytes(left)}"
+        return text
 
 
 def training_state(model: nn.Module, optimizer: str = "adamw") -> TrainingState:
