@@ -37,7 +37,9 @@ def output_path_error(flag: str, path: str | None) -> str | None:
     return None
 
 
-def add_size_flags(parser: argparse.ArgumentParser) -> None:
+def add_size_flags(parser: argparse.ArgumentParser, *, seq_len_auto: bool = False) -> None:
+    """``--model-arg`` and the size flags; ``seq_len_auto``: ``--seq-len`` also takes
+    ``auto`` (a string then, checked by the command)."""
     parser.add_argument(
         "--model-arg",
         dest="model_args",
@@ -48,8 +50,13 @@ def add_size_flags(parser: argparse.ArgumentParser) -> None:
     )
     sizes = parser.add_argument_group("model sizes (gpt and hf:<arch>)")
     for flag in SIZE_FLAGS:
+        auto = seq_len_auto and flag == "seq_len"
         sizes.add_argument(
-            f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N", help=SIZE_HELP[flag]
+            f"--{flag.replace('_', '-')}",
+            dest=flag,
+            type=str if auto else int,
+            metavar="N|auto" if auto else "N",
+            help=SIZE_HELP[flag] + ("; auto: the longest that fits" if auto else ""),
         )
 
 

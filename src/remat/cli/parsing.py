@@ -9,7 +9,15 @@ import remat
 from remat.bench.runner import CONFIGS
 from remat.cli.bench_command import run_bench_command
 from remat.cli.common import add_size_flags
-from remat.cli.help_texts import BENCH_EPILOG, DESCRIPTION, MAIN_EPILOG, MODEL_HELP, PLAN_EPILOG
+from remat.cli.fit_command import run_fit_command
+from remat.cli.help_texts import (
+    BENCH_EPILOG,
+    DESCRIPTION,
+    FIT_EPILOG,
+    MAIN_EPILOG,
+    MODEL_HELP,
+    PLAN_EPILOG,
+)
 from remat.cli.plan_command import run_plan_command
 
 __all__ = ["build_parser"]
@@ -38,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub, listed)
 
     _add_plan(sub)
+    _add_fit(sub)
     return parser
 
 
@@ -115,8 +124,58 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "--world-size", type=int, default=1, help="plan one rank of FSDP2 over N ranks "
         "(with --optimizer): state and gradients sharded, two regions gathered in flight",
     )  # fmt: skip
+    plan.add_argument(
+        "--headroom",
+        help="with --optimizer: memory kept free of the budget, a size (2GB) or a percentage of "
+        "it (default on a GPU: 0.5 GB CUDA context, 0.5 GB NCCL with several ranks and 5%% "
+        "for the allocator; 0 on the CPU)",
+    )
     plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
     plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
     add_size_flags(plan)
     plan.add_argument("--json", metavar="PATH", help="write the plan (and the check) as JSON")
+    plan.add_argument(
+        "--verbose", action="store_true", help="one row per region, with the ops each keeps"
+    )
     plan.set_defaults(run=run_plan_command)
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    fit = sub.add_parser(
+        "fit",
+        help="the largest batch (or sequence) that fits a device, and the plan for it",
+        description="Profile the model at growing batch sizes (or sequence lengths, with\n"
+        "--seq-len auto) for a device, the training state and a headroom taken off its\n"
+        "memory, and print none / full / selective checkpointing and remat's plan at each:\n"
+        "predicted peak per rank, whether it fits, step time and tokens per second.",
+        epilog=FIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("--model", default="gpt", help=MODEL_HELP.format(default="default gpt"))
+    fit.add_argument(
+        "--target",
+        help="the device to fit: h100, h200, a100, l4, rtx4090, cpu (measured here); profiled "
+        "on meta, nothing allocated",
+    )
+    fit.add_argument(
+        "--budget", help="memory per rank, a size (80GB) (default: the target's memory)"
+    )
+    fit.add_argument(
+        "--headroom",
+        help="memory kept free: a size or a percentage of --budget (default on a GPU: 0.5 GB "
+        "CUDA context, 0.5 GB NCCL with several ranks and 5%% for the allocator; 0 on the CPU)",
+    )
+    fit.add_argument(
+        "--optimizer", default="adamw", help="adamw (default), adam, sgd-momentum, sgd"
+    )
+    fit.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1)")
+    fit.add_argument("--batch", type=int, help="fix the batch size (searched when not given)")
+    fit.add_argument(
+        "--device", help="meta (default with --target) or cpu (measured: default without)"
+    )
+    fit.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
+    fit.add_argument("--seed", type=int, default=0, help="seeds weights and data")
+    add_size_flags(fit, seq_len_auto=True)
+    fit.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    fit.add_argument("--plot", metavar="PATH", help="write a PNG of peak per rank per plan")
+    fit.set_defaults(run=run_fit_command)

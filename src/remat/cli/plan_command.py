@@ -4,6 +4,7 @@ prediction; with ``--verify``, apply it, measure the step and compare the gradie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -15,12 +16,15 @@ from remat.bench.model_choice import DTYPES, build_bench_workload, check_model, 
 from remat.bench.runner import resolve_device
 from remat.bench.user_models import parse_model_args
 from remat.cli.common import error, output_path_error, sizes_given
+from remat.cli.plan_advice import cheaper_changes, headroom_for
 from remat.errors import MissingExtraError
-from remat.measure.storage import unique_storage_bytes
-from remat.planner.sharding import shard_profile, sharded_state
-from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
+from remat.planner.device_budget import DeviceBudget, parse_headroom
+from remat.planner.fitting import device_budget_for, device_budget_lines, least_step_peak
+from remat.planner.sharding import shard_profile
+from remat.planner.training_state import OPTIMIZER_STATE_BYTES
 from remat.solver import SOLVERS
 from remat.solver.budget import looks_like_percent, parse_budget
+from remat.solver.units import fmt_bytes, fmt_seconds
 from remat.targets.devices import Target, describe_targets, get_target
 
 __all__ = ["run_plan_command"]
@@ -36,18 +40,18 @@ class _Checked:
     model_args: dict[str, Any]
     device: str
     target: Target | None
+    budget_bytes: int | None = None  # --budget as bytes (None: a percentage)
 
 
 @dataclass
 class _Planned:
-    """The workload, its profile, the plan, and the state the budget shares (``resident``,
-    with ``--optimizer``) beside the inputs' bytes."""
+    """The workload, its profile, the plan, and (with ``--optimizer``) how the device's
+    memory is shared between the job's state, the headroom and the step."""
 
     workload: Any
     profile: Any
     plan: Any
-    resident: Any = None
-    inputs: int = 0
+    device_budget: DeviceBudget | None = None
 
 
 def run_plan_command(args: argparse.Namespace) -> int:
@@ -71,6 +75,8 @@ def run_plan_command(args: argparse.Namespace) -> int:
         "plan": planned.plan.to_dict(),
         "step_peak_bytes": planned.profile.step_peak_bytes,
     }
+    if planned.device_budget is not None:
+        report["device_budget"] = dataclasses.asdict(planned.device_budget)
     status = 0
     if args.verify:
         status = _verify(planned, report, seed=args.seed)
@@ -111,7 +117,14 @@ def _check(args: argparse.Namespace) -> _Checked:
             )
     if args.world_size < 1 or (args.world_size > 1 and args.optimizer is None):
         raise ValueError(f"--world-size {args.world_size}: a positive count, with --optimizer")
-    return _Checked(sizes=sizes, model_args=model_args, device=device, target=target)
+    budget_bytes = None if args.budget.strip().endswith("%") else parse_budget(args.budget)
+    if args.headroom is not None:
+        if args.optimizer is None:
+            raise ValueError("--headroom applies with --optimizer, when --budget is the device")
+        parse_headroom(args.headroom, budget_bytes or 0)
+    return _Checked(
+        sizes=sizes, model_args=model_args, device=device, target=target, budget_bytes=budget_bytes
+    )
 
 
 def _build(args: argparse.Namespace, checked: _Checked) -> Any:
@@ -127,60 +140,71 @@ def _build(args: argparse.Namespace, checked: _Checked) -> Any:
 
 
 def _plan(args: argparse.Namespace, checked: _Checked) -> _Planned:
-    """Profile, shard for ``--world-size``, take the state out of the budget, plan."""
+    """Profile, shard for ``--world-size``, take the state and headroom out of the budget,
+    plan. Raises ``BudgetError`` in ``--budget``'s quantity, with the changes that fit."""
     workload = _build(args, checked)
-    prof = remat.profile(
+    whole = remat.profile(
         workload.model,
         *workload.inputs,
         loss_fn=workload.loss_of,
         target_device=checked.target,
         **workload.kwargs,
     )
-    prof = shard_profile(prof, workload.model, args.world_size)
-    budget, resident, inputs = args.budget, None, 0
-    if args.optimizer is not None:  # the step's new bytes get what the state leaves
-        resident = training_state(workload.model, args.optimizer)
-        if args.world_size > 1:
-            regions = [r.name for r in prof.regions]
-            resident = sharded_state(resident, workload.model, regions, args.world_size)
-        inputs = unique_storage_bytes(workload.tensors)
-        left = parse_budget(args.budget) - resident.total - inputs
-        print(resident.describe(inputs, left))
-        if left < 1:
-            raise remat.BudgetError(
-                f"--budget {args.budget}: the parameters, optimizer state and inputs alone "
-                f"take {(resident.total + inputs) / 1e6:.2f} MB"
-            )
-        budget = left
-    chosen = remat.plan(prof, budget, solver=args.solver)
-    return _Planned(workload, prof, chosen, resident, inputs)
+    prof = shard_profile(whole, workload.model, args.world_size)
+    if args.optimizer is None:  # the budget is the step's new bytes, as the profile counts
+        return _Planned(workload, prof, remat.plan(prof, args.budget, solver=args.solver))
+    device = checked.budget_bytes or 0
+    device_budget = device_budget_for(
+        workload.model, workload.tensors, prof, args.optimizer, args.world_size, device,
+        headroom=headroom_for(args, checked, device, args.world_size),
+    )  # fmt: skip
+    for line in device_budget_lines(workload, prof, args.optimizer, args.world_size):
+        print(line)
+    print(device_budget.split())
+    try:
+        if device_budget.step_bytes < 1:
+            raise remat.BudgetError("", min_feasible_bytes=least_step_peak(prof))
+        chosen = remat.plan(prof, device_budget.step_bytes, solver=args.solver)
+    except remat.BudgetError as err:
+        step = err.min_feasible_bytes or least_step_peak(prof)
+        advice = cheaper_changes(args, checked, workload, whole, device_budget)
+        raise remat.BudgetError(
+            f"does not fit: --budget {args.budget} leaves the step "
+            f"{fmt_bytes(max(device_budget.step_bytes, 0))} after the state, inputs and "
+            f"headroom;\n  it needs --budget >= {fmt_bytes(device_budget.needed_for(step))}"
+            + (f"\n  cheapest changes: {advice}" if advice else ""),
+            min_feasible_bytes=device_budget.needed_for(step),
+        ) from None
+    return _Planned(workload, prof, chosen, device_budget)
 
 
 def _print_plan(args: argparse.Namespace, checked: _Checked, planned: _Planned) -> None:
-    prof, chosen, resident = planned.profile, planned.plan, planned.resident
-    print(chosen)
+    prof, chosen, device_budget = planned.profile, planned.plan, planned.device_budget
+    print(chosen.table(verbose=args.verbose))
     print(
-        f"un-checkpointed step peak {prof.step_peak_bytes / 1e6:.2f} MB; planned peak "
-        f"{chosen.predicted_peak_bytes / 1e6:.2f} MB (the head and loss add "
-        f"{prof.tail_bytes / 1e6:.2f} MB after the blocks; {prof.outside_bytes / 1e6:.2f} MB "
-        "live beside them: what ran before, shared inputs)"
+        f"step peak (new bytes: activations and gradients): un-checkpointed "
+        f"{fmt_bytes(prof.step_peak_bytes)}, planned {fmt_bytes(chosen.predicted_peak_bytes)}"
     )
-    if resident is not None:
-        held = resident.total + planned.inputs
-        print(
-            f"predicted peak per {'rank' if args.world_size > 1 else 'device'} "
-            f"{(chosen.predicted_peak_bytes + held) / 1e6:.2f} MB: the plan's "
-            f"{chosen.predicted_peak_bytes / 1e6:.2f} MB on top of "
-            f"{held / 1e6:.2f} MB of parameters, optimizer state and inputs"
-        )
+    print(
+        f"  the head and loss add {fmt_bytes(prof.tail_bytes)} after the blocks; "
+        f"{fmt_bytes(prof.outside_bytes)} lives beside them (what ran before, shared inputs)"
+    )
     if checked.target is not None:
         # The backward taken as twice the forward: a matmul's backward is two matmuls.
         plain = 3 * chosen.forward_cost
         print(
-            f"predicted step time on {checked.target.name} "
-            f"{(plain + chosen.extra_cost) * 1e3:.3g} ms "
-            f"(the blocks' forward, twice that for the backward, and the recomputation): "
+            f"step time on {checked.target.name}: {fmt_seconds(plain + chosen.extra_cost)} "
+            f"predicted (forward, backward as twice it, recomputation), "
             f"{chosen.extra_cost / plain if plain else 0:.1%} over no checkpointing"
+        )
+    if device_budget is not None:
+        print(device_budget.verdict(chosen.predicted_peak_bytes))
+    else:
+        budget = chosen.budget_bytes or 0
+        spare = budget - chosen.predicted_peak_bytes
+        print(
+            f"fits: the step peaks at {fmt_bytes(chosen.predicted_peak_bytes)}, within --budget "
+            f"{args.budget} = {fmt_bytes(budget)} ({fmt_bytes(spare)} to spare)"
         )
 
 
