@@ -45,7 +45,7 @@ def test_plan_budget_errors_name_sizes_in_mb_and_percent_and_suggest_a_percentag
     with pytest.raises(remat.BudgetError) as err:
         remat.plan(profile, 40)
     message = str(err.value)
-    assert "40 B (0.0 kB, 0% of the un-checkpointed step's peak)" in message
+    assert "40 B (40 B, 0% of the un-checkpointed step's peak)" in message
     assert "did you mean 40%?" in message
     assert " kB, " in message.split("smallest feasible budget is")[1]
 

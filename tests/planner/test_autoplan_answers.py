@@ -14,7 +14,8 @@ import remat
 from conftest import mean_square, tiny_gpt
 from remat.profiling.step import measure_step_peak
 from remat.solver import min_peak_bytes
-from remat.solver.budget import describe_bytes, short_bytes
+from remat.solver.budget import describe_bytes
+from remat.solver.units import fmt_bytes
 
 SIZES = dict(n_layers=4, seq_len=32, d_model=32, vocab_size=32)
 
@@ -138,12 +139,12 @@ def test_a_budget_nothing_fits_says_what_bounds_it(profiled):
     floor = prof.step_peak_for(min_peak_bytes(prof.to_chain()))
     assert message.startswith("remat.autoplan: no plan measured within the budget ")
     assert "the lowest peak measured was " in message
-    assert f"the head and loss alone need {short_bytes(prof.tail_bytes)} after them" in message
+    assert f"the head and loss alone need {fmt_bytes(prof.tail_bytes)} after them" in message
     assert (
         f"No checkpointing of the blocks (4 regions) goes below "
         f"{describe_bytes(floor, prof.step_peak_bytes)}, predicted" in message
     )
-    assert f"the step peaks at {short_bytes(prof.unplannable_bytes)} before" in message
+    assert f"the step peaks at {fmt_bytes(prof.unplannable_bytes)} before" in message
     budget = remat.parse_budget("30%", baseline_bytes=prof.step_peak_bytes)
     assert floor > budget and err.value.min_feasible_bytes > budget
     assert remat.applied(workload.model) == {}  # no plan left on it
@@ -158,9 +159,9 @@ def test_autoplan_prints_in_a_few_lines_and_its_repr_leaves_the_profile_out(prof
     text = str(result)
     assert len(text) < 400 and text.count("\n") < 4, text
     assert prof.regions[0].name not in text  # neither the profile nor the plan's table
-    assert f"measured peak {short_bytes(result.measured_peak_bytes)}" in text
-    assert f"budget {short_bytes(result.budget_bytes)}" in text
-    assert f"predicted {short_bytes(result.plan.predicted_peak_bytes)}" in text
+    assert f"measured peak {fmt_bytes(result.measured_peak_bytes)}" in text
+    assert f"budget {fmt_bytes(result.budget_bytes)}" in text
+    assert f"predicted {fmt_bytes(result.plan.predicted_peak_bytes)}" in text
     assert f"{result.rounds} round(s)" in text
     assert "Profile(" not in repr(result) and "profile=" not in repr(result)
     assert "measured_peak_bytes=" in repr(result)
@@ -174,5 +175,5 @@ def test_autoplan_counts_what_each_region_does(profiled):
     )
     text = str(result)
     assert "2 stored, 2 recomputed, 0 op-level, 0 offloaded; 1 multi-region segment(s)" in text
-    assert "measured peak 123.5 kB within the budget 1.0 MB" in text and "2 round(s)" in text
+    assert "measured peak 123.46 kB within the budget 1.00 MB" in text and "2 round(s)" in text
     assert "nothing checkpointed" not in text

@@ -103,8 +103,11 @@ def test_shapes_and_meta_models_give_the_same_report() -> None:
 def test_report_prints_and_serialises() -> None:
     w = build_workload("mlp", **SMALL["mlp"])
     report = estimate(w.model, *w.inputs, timeline=True)
-    assert "training-step peak" in str(report)
+    assert "step peak (new bytes)" in str(report) and "GiB" not in str(report)
     assert f"{report.peak_bytes:,}" in str(report)
+    # the step's peak is the profile's: new bytes, parameters and inputs excluded
+    prof = remat.profile(w.model, *w.inputs, loss_fn=lambda out: out.sum(), repeats=1)
+    assert report.step_peak_bytes == prof.step_peak_bytes
     assert '"saved_bytes"' in report.to_json()
     assert {e.phase for e in report.timeline} == {"forward", "backward"}
 

@@ -112,6 +112,9 @@ class ConfigResult:
         forward_peak_bytes: remat's tracker: peak live bytes during the forward pass,
             parameters and inputs included.
         step_peak_bytes: the same over the whole training step (forward + backward).
+        step_new_peak_bytes: the step's peak of new bytes (parameters, buffers and inputs
+            excluded): what ``remat.profile`` calls the step's peak, and what a percentage
+            budget (``remat plan --budget 40%``) is a share of.
         saved_bytes: bytes autograd kept for the backward pass at the end of the forward.
         cuda_max_allocated_bytes: ``torch.cuda.max_memory_allocated`` over the step (CUDA only).
         cuda_max_reserved_bytes: ``torch.cuda.max_memory_reserved`` over the step (CUDA only).
@@ -140,6 +143,7 @@ class ConfigResult:
     error: str | None = None
     forward_peak_bytes: int | None = None
     step_peak_bytes: int | None = None
+    step_new_peak_bytes: int | None = None
     saved_bytes: int | None = None
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None

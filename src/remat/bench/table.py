@@ -37,8 +37,10 @@ def print_table(result: BenchResult) -> None:
     )
     cuda = any(r.cuda_max_allocated_bytes is not None for r in result.configs)
     caption = (
-        "fwd/step MB: peak live memory in the forward pass / the whole training step "
-        "(parameters, inputs, gradients included); saved MB: kept for backward; "
+        "fwd/total MB: peak live memory in the forward pass / the whole training step "
+        "(parameters, inputs, gradients included); step MB: the step's peak of new bytes "
+        "(parameters and inputs excluded), what remat plan's percentages are of; "
+        "saved MB: kept for backward; "
         + ("cuda/rsrvd MB: the CUDA allocator's max allocated/reserved; " if cuda else "")
         + "ms: median step time over the interleaved rounds, ± its spread (largest distance "
         "of a round from it); ×none: its ratio to none's; "
@@ -54,7 +56,7 @@ def print_table(result: BenchResult) -> None:
         pad_edge=False,
         collapse_padding=True,
     )
-    headers = ["config", "fwd MB", "step MB", "saved MB"]
+    headers = ["config", "fwd MB", "total MB", "step MB", "saved MB"]
     headers += ["cuda MB", "rsrvd MB"] if cuda else []
     headers += ["ms", "±", "×none", "+GFLOP", "Δgrad", "status"]
     for i, h in enumerate(headers):
@@ -64,7 +66,8 @@ def print_table(result: BenchResult) -> None:
             min_width=max(len(r.name) for r in result.configs) if i == 0 else None,
         )
     for r in result.configs:
-        row = [r.name, _mb(r.forward_peak_bytes), _mb(r.step_peak_bytes), _mb(r.saved_bytes)]
+        row = [r.name, _mb(r.forward_peak_bytes), _mb(r.step_peak_bytes)]
+        row += [_mb(r.step_new_peak_bytes), _mb(r.saved_bytes)]
         if cuda:
             row += [_mb(r.cuda_max_allocated_bytes), _mb(r.cuda_max_reserved_bytes)]
         row += [
@@ -82,8 +85,11 @@ def print_table(result: BenchResult) -> None:
         table.add_row(*row)
     console = Console()
     if not console.is_terminal:  # piped or captured: rich would assume 80 columns
-        console = Console(width=130)
-    console.print(table)
+        console = Console(width=120)
+    with console.capture() as captured:
+        console.print(table)
+    # rich pads every line to the table's width; a copied table should not carry that
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
     if result.noisy:
         console.print(
             f"[yellow]warning[/yellow]: {', '.join(result.noisy)}: a round took more than "

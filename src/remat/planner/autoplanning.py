@@ -30,8 +30,9 @@ from remat.profiling.profile_data import Profile
 from remat.profiling.profiler import profile as make_profile
 from remat.profiling.step import measure_step_peak, state_kept
 from remat.solver import SOLVERS, min_peak_bytes
-from remat.solver.budget import check_budget_value, describe_bytes, short_bytes
+from remat.solver.budget import check_budget_value, describe_bytes
 from remat.solver.solution import Plan
+from remat.solver.units import fmt_bytes
 
 __all__ = ["AutoPlan", "autoplan"]
 
@@ -74,9 +75,9 @@ class AutoPlan:
         nothing = len(actions) == 1 and "store" in actions and not self.plan.segments
         return "\n".join(
             [
-                f"AutoPlan: measured peak {short_bytes(self.measured_peak_bytes)} within the "
-                f"budget {short_bytes(self.budget_bytes)} (predicted "
-                f"{short_bytes(self.plan.predicted_peak_bytes)}), {self.rounds} round(s)",
+                f"AutoPlan: measured peak {fmt_bytes(self.measured_peak_bytes)} within the "
+                f"budget {fmt_bytes(self.budget_bytes)} (predicted "
+                f"{fmt_bytes(self.plan.predicted_peak_bytes)}), {self.rounds} round(s)",
                 f"regions: {what}" + (" (nothing checkpointed)" if nothing else ""),
             ]
         )
@@ -250,15 +251,15 @@ def _bounds(prof: Profile) -> str:
     floor = prof.step_peak_for(min_peak_bytes(prof.to_chain()))
     parts = []
     if prof.tail_bytes:
-        parts.append(f"the head and loss alone need {short_bytes(prof.tail_bytes)} after them")
+        parts.append(f"the head and loss alone need {fmt_bytes(prof.tail_bytes)} after them")
     if prof.outside_bytes:
         parts.append(
-            f"{short_bytes(prof.outside_bytes)} lives beside them (what ran before them, "
+            f"{fmt_bytes(prof.outside_bytes)} lives beside them (what ran before them, "
             "inputs they share)"
         )
     if prof.unplannable_bytes:
         parts.append(
-            f"the step peaks at {short_bytes(prof.unplannable_bytes)} before their forward "
+            f"the step peaks at {fmt_bytes(prof.unplannable_bytes)} before their forward "
             "or after their backward"
         )
     return (

@@ -39,6 +39,7 @@ from remat.profiling.fake_model import (
 )
 from remat.profiling.fake_values import known_values
 from remat.profiling.meta_kernel_gaps import meta_kernel_gaps
+from remat.solver.units import fmt_bytes
 from remat.targets.devices import Target, get_target
 from remat.targets.kernels import target_kernels
 
@@ -88,8 +89,14 @@ class EstimateReport:
         """``to_dict()`` as a JSON string."""
         return json.dumps(self.to_dict(), **kwargs)
 
+    @property
+    def step_peak_bytes(self) -> int:
+        """The step's peak of new bytes (parameters, buffers and inputs excluded): what
+        ``remat.profile`` and ``remat bench`` call the step's peak, and what a percentage
+        budget is a share of."""
+        return self.peak_bytes - self.param_bytes - self.buffer_bytes - self.input_bytes
+
     def __str__(self) -> str:
-        gib = 2**30
         rows = [
             ("parameters", self.param_bytes),
             ("gradients", self.grad_bytes),
@@ -97,10 +104,12 @@ class EstimateReport:
             ("inputs", self.input_bytes),
             ("saved activations", self.saved_bytes),
             ("forward peak", self.forward_peak_bytes),
-            ("training-step peak", self.peak_bytes),
+            ("step peak (new bytes)", self.step_peak_bytes),
+            ("total peak", self.peak_bytes),
         ]
-        lines = [f"{name:<20} {b:>20,} B {b / gib:>10.2f} GiB" for name, b in rows]
-        lines.append(f"{'checkpointed':<20} {len(self.checkpointed)} modules")
+        lines = [f"{name:<22} {fmt_bytes(b):>10}  {b:>19,} B" for name, b in rows]
+        lines.append(f"{'checkpointed':<22} {len(self.checkpointed)} modules")
+        lines.append("forward and total peaks count the parameters, buffers and inputs")
         return "\n".join(lines)
 
 

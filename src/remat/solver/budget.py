@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import re
 
+from remat.solver.units import fmt_bytes
+
 __all__ = [
     "check_budget_value",
     "describe_bytes",
     "looks_like_percent",
     "parse_budget",
     "percent_meant",
-    "short_bytes",
 ]
 
 # SI units are powers of 1000, IEC units powers of 1024 (as in `ls --si` / `ls -h`).
@@ -30,16 +31,10 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z%]*)\s*$", re.IGNORECASE)
 
 
-def short_bytes(n: int) -> str:
-    """``n`` bytes in kB, MB or GB (powers of 1000, by size): ``"52.3 MB"``."""
-    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6)) if abs(n) >= s), ("kB", 1e3))
-    return f"{n / size:.1f} {unit}"
-
-
 def describe_bytes(n: int, baseline_bytes: int | None = None) -> str:
     """``n`` bytes as people read them: ``"52,300,000 B (52.3 MB, 30% of the step's peak)"``
     (kB, MB or GB, powers of 1000, by size)."""
-    text = f"{n:,} B ({short_bytes(n)}"
+    text = f"{n:,} B ({fmt_bytes(n)}"
     if baseline_bytes:
         text += f", {100 * n / baseline_bytes:.0f}% of the un-checkpointed step's peak"
     return text + ")"
