@@ -291,7 +291,7 @@ def test_every_help_example_is_found():
 
     examples = [
         e
-        for epilog in (cli.MAIN_EPILOG, cli.BENCH_EPILOG, cli.PLAN_EPILOG)
+        for epilog in (cli.MAIN_EPILOG, cli.BENCH_EPILOG, cli.PLAN_EPILOG, cli.FIT_EPILOG)
         for e in _help_examples(epilog)
     ]
     assert len(examples) >= 12 and ["plan", "--model", "gpt", "--budget", "40%"] in examples
@@ -300,7 +300,7 @@ def test_every_help_example_is_found():
 HELP_EXAMPLES = sorted(
     {
         tuple(e)
-        for epilog in ("MAIN_EPILOG", "BENCH_EPILOG", "PLAN_EPILOG")
+        for epilog in ("MAIN_EPILOG", "BENCH_EPILOG", "PLAN_EPILOG", "FIT_EPILOG")
         for e in _help_examples(getattr(__import__("remat.cli").cli, epilog))
     }
 )

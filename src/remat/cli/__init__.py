@@ -10,6 +10,6 @@ stays light.
 from __future__ import annotations
 
 from remat.cli.app import main
-from remat.cli.help_texts import BENCH_EPILOG, MAIN_EPILOG, PLAN_EPILOG
+from remat.cli.help_texts import BENCH_EPILOG, FIT_EPILOG, MAIN_EPILOG, PLAN_EPILOG
 
-__all__ = ["BENCH_EPILOG", "MAIN_EPILOG", "PLAN_EPILOG", "main"]
+__all__ = ["BENCH_EPILOG", "FIT_EPILOG", "MAIN_EPILOG", "PLAN_EPILOG", "main"]

@@ -25,7 +25,7 @@ from remat.cli.help_texts import SIZE_FLAGS
 from remat.planner.device_budget import parse_headroom
 from remat.planner.fitting import FitResult
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES
-from remat.solver.budget import parse_budget
+from remat.solver.budget import looks_like_percent, parse_budget
 from remat.targets.devices import get_target
 
 __all__ = ["run_fit_command"]
@@ -103,7 +103,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--device meta predicts for a GPU: give --target (h100, a100, ...)")
     if args.budget is None and target is None:
         raise ValueError("--budget: the memory per rank (80GB), or --target to take its memory")
-    memory = parse_budget(args.budget) if args.budget else target.memory_bytes  # type: ignore[union-attr]
+    memory = _device_memory(args.budget) if args.budget else target.memory_bytes  # type: ignore[union-attr]
     headroom = None if args.headroom is None else parse_headroom(args.headroom, memory)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         problem = output_path_error(flag, path)
@@ -113,6 +113,13 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         "model_args": model_args, "sizes": sizes, "seq_len": seq_len, "auto": auto,
         "target": target, "device": device, "memory": memory, "headroom": headroom,
     }  # fmt: skip
+
+
+def _device_memory(text: str) -> int:
+    """``--budget``: the memory per rank, as a size."""
+    if text.strip().endswith("%") or looks_like_percent(text):
+        raise ValueError(f"--budget {text}: the memory per rank as a size (80GB, 24GiB)")
+    return parse_budget(text, name="--budget")
 
 
 def _builder(args: argparse.Namespace, options: dict[str, Any]) -> Any:
@@ -149,20 +156,21 @@ def _plot(result: FitResult, path: str) -> None:
     import matplotlib.pyplot as plt
 
     x_of = (lambda r: r.seq_len) if result.searched == "seq_len" else (lambda r: r.batch)
+    unit, size = ("GB", 1e9) if result.device_bytes >= 1e9 else ("MB", 1e6)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name in ("none", "full", "selective", "remat"):
         points = sorted(
-            (x_of(r), r.peak_bytes / 1e9)
+            (x_of(r), r.peak_bytes / size)
             for r in result.rows
             if r.plan == name and r.peak_bytes is not None
         )
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
-    usable = (result.device_bytes - result.headroom_bytes) / 1e9
-    ax.axhline(usable, color="black", linestyle="--", label=f"usable {usable:.1f} GB")
+    usable = (result.device_bytes - result.headroom_bytes) / size
+    ax.axhline(usable, color="black", linestyle="--", label=f"usable {usable:.1f} {unit}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length" if result.searched == "seq_len" else "batch size")
-    ax.set_ylabel("predicted peak per rank (GB)")
+    ax.set_ylabel(f"predicted peak per rank ({unit})")
     ax.legend()
     ax.set_title("remat fit: peak memory per plan")
     fig.tight_layout()

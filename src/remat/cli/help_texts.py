@@ -23,16 +23,14 @@ examples:
   remat bench --json out/bench.json --plot out/bench.png
   remat bench --help                             all options of the benchmark
   remat plan --model gpt --budget 40% --verify   the cheapest plan for a budget, checked
-  remat fit --model gpt --budget 300MB           the largest batch that fits, and its plan
+  remat fit --model gpt --target h100            the largest batch that fits an H100, its plan
 """
 
 FIT_EPILOG = """\
 examples:
-  remat fit --model gpt --layers 4 --budget 300MB
-  remat fit --model gpt --layers 4 --batch 2 --seq-len auto --budget 300MB --plot fit.png
-  remat fit --model hf:llama --layers 32 --d-model 4096 --heads 32 --seq-len 8192 \\
-      --model-arg intermediate_size=14336 --model-arg num_key_value_heads=8 \\
-      --model-arg vocab_size=128256 --target h100 --world-size 8 --dtype bfloat16
+  remat fit --model gpt --layers 2 --d-model 64 --seq-len 64 --budget 30MB
+  remat fit --model gpt --layers 2 --d-model 64 --seq-len auto --budget 30MB --plot fit.png
+  remat fit --model gpt --layers 24 --dtype bfloat16 --target h100 --world-size 8
 
 exit status: 0 when some size fits, 1 when none does, 2 for bad arguments.
 """

@@ -9,7 +9,7 @@ from typing import Any
 
 import remat
 from remat.bench.model_choice import build_bench_workload, effective_sizes
-from remat.planner.device_budget import DeviceBudget, default_headroom, parse_headroom
+from remat.planner.device_budget import DeviceBudget, Headroom, default_headroom, parse_headroom
 from remat.planner.fitting import device_budget_for, least_step_peak
 from remat.planner.sharding import shard_profile
 from remat.solver.units import fmt_bytes
@@ -73,7 +73,7 @@ def _smaller(
         prof = shard_profile(whole, workload.model, args.world_size)
         sized = device_budget_for(
             workload.model, workload.tensors, prof, args.optimizer, args.world_size,
-            budget.device_bytes, headroom=budget.headroom_bytes,
+            budget.device_bytes, headroom=budget.headroom,
         )  # fmt: skip
         least = least_step_peak(prof)
         if least <= sized.step_bytes:
@@ -82,8 +82,8 @@ def _smaller(
     return ""
 
 
-def headroom_for(args: argparse.Namespace, checked: Any, device_bytes: int, ranks: int) -> int:
+def headroom_for(args: argparse.Namespace, checked: Any, device_bytes: int, ranks: int) -> Headroom:
     """``--headroom``, or the default for the device planned for over ``ranks`` ranks."""
     if args.headroom is not None:
         return parse_headroom(args.headroom, device_bytes)
-    return default_headroom(device_bytes, checked.target, str(checked.device), ranks)
+    return default_headroom(checked.target, str(checked.device), ranks)

@@ -4,7 +4,6 @@ prediction; with ``--verify``, apply it, measure the step and compare the gradie
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -76,7 +75,14 @@ def run_plan_command(args: argparse.Namespace) -> int:
         "step_peak_bytes": planned.profile.step_peak_bytes,
     }
     if planned.device_budget is not None:
-        report["device_budget"] = dataclasses.asdict(planned.device_budget)
+        budget = planned.device_budget
+        report["device_budget"] = {
+            "device_bytes": budget.device_bytes,
+            "headroom_bytes": budget.headroom_bytes,
+            "resident_bytes": budget.resident_bytes,
+            "step_bytes": budget.step_bytes,
+            "peak_bytes": budget.total_for(planned.plan.predicted_peak_bytes),
+        }
     status = 0
     if args.verify:
         status = _verify(planned, report, seed=args.seed)
@@ -171,7 +177,8 @@ def _plan(args: argparse.Namespace, checked: _Checked) -> _Planned:
         raise remat.BudgetError(
             f"does not fit: --budget {args.budget} leaves the step "
             f"{fmt_bytes(max(device_budget.step_bytes, 0))} after the state, inputs and "
-            f"headroom;\n  it needs --budget >= {fmt_bytes(device_budget.needed_for(step))}"
+            f"headroom;\n  it needs --budget >= "
+            f"{fmt_bytes(device_budget.needed_for(step), round_up=True)}"
             + (f"\n  cheapest changes: {advice}" if advice else ""),
             min_feasible_bytes=device_budget.needed_for(step),
         ) from None

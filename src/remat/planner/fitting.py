@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from remat.errors import BudgetError, PlanError
 from remat.measure.storage import unique_storage_bytes
-from remat.planner.device_budget import DeviceBudget, default_headroom
+from remat.planner.device_budget import DeviceBudget, Headroom, default_headroom
 from remat.planner.planning import plan, plan_from_choices
 from remat.planner.sharding import shard_profile, sharded_state
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES, training_state
@@ -68,14 +68,14 @@ def device_budget_for(
     world_size: int,
     device_bytes: int,
     *,
-    headroom: int,
+    headroom: Headroom,
 ) -> DeviceBudget:
     """``device_bytes`` shared between the job's state (``optimizer``'s, sharded over
     ``world_size`` FSDP ranks, each of ``profile``'s regions a unit), the batch
     (``inputs``: any tree of tensors), ``headroom`` and the step."""
     return DeviceBudget(
         device_bytes=device_bytes,
-        headroom_bytes=headroom,
+        headroom=headroom,
         resident_bytes=_state(model, profile, optimizer, world_size).total + _inputs(inputs),
         ranks="rank" if world_size > 1 else "device",
     )
@@ -204,7 +204,7 @@ def fit(
     device_bytes: int | None = None,
     optimizer: str = "adamw",
     world_size: int = 1,
-    headroom: int | None = None,
+    headroom: int | Headroom | None = None,
     batch: int | None = None,
     seq_len: int | None = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
@@ -243,7 +243,7 @@ def fit(
     searched = "seq_len" if batch is not None and seq_len is None else "batch"
     rows: list[FitRow] = []
     plans: dict[tuple[int, int | None], Any] = {}
-    state = {"headroom": headroom}
+    state = {"headroom": Headroom(headroom) if isinstance(headroom, int) else headroom}
 
     def margin_at(size: int) -> int:
         b, s = (batch, size) if searched == "seq_len" else (size, seq_len)
@@ -269,7 +269,7 @@ def fit(
         rows=tuple(rows),
         searched=searched,
         device_bytes=memory,
-        headroom_bytes=state["headroom"] or 0,
+        headroom_bytes=state["headroom"].of(memory) if state["headroom"] else 0,
         world_size=world_size,
         plans=plans,
     )
@@ -336,7 +336,7 @@ def _candidate(
     room = state["headroom"]
     if room is None:
         device = str(next((p.device for p in model.parameters()), "cpu"))
-        room = default_headroom(memory, target, device, world_size)
+        room = default_headroom(target, device, world_size)
     budget = device_budget_for(
         model, (inputs, kwargs), prof, optimizer, world_size, memory, headroom=room
     )

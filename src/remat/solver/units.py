@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["fmt_bytes", "fmt_flops", "fmt_seconds"]
 
 
-def fmt_bytes(n: float) -> str:
-    """``1_650_000_000`` -> ``"1.65 GB"``; kB, MB, GB or TB by size, two decimals."""
+def fmt_bytes(n: float, *, round_up: bool = False) -> str:
+    """``1_650_000_000`` -> ``"1.65 GB"``; kB, MB, GB or TB by size, two decimals
+    (``round_up``: never below ``n``, for a least budget)."""
     for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+            value = math.ceil(n / size * 100) / 100 if round_up else n / size
+            return f"{value:.2f} {unit}"
+    return f"{math.ceil(n) if round_up else int(n)} B"
 
 
 def fmt_seconds(s: float) -> str:
