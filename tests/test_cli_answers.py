@@ -104,7 +104,7 @@ def test_fit_prints_a_table_and_writes_its_rows(tmp_path, capsys):
     _readable(out)
     doc = json.loads(js.read_text())
     best = doc["best"]
-    assert out.splitlines()[-1].startswith(f"largest that fits: batch {best['batch']} x 1024")
+    assert f"largest that fits: batch {best['batch']} x 1024" in out
     rows = {(r["batch"], r["plan"]): r for r in doc["rows"]}
     assert rows[(best["batch"], "remat")]["fits"]
     assert not rows[(best["batch"] + 1, "remat")]["fits"]  # the next batch was profiled

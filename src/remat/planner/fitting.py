@@ -141,6 +141,8 @@ class FitResult:
         world_size: FSDP ranks.
         plans: remat's :class:`~remat.solver.Plan` per size profiled, keyed by
             ``(batch, seq_len)``.
+        smallest: at the smallest size, what the state and the batch take per rank, and
+            the least peak per rank any plan reaches (why nothing fits, when nothing does).
     """
 
     best: FitRow | None
@@ -150,6 +152,7 @@ class FitResult:
     headroom_bytes: int
     world_size: int
     plans: dict[tuple[int, int | None], Any] = field(default_factory=dict, repr=False)
+    smallest: tuple[int, int] | None = None
 
     def table(self) -> str:
         """The rows as a table of at most 100 columns, then the answer."""
@@ -179,7 +182,19 @@ class FitResult:
 
     def answer(self) -> str:
         if self.best is None:
-            return f"nothing fits: not even the smallest {self.searched} profiled"
+            usable = fmt_bytes(self.device_bytes - self.headroom_bytes)
+            if self.smallest is None:
+                return f"nothing fits: not even the smallest {self.searched} profiled"
+            state, least = self.smallest
+            if state > self.device_bytes - self.headroom_bytes:
+                return (
+                    f"nothing fits: the state and the batch alone take {fmt_bytes(state)} per "
+                    f"rank of the {usable} usable (more ranks shard the state)"
+                )
+            return (
+                f"nothing fits: at the smallest {self.searched} the least any plan keeps is "
+                f"{fmt_bytes(least)} per rank of the {usable} usable"
+            )
         b = self.best
         size = f"batch {b.batch}" + ("" if b.seq_len is None else f" x {b.seq_len} tokens")
         speed = (
@@ -188,10 +203,19 @@ class FitResult:
             if b.tokens_per_second
             else ""
         )
-        return (
+        text = (
             f"largest that fits: {size} with remat's plan "
             f"({fmt_bytes(b.peak_bytes or 0)} per rank{speed})"
         )
+        fitting = [r for r in self.rows if r.fits and r.tokens_per_second]
+        fastest = max(fitting, key=lambda r: r.tokens_per_second or 0, default=None)
+        if fastest is not None and (fastest.tokens_per_second or 0) > (b.tokens_per_second or 0):
+            text += (
+                f"\nmost tokens/s: batch {fastest.batch} x {fastest.seq_len} with "
+                f"{fastest.plan} ({fastest.tokens_per_second:,.0f} tokens/s): recomputing less "
+                "at a smaller size"
+            )
+        return text
 
     def __str__(self) -> str:
         return self.table()
@@ -245,14 +269,16 @@ def fit(
     plans: dict[tuple[int, int | None], Any] = {}
     state = {"headroom": Headroom(headroom) if isinstance(headroom, int) else headroom}
 
+    room: dict[int, int] = {}
+
     def margin_at(size: int) -> int:
         b, s = (batch, size) if searched == "seq_len" else (size, seq_len)
-        new, chosen, room, margin = _candidate(
+        new, chosen, headroom_used, margin, room[size] = _candidate(
             build, b or 1, s, tgt, memory, optimizer, world_size, state, loss_fn
         )
         rows.extend(new)
         plans[(b or 1, s)] = chosen
-        state["headroom"] = room
+        state["headroom"] = headroom_used
         if progress is not None:
             progress(f"{searched} {size}: " + ("fits" if margin >= 0 else "does not fit"))
         return margin
@@ -260,9 +286,9 @@ def fit(
     if batch is not None and seq_len is not None:
         largest = batch if margin_at(batch) >= 0 else None
     elif searched == "seq_len":  # sequences stay multiples of the first
-        largest = _largest(margin_at, 128, max_size, step=128)
+        largest = _largest(margin_at, 128, max_size, 128, room)
     else:
-        largest = _largest(margin_at, 1, max_size, step=1)
+        largest = _largest(margin_at, 1, max_size, 1, room)
     best = next((r for r in rows if r.plan == "remat" and _size(r, searched) == largest), None)
     return FitResult(
         best=best,
@@ -272,6 +298,7 @@ def fit(
         headroom_bytes=state["headroom"].of(memory) if state["headroom"] else 0,
         world_size=world_size,
         plans=plans,
+        smallest=state.get("smallest"),
     )
 
 
@@ -279,15 +306,19 @@ def _size(row: FitRow, searched: str) -> int | None:
     return row.seq_len if searched == "seq_len" else row.batch
 
 
-def _largest(margin_at: Callable[[int], int], first: int, last: int, step: int) -> int | None:
+def _largest(
+    margin_at: Callable[[int], int], first: int, last: int, step: int, room: dict[int, int]
+) -> int | None:
     """The largest size in ``first..last`` (multiples of ``step``) whose margin (the bytes
     the budget leaves the step beyond the least any plan keeps) is not negative. Margins
     fall with the size, about linearly: each probe is where the line through the two
-    probes nearest the answer crosses zero (doubling while none falls), so a few profiles
-    find it, and the size after the answer is always probed."""
+    probes nearest the answer crosses zero, the first line drawn through size 0 with
+    nothing kept (``room``: the budget left to the step at each size probed), so a few
+    profiles find it, and the size after the answer is always probed."""
     margins = {first: margin_at(first)}
     if margins[first] < 0:
         return None
+    margins[0] = room[first]  # the line's other end until a second size is probed
     good, bad = first, None
     while (bad is None and good < last) or (bad is not None and bad - good > step):
         size = _next_probe(margins, good, bad, step, last)
@@ -323,10 +354,10 @@ def _candidate(
     world_size: int,
     state: dict[str, Any],
     loss_fn: Callable[[Any], Tensor] | None,
-) -> tuple[list[FitRow], Any, int, int]:
+) -> tuple[list[FitRow], Any, Headroom, int, int]:
     """Profile one size and predict its four plans: the rows, remat's plan (``None``: none
-    fits), the headroom used, and the margin: what the budget leaves the step beyond the
-    least any plan keeps (negative: nothing fits)."""
+    fits), the headroom used, the margin: what the budget leaves the step beyond the
+    least any plan keeps (negative: nothing fits), and what it leaves the step."""
     built = build(batch, seq_len)
     model, inputs, kwargs = built[:3]
     loss_of = built[3] if len(built) > 3 else loss_fn
@@ -366,7 +397,8 @@ def _candidate(
             )
         )
     least = least_step_peak(prof)
-    return rows, chosen, room, budget.step_bytes - least
+    state.setdefault("smallest", (budget.resident_bytes, budget.total_for(least)))
+    return rows, chosen, room, budget.step_bytes - least, budget.step_bytes
 
 
 def _plan_named(prof: Profile, name: str, n: int, budget: DeviceBudget) -> Any:
