@@ -8,6 +8,7 @@ import statistics
 from typing import Any
 
 from remat.bench.runner import NOISY_SPREAD, BenchResult
+from remat.solver.units import fmt_small
 
 __all__ = ["print_table"]
 
@@ -75,11 +76,7 @@ def print_table(result: BenchResult) -> None:
             _spread(r.step_times_s),
             "-" if r.time_ratio is None else f"{r.time_ratio:.2f}",
             "-" if r.extra_flops is None else f"{r.extra_flops / 1e9:+.2f}",
-            "-"
-            if r.max_grad_diff is None
-            else f"{r.max_grad_diff:.1e}"
-            if r.max_grad_diff
-            else "0",
+            "-" if r.max_grad_diff is None else fmt_small(r.max_grad_diff),
             _status(r),
         ]
         table.add_row(*row)

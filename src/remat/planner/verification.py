@@ -19,6 +19,7 @@ from remat.planner.applying import apply_plan
 from remat.policy.offload_stores import CpuStore, OffloadStore
 from remat.profiling.step import measure_step_peak
 from remat.solver.solution import Plan
+from remat.solver.units import fmt_small
 
 __all__ = ["PlanCheck", "verify_plan"]
 
@@ -71,7 +72,7 @@ class PlanCheck:
         return (
             f"measured peak {self.measured_peak_bytes / 1e6:.2f} MB{where}{over} (predicted "
             f"{self.predicted_peak_bytes / 1e6:.2f} MB); gradients {grads}, largest "
-            f"difference {self.max_gradient_difference:.1e}"
+            f"difference {fmt_small(self.max_gradient_difference)}"
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["fmt_bytes", "fmt_flops", "fmt_seconds"]
+__all__ = ["fmt_bytes", "fmt_flops", "fmt_seconds", "fmt_small"]
 
 
 def fmt_bytes(n: float, *, round_up: bool = False) -> str:
@@ -44,3 +44,12 @@ def _three_digits(x: float) -> str:
     if abs(x) >= 1:
         return f"{x:.2f}"
     return f"{x:.3f}"
+
+
+def fmt_small(x: float) -> str:
+    """A small difference: ``1.19e-07`` -> ``"1.2x10^-7"``, ``0.0`` -> ``"0"``, ``0.05`` ->
+    ``"0.0500"``."""
+    if x == 0 or not math.isfinite(x):
+        return "0" if x == 0 else str(x)
+    exponent = math.floor(math.log10(abs(x)))
+    return f"{x / 10**exponent:.1f}x10^{exponent}" if exponent < -2 else f"{x:.4f}"
