@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,8 @@ def test_estimate_llama_example_runs():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert (
-        "every decoder layer" in result.stdout
-        and "checkpointed         32 modules" in result.stdout
-    )
+    assert "every decoder layer" in result.stdout
+    assert re.search(r"checkpointed\s+32 modules", result.stdout), result.stdout
 
 
 def test_transformers_example_runs_both_recipes_exactly():

@@ -249,9 +249,10 @@ def fit(
         world_size: FSDP ranks; the state is sharded over them.
         headroom: kept free (default: ``default_headroom``: on a GPU the CUDA context,
             NCCL and 5% for the allocator; 0 on the CPU).
-        batch, seq_len: which size is searched: with ``batch=None`` the batch, at
-            ``seq_len``; with a ``batch`` and ``seq_len=None`` the sequence length, in
-            powers of two from 128. Both given: that one size only.
+        batch: the batch size, or ``None`` to search it at ``seq_len``; given with
+            ``seq_len=None``, the sequence length is searched instead, in multiples of
+            128; both given, that one size only.
+        seq_len: the sequence length handed to ``build`` (``None``: searched, or none).
         loss_fn: model output -> scalar loss (default: as :func:`remat.profile`).
         max_size: the search stops there.
         progress: called with a line per size profiled.
@@ -264,6 +265,14 @@ def fit(
     memory = device_bytes if device_bytes is not None else (tgt.memory_bytes if tgt else None)
     _check_fit(optimizer, world_size, memory, batch, seq_len, max_size)
     assert memory is not None  # _check_fit says so
+    first_room = Headroom(headroom) if isinstance(headroom, int) else headroom
+    if first_room is None and tgt is not None:
+        first_room = default_headroom(tgt, "meta", world_size)
+    if first_room is not None and first_room.of(memory) >= memory:
+        raise ValueError(
+            f"remat.fit: a headroom of {fmt_bytes(first_room.of(memory))} leaves nothing of "
+            f"device_bytes={memory:,}; give more memory or headroom=0"
+        )
     searched = "seq_len" if batch is not None and seq_len is None else "batch"
     rows: list[FitRow] = []
     plans: dict[tuple[int, int | None], Any] = {}

@@ -92,11 +92,12 @@ def verify_plan(
         model: the model the plan was made for, in train mode, on a device that runs
             (not meta). Each copy is a ``copy.deepcopy``: the model's memory twice over.
         plan: a plan from :func:`remat.plan` (or loaded with ``Plan.from_json``).
-        inputs, kwargs: the model's inputs, as given to :func:`remat.profile`.
+        inputs: the model's positional inputs, as given to :func:`remat.profile`.
         loss_fn: model output -> scalar loss (``None``: as :func:`remat.profile`).
         seed: both copies draw their random numbers (dropout) from it.
         offload_store: for a plan that offloads (``None``: pinned host memory on CUDA, a
             ``CpuStore`` on CPU, whose copies free the originals as a GPU's would).
+        kwargs: the model's keyword inputs.
 
     Raises:
         ValueError: ``model`` is on the meta device.
