@@ -6,6 +6,7 @@ import pytest
 
 import remat
 from conftest import tiny_gpt
+from remat.planner.device_budget import Headroom
 from remat.planner.fitting import device_budget_for
 from remat.profiling.step import measure_step_peak
 
@@ -22,7 +23,9 @@ def _measured_total(batch: int, plan_of, device_bytes: int) -> tuple[int, int]:
     with the plan ``plan_of(profile, step_bytes)`` applied."""
     model, inputs, kwargs, loss_of = build(batch, None)
     prof = remat.profile(model, *inputs, loss_fn=loss_of, repeats=1, **kwargs)
-    budget = device_budget_for(model, (inputs, kwargs), prof, "adamw", 1, device_bytes, headroom=0)
+    budget = device_budget_for(
+        model, (inputs, kwargs), prof, "adamw", 1, device_bytes, headroom=Headroom()
+    )
     remat.apply_plan(model, plan_of(prof, budget))
     measured = measure_step_peak(model, inputs, loss_of, **kwargs)
     return budget.total_for(measured), budget.device_bytes
@@ -33,7 +36,9 @@ def found():
     # the un-checkpointed step of batch 2 and its state; a few batches more fit with a plan
     model, inputs, kwargs, loss_of = build(2, None)
     prof = remat.profile(model, *inputs, loss_fn=loss_of, repeats=1, **kwargs)
-    state = device_budget_for(model, (inputs, kwargs), prof, "adamw", 1, 10**12, headroom=0)
+    state = device_budget_for(
+        model, (inputs, kwargs), prof, "adamw", 1, 10**12, headroom=Headroom()
+    )
     device_bytes = state.resident_bytes + 2 * prof.step_peak_bytes
     return remat.fit(build, device_bytes=device_bytes, seq_len=32), device_bytes
 

@@ -20,8 +20,7 @@ from remat.bench.model_choice import (
 )
 from remat.bench.runner import resolve_device
 from remat.bench.user_models import parse_model_args
-from remat.cli.common import error, output_path_error
-from remat.cli.help_texts import SIZE_FLAGS
+from remat.cli.common import error, output_path_error, sizes_given
 from remat.planner.device_budget import parse_headroom
 from remat.planner.fitting import FitResult
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES
@@ -66,11 +65,8 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     """Everything checked before the first profile."""
     check_model(args.model)
     model_args = parse_model_args(args.model_args)
-    sizes = {
-        opt: getattr(args, flag)
-        for flag, opt in SIZE_FLAGS.items()
-        if getattr(args, flag) is not None and flag != "seq_len"
-    }
+    sizes = sizes_given(args)
+    sizes.pop("seq_len", None)  # a string here: checked below
     auto = args.seq_len == "auto"
     seq_len = None
     if args.seq_len is not None and not auto:

@@ -7,6 +7,7 @@ __all__ = [
     "BENCH_EPILOG",
     "DESCRIPTION",
     "FIT_EPILOG",
+    "HEADROOM_DEFAULT",
     "MAIN_EPILOG",
     "MODEL_HELP",
     "PLAN_EPILOG",
@@ -90,3 +91,8 @@ SIZE_HELP = {  # defaults: GPTConfig's, then remat.bench.hf_workloads.HF_DEFAULT
     "seq_len": "sequence length (gpt 256, hf 256)",
     "vocab": "vocabulary size (gpt 1024, hf 2048)",
 }
+
+HEADROOM_DEFAULT = (  # argparse help: % doubled
+    "default on a GPU: 0.5 GB CUDA context, 0.5 GB NCCL with several ranks and 5%% for the "
+    "allocator; 0 on the CPU"
+)

@@ -14,6 +14,7 @@ from remat.cli.help_texts import (
     BENCH_EPILOG,
     DESCRIPTION,
     FIT_EPILOG,
+    HEADROOM_DEFAULT,
     MAIN_EPILOG,
     MODEL_HELP,
     PLAN_EPILOG,
@@ -127,8 +128,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--headroom",
         help="with --optimizer: memory kept free of the budget, a size (2GB) or a percentage of "
-        "it (default on a GPU: 0.5 GB CUDA context, 0.5 GB NCCL with several ranks and 5%% "
-        "for the allocator; 0 on the CPU)",
+        f"it ({HEADROOM_DEFAULT})",
     )
     plan.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, ...")
     plan.add_argument("--seed", type=int, default=0, help="seeds weights and data")
@@ -162,8 +162,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     )
     fit.add_argument(
         "--headroom",
-        help="memory kept free: a size or a percentage of --budget (default on a GPU: 0.5 GB "
-        "CUDA context, 0.5 GB NCCL with several ranks and 5%% for the allocator; 0 on the CPU)",
+        help=f"memory kept free: a size or a percentage of --budget ({HEADROOM_DEFAULT})",
     )
     fit.add_argument(
         "--optimizer", default="adamw", help="adamw (default), adam, sgd-momentum, sgd"

@@ -14,7 +14,7 @@ from remat.planner.fitting import device_budget_for, least_step_peak
 from remat.planner.sharding import shard_profile
 from remat.solver.units import fmt_bytes
 
-__all__ = ["cheaper_changes", "headroom_for"]
+__all__ = ["build_and_profile", "cheaper_changes", "headroom_for"]
 
 _MAX_RANKS = 4096
 _HALVINGS = 2  # profiles of smaller sizes tried per flag
@@ -59,17 +59,8 @@ def _smaller(
         if size < 1:
             return ""
         sizes = {**checked.sizes, flag: size} if flag == "seq_len" else checked.sizes
-        workload = build_bench_workload(
-            args.model, batch=size if flag == "batch" else args.batch, device=checked.device,
-            dtype=args.dtype, seed=args.seed, sizes=sizes, model_args=checked.model_args,
-        )  # fmt: skip
-        whole = remat.profile(
-            workload.model,
-            *workload.inputs,
-            loss_fn=workload.loss_of,
-            target_device=checked.target,
-            **workload.kwargs,
-        )
+        batch = size if flag == "batch" else args.batch
+        workload, whole = build_and_profile(args, checked, batch=batch, sizes=sizes)
         prof = shard_profile(whole, workload.model, args.world_size)
         sized = device_budget_for(
             workload.model, workload.tensors, prof, args.optimizer, args.world_size,
@@ -80,6 +71,25 @@ def _smaller(
             name = flag.replace("_", "-")
             return f"--{name} {size} ({fmt_bytes(sized.total_for(least))} per {sized.ranks})"
     return ""
+
+
+def build_and_profile(
+    args: argparse.Namespace, checked: Any, *, batch: int | None, sizes: dict[str, int]
+) -> tuple[Any, Any]:
+    """The workload ``--model`` names at ``batch`` and ``sizes``, and its profile (for
+    ``--target`` when given), unsharded."""
+    workload = build_bench_workload(
+        args.model, batch=batch, device=checked.device, dtype=args.dtype, seed=args.seed,
+        sizes=sizes, model_args=checked.model_args,
+    )  # fmt: skip
+    whole = remat.profile(
+        workload.model,
+        *workload.inputs,
+        loss_fn=workload.loss_of,
+        target_device=checked.target,
+        **workload.kwargs,
+    )
+    return workload, whole
 
 
 def headroom_for(args: argparse.Namespace, checked: Any, device_bytes: int, ranks: int) -> Headroom:

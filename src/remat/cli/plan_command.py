@@ -11,11 +11,11 @@ from typing import Any
 
 import remat
 from remat.bench.configurations import check_budget, offload_store_for
-from remat.bench.model_choice import DTYPES, build_bench_workload, check_model, check_model_options
+from remat.bench.model_choice import DTYPES, check_model, check_model_options
 from remat.bench.runner import resolve_device
 from remat.bench.user_models import parse_model_args
 from remat.cli.common import error, output_path_error, sizes_given
-from remat.cli.plan_advice import cheaper_changes, headroom_for
+from remat.cli.plan_advice import build_and_profile, cheaper_changes, headroom_for
 from remat.errors import MissingExtraError
 from remat.planner.device_budget import DeviceBudget, parse_headroom
 from remat.planner.fitting import device_budget_for, device_budget_lines, least_step_peak
@@ -133,29 +133,10 @@ def _check(args: argparse.Namespace) -> _Checked:
     )
 
 
-def _build(args: argparse.Namespace, checked: _Checked) -> Any:
-    return build_bench_workload(
-        args.model,
-        batch=args.batch,
-        device=checked.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        sizes=checked.sizes,
-        model_args=checked.model_args,
-    )
-
-
 def _plan(args: argparse.Namespace, checked: _Checked) -> _Planned:
     """Profile, shard for ``--world-size``, take the state and headroom out of the budget,
     plan. Raises ``BudgetError`` in ``--budget``'s quantity, with the changes that fit."""
-    workload = _build(args, checked)
-    whole = remat.profile(
-        workload.model,
-        *workload.inputs,
-        loss_fn=workload.loss_of,
-        target_device=checked.target,
-        **workload.kwargs,
-    )
+    workload, whole = build_and_profile(args, checked, batch=args.batch, sizes=checked.sizes)
     prof = shard_profile(whole, workload.model, args.world_size)
     if args.optimizer is None:  # the budget is the step's new bytes, as the profile counts
         return _Planned(workload, prof, remat.plan(prof, args.budget, solver=args.solver))

@@ -276,7 +276,7 @@ def fit(
     searched = "seq_len" if batch is not None and seq_len is None else "batch"
     rows: list[FitRow] = []
     plans: dict[tuple[int, int | None], Any] = {}
-    state = {"headroom": Headroom(headroom) if isinstance(headroom, int) else headroom}
+    state = {"headroom": first_room}  # None: the model's device says (no target)
 
     room: dict[int, int] = {}
 
