@@ -69,8 +69,8 @@ def traceable_checkpoint(forward, args, kwargs, **options: Any) -> Any:
     break the graph and recompute the compiled region eagerly, saving other tensors.
     Non-reentrant ``torch.utils.checkpoint`` becomes a higher-order op that the compiler
     recomputes inside its own backward graph (with the same op-level save list, through
-    ``context_fn``). Buffers are not replayed there: BatchNorm statistics of a compiled
-    checkpointed region are updated twice, as with PyTorch's checkpoint.
+    ``context_fn``). Buffers are functionalized there: a BatchNorm's statistics are updated
+    once, in the compiled forward (tests/integrations/test_compile_plans.py).
     """
     from torch.utils.checkpoint import checkpoint
 
