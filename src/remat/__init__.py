@@ -16,6 +16,7 @@ from remat.planner.fitting import FitResult, FitRow, fit
 from remat.planner.plan_files import load_plan
 from remat.planner.planning import pareto, plan, plan_from_choices
 from remat.planner.verification import PlanCheck, verify_plan
+from remat.policy.compiling import compile
 from remat.policy.offload_stores import CpuStore, CudaPinnedStore, OffloadStats, OffloadStore
 from remat.policy.offloading import Offload, offload
 from remat.policy.op_level import Ops, ops
@@ -51,6 +52,7 @@ __all__ = [
     "Treatment",
     "applied",
     "apply",
+    "compile",
     "by_name",
     "by_type",
     "every",

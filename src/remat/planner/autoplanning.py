@@ -26,11 +26,13 @@ from remat.measure.training_call import (
 )
 from remat.planner.applying import apply_plan, remove_plan
 from remat.planner.planning import plan, plan_from_choices, short_repr, split_budget
+from remat.policy.compiling import compiled_step_peak
 from remat.profiling.profile_data import Profile
 from remat.profiling.profiler import profile as make_profile
 from remat.profiling.step import measure_step_peak, state_kept
 from remat.solver import SOLVERS, min_peak_bytes
-from remat.solver.budget import check_budget_value, describe_bytes
+from remat.solver.budget import check_budget_value, describe_bytes, parse_budget
+from remat.solver.compile_budget import activation_share
 from remat.solver.solution import Plan
 from remat.solver.units import fmt_bytes
 
@@ -56,6 +58,13 @@ class AutoPlan:
             budget given to the solver had to be tightened by the measured excess (or was
             conservative and it could be loosened). 1 when the un-checkpointed step already
             fits: that step is the one plan measured.
+        compiled: the peaks are of the model under ``torch.compile`` (``compile=True``),
+            measured from the allocators' events; a percentage budget is then of the
+            compiled model's peak without recomputation.
+        activation_share: the activations the plan keeps from forward to backward over
+            those kept with nothing recomputed: the plan's budget in the unit of
+            ``torch._functorch.config.activation_memory_budget`` (torchtitan's
+            ``memory_budget``).
     """
 
     plan: Plan
@@ -63,6 +72,8 @@ class AutoPlan:
     budget_bytes: int
     measured_peak_bytes: int
     rounds: int
+    compiled: bool = False
+    activation_share: float = 1.0
 
     def __str__(self) -> str:
         actions = Counter(r.action for r in self.plan.regions)
@@ -75,10 +86,13 @@ class AutoPlan:
         nothing = len(actions) == 1 and "store" in actions and not self.plan.segments
         return "\n".join(
             [
-                f"AutoPlan: measured peak {fmt_bytes(self.measured_peak_bytes)} within the "
-                f"budget {fmt_bytes(self.budget_bytes)} (predicted "
-                f"{fmt_bytes(self.plan.predicted_peak_bytes)}), {self.rounds} round(s)",
+                f"AutoPlan: measured peak {fmt_bytes(self.measured_peak_bytes)}"
+                + (" compiled" if self.compiled else "")
+                + f" within the budget {fmt_bytes(self.budget_bytes)} (predicted "
+                f"{fmt_bytes(self.plan.predicted_peak_bytes)} eager), {self.rounds} round(s)",
                 f"regions: {what}" + (" (nothing checkpointed)" if nothing else ""),
+                f"keeps {self.activation_share:.0%} of the activations (torch.compile's "
+                f"activation_memory_budget={self.activation_share:.2f})",
             ]
         )
 
@@ -91,6 +105,8 @@ def autoplan(
     solver: str = "auto",
     max_rounds: int = 6,
     profile: Profile | None = None,
+    compile: bool = False,
+    compile_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> AutoPlan:
     """Profile, plan, apply and measure: a plan whose *measured* peak fits ``budget``.
@@ -110,6 +126,13 @@ def autoplan(
     When the un-checkpointed step's peak already fits the budget, nothing is checkpointed
     (any earlier plan is removed) and a ``UserWarning`` says so.
 
+    With ``compile=True`` the plans are measured as the model trains under
+    ``torch.compile`` (:func:`remat.policy.compiling.compiled_step_peak`: each plan
+    compiled after ``torch._dynamo.reset()``, its peak read from the allocators' events),
+    and a percentage budget is of the compiled model's peak without recomputation. The
+    solver's costs and bytes stay eager; the measurements correct its budget as in eager.
+    Compile the model afterwards with :func:`remat.compile`.
+
     Args:
         model: the model, on the device it trains on (not ``meta``: autoplan runs it).
         *inputs: its positional inputs.
@@ -119,6 +142,8 @@ def autoplan(
         solver: one of ``remat.solver.SOLVERS`` (``"auto"``: the optimal chain DP).
         max_rounds: the most plans measured.
         profile: the model's profile, if already made (it is made otherwise).
+        compile: plan for training under ``torch.compile`` (see above).
+        compile_options: ``torch.compile``'s keyword arguments for the measured steps.
         **kwargs: its keyword inputs.
 
     Returns:
@@ -139,6 +164,7 @@ def autoplan(
         >>> print(result)
     """
     _check_arguments(model, inputs, kwargs, budget, loss_fn, solver, max_rounds, profile)
+    _check_compile(compile, compile_options)
     loss_of = loss_fn or default_loss
     prof = profile or make_profile(model, *inputs, loss_fn=loss_of, **kwargs)
     total, _ = split_budget(prof, budget)
@@ -146,14 +172,34 @@ def autoplan(
     def measure(chosen: Plan) -> int:
         apply_plan(model, chosen)
         with state_kept(model), training_call(model):  # nor train BatchNorm statistics
+            if compile:
+                return compiled_step_peak(model, inputs, loss_of, kwargs, **(compile_options or {}))
             return measure_step_peak(model, inputs, loss_of, **kwargs)
+
+    def result(chosen: Plan, measured: int, rounds: int) -> AutoPlan:
+        share = activation_share(prof.to_chain(), chosen)
+        return AutoPlan(
+            plan=chosen,
+            profile=prof,
+            budget_bytes=total,
+            measured_peak_bytes=measured,
+            rounds=rounds,
+            compiled=compile,
+            activation_share=share,
+        )
 
     least: int | None = None  # the lowest peak measured: a budget that is feasible
     rounds = 0
-    if prof.step_peak_bytes <= total:
-        nothing = plan_from_choices(prof, ["store"] * len(prof.regions))
-        nothing = dataclasses.replace(nothing, budget_bytes=total, solver="none")
+    nothing = plan_from_choices(prof, ["store"] * len(prof.regions))
+    search_baseline = 0
+    if compile:  # the compiled peak is the baseline: Inductor's fusions change it
         least, rounds = measure(nothing), 1
+        search_baseline = least
+        total = parse_budget(budget, baseline_bytes=least, name="remat.autoplan: budget")
+    if prof.step_peak_bytes <= total or compile:
+        nothing = dataclasses.replace(nothing, budget_bytes=total, solver="none")
+        if least is None:
+            least, rounds = measure(nothing), 1
         if least <= total:
             warnings.warn(
                 f"remat.autoplan: nothing to checkpoint: the un-checkpointed step's peak "
@@ -162,23 +208,15 @@ def autoplan(
                 UserWarning,
                 stacklevel=2,
             )
-            return AutoPlan(
-                plan=nothing, profile=prof, budget_bytes=total, measured_peak_bytes=least, rounds=1
-            )
+            return result(nothing, least, 1)
     search = _Search(prof, total, solver, measure, least=least, rounds=rounds)
     best = search.run(max_rounds)
     if best is not None:
         chosen, measured = best
         apply_plan(model, chosen)
-        return AutoPlan(
-            plan=chosen,
-            profile=prof,
-            budget_bytes=total,
-            measured_peak_bytes=measured,
-            rounds=search.rounds,
-        )
+        return result(chosen, measured, search.rounds)
     remove_plan(model)
-    baseline = prof.step_peak_bytes
+    baseline = search_baseline if compile else prof.step_peak_bytes
     raise BudgetError(
         f"remat.autoplan: no plan measured within the budget {describe_bytes(total, baseline)}"
         f" in {search.rounds} tries"
@@ -267,6 +305,18 @@ def _bounds(prof: Profile) -> str:
         f"{describe_bytes(floor, prof.step_peak_bytes)}, predicted (offloading aside)"
         + (f": {'; '.join(parts)}" if parts else "")
     )
+
+
+def _check_compile(compile: Any, options: Any) -> None:
+    if not isinstance(compile, bool):
+        raise TypeError(f"remat.autoplan: compile must be a bool, got {short_repr(compile)}")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(
+            f"remat.autoplan: compile_options must be a dict of torch.compile's keyword "
+            f"arguments or None, got {short_repr(options)}"
+        )
+    if options and not compile:
+        raise ValueError("remat.autoplan: compile_options given without compile=True")
 
 
 def _check_arguments(

@@ -15,8 +15,8 @@ from torch._dynamo.utils import counters
 
 import remat
 from conftest import tiny_gpt
-from remat.integrations.compiling import compile as remat_compile
-from remat.integrations.compiling import compiled_step_peak
+from remat import compile as remat_compile
+from remat.policy.compiling import compiled_step_peak
 
 pytestmark = [
     pytest.mark.slow,
@@ -173,3 +173,22 @@ def test_compiled_step_peak_sees_the_plan(gpt_profile):
     model = copy.deepcopy(workload.model)
     remat.apply_plan(model, remat.plan_from_choices(prof, ["recompute"] * 4))
     assert compiled_step_peak(model, workload.inputs, loss_of) < stored
+
+
+def test_autoplan_for_compile_holds_its_budget_measured_compiled():
+    """autoplan(compile=True): the percentage is of the compiled peak without recomputation,
+    and the chosen plan's compiled peak, measured again, is within the budget."""
+    workload = tiny_gpt(n_layers=4, seq_len=64, d_model=64, dropout=0.1)
+    model = copy.deepcopy(workload.model)
+
+    def loss_of(out):
+        return workload.loss_fn(out, workload.targets)
+
+    result = remat.autoplan(model, *workload.inputs, budget="60%", loss_fn=loss_of, compile=True)
+    stored = copy.deepcopy(workload.model)
+    baseline = compiled_step_peak(stored, workload.inputs, loss_of)
+    assert result.compiled and result.budget_bytes == int(0.6 * baseline)
+    assert result.measured_peak_bytes <= result.budget_bytes
+    assert compiled_step_peak(model, workload.inputs, loss_of) == result.measured_peak_bytes
+    assert 0 < result.activation_share < 1
+    assert "activation_memory_budget=" in str(result)

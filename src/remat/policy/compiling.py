@@ -51,7 +51,7 @@ def compile(model: nn.Module, **options: Any) -> nn.Module:
 
     Example:
         >>> remat.apply_plan(model, plan)
-        >>> compiled = remat.integrations.compiling.compile(model)
+        >>> compiled = remat.compile(model)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat.compile: model must be an nn.Module, got {type(model)!r}")
