@@ -31,7 +31,7 @@ from remat.solver import (
     store_all_peak,
 )
 from remat.solver.discretization import discretize
-from remat.solver.memory_model import plan_from_choices, shared_live
+from remat.solver.memory_model import plan_from_choices, shared_freed, shared_live
 
 
 def random_chain(
@@ -237,6 +237,50 @@ def test_shared_input_by_hand():
     assert Chain.from_json(chain.to_json()) == chain
 
 
+def test_a_stored_first_saver_frees_the_shared_inputs_before_its_peak():
+    """Rotary tables every region saves: the first region, stored, is the last to hold
+    them, and its backward peaks ``freed_before_peak`` lower for freeing them part-way; a
+    checkpoint holds them through it. Of two inputs it is first to save, one held by a
+    checkpoint before it: counted held, both."""
+
+    def region(name, transient):
+        return Region(
+            name=name, fwd_cost=1, input_bytes=10, saved_bytes=30, output_bytes=10,
+            transient_bytes=transient, forward_transient_bytes=0,
+        )  # fmt: skip
+
+    # a's backward makes the peak (the parameter gradients of all three beside it)
+    regions = [region("a", 500), region("b", 50), region("c", 50)]
+    table = SharedInput(nbytes=100, takers=(0, 1, 2), saved_by=(0, 1, 2), freed_before_peak=60)
+    chain = Chain(regions, shared_inputs=[table])
+    held = Chain(regions, shared_inputs=[SharedInput(nbytes=100, takers=(0, 1, 2))])
+
+    def leaves(*choices):  # 0: store, 1: recompute
+        return [("leaf", i, k) for i, k in enumerate(choices)]
+
+    assert shared_freed(chain, leaves(0, 0, 1)) == [60, 0, 0]
+    assert shared_freed(chain, leaves(1, 0, 0)) == [0, 0, 0]
+    # a's backward, stored: its saved bytes, its output's gradient and transient, and the
+    # table less what it frees before its peak
+    assert simulate(chain, leaves(0, 0, 1))[0] == 30 + 10 + 500 + 100 - 60
+    assert simulate(chain, leaves(0, 0, 0))[0] == 30 + 10 + 500 + 100 - 60
+    # under its checkpoint, or a segment's, the table is held through it
+    for items in (leaves(1, 0, 0), [("seg", 0, 2, leaves(0, 0)[:2]), ("leaf", 2, 0)]):
+        assert shared_freed(chain, items) == [0, 0, 0]
+        assert simulate(chain, items) == simulate(held, items)
+    # b is the first to save both; a takes the first one and, recomputed, holds it
+    first = SharedInput(nbytes=100, takers=(0, 1), saved_by=(1,), freed_before_peak=40)
+    second = SharedInput(nbytes=100, takers=(1, 2), saved_by=(1, 2), freed_before_peak=20)
+    both = Chain(regions, shared_inputs=[first, second])
+    assert shared_freed(both, leaves(0, 0, 0)) == [0, 60, 0]
+    assert shared_freed(both, leaves(1, 0, 0)) == [0, 0, 0]
+    assert Chain.from_json(both.to_json()) == both
+    with pytest.raises(ValueError, match="freed_before_peak"):
+        SharedInput(nbytes=100, takers=(0, 1), saved_by=(0,), freed_before_peak=101)
+    with pytest.raises(ValueError, match="freed_before_peak"):
+        SharedInput(nbytes=100, takers=(0, 1), freed_before_peak=10)  # nothing saves it
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_plans_with_shared_inputs_fit_their_budget(seed):
     """The DP counts shared inputs live throughout (a bound); every plan's exact peak then
@@ -247,12 +291,15 @@ def test_plans_with_shared_inputs_fit_their_budget(seed):
     for _ in range(rng.randint(1, 3)):
         takers = sorted(rng.sample(range(5), rng.randint(2, 4)))
         saved_by = [i for i in takers if rng.random() < 0.3]
+        nbytes, held_outside = rng.randint(1, 20), rng.random() < 0.2
+        freeing = saved_by and not held_outside and rng.random() < 0.5
         shared.append(
             SharedInput(
-                nbytes=rng.randint(1, 20),
+                nbytes=nbytes,
                 takers=takers,
                 saved_by=saved_by,
-                held_outside=rng.random() < 0.2,
+                held_outside=held_outside,
+                freed_before_peak=rng.randint(0, nbytes) if freeing else 0,
             )
         )
     chain = Chain(base.regions, tail_bytes=base.tail_bytes, shared_inputs=shared)

@@ -29,7 +29,7 @@ from remat.errors import RematError
 from remat.measure.storage import iter_tensors, storage_of, tensors_of
 from remat.measure.versions import Versioned, checked_version
 
-__all__ = ["MemoryTracker", "TimelineEvent", "host_memory"]
+__all__ = ["MemoryTracker", "PeakWindow", "TimelineEvent", "host_memory"]
 
 
 OUTSIDE = "<outside>"  # allocated while no module of the tracked model ran (e.g. the loss)
@@ -86,6 +86,23 @@ class _Held:
     def __init__(self, t: Tensor, version: int) -> None:
         self.t = t
         self.version = version
+
+
+class PeakWindow:
+    """The highest live total a tracker saw since the window opened
+    (``MemoryTracker.open_window``) or, after an op, since it was last read (``take``):
+    several can be open beside ``window_peak_bytes``, e.g. to cut a phase where some
+    storages are freed. ``None``: no op ran since it was last read."""
+
+    __slots__ = ("peak",)
+
+    def __init__(self, peak: int | None) -> None:
+        self.peak = peak
+
+    def take(self) -> int | None:
+        """The peak so far; the window starts over from the next op."""
+        peak, self.peak = self.peak, None
+        return peak
 
 
 class _Mode(TorchDispatchMode):
@@ -186,6 +203,7 @@ class MemoryTracker:
         self._held: dict[int, list] = {}  # storage key -> [holders, bytes, modules]
         self._not_activations: set[int] = set()  # parameter and buffer storages
         self._stack: list[str] = []
+        self._windows: list[PeakWindow] = []
         self._last_phase = "forward"
         self._snapshot_taken = False
         self._active = False
@@ -346,9 +364,27 @@ class MemoryTracker:
         with self._lock:
             self.window_peak_bytes = self.current_bytes
 
+    def open_window(self) -> PeakWindow:
+        """A window of its own on the live total, from now (``PeakWindow``), until
+        :meth:`close_window`."""
+        with self._lock:
+            window = PeakWindow(self.current_bytes)
+            self._windows.append(window)
+            return window
+
+    def close_window(self, window: PeakWindow) -> int | None:
+        """Stop following ``window``; its peak since it was last read."""
+        with self._lock:
+            if window in self._windows:
+                self._windows.remove(window)
+            return window.take()
+
     def _update_peaks(self, phase: str) -> None:
         cur = self.current_bytes
         self.window_peak_bytes = max(self.window_peak_bytes, cur)
+        for window in self._windows:
+            if window.peak is None or cur > window.peak:
+                window.peak = cur
         self.peak_bytes = max(self.peak_bytes, cur)
         self.peak_by_phase[phase] = max(self.peak_by_phase[phase], cur)
         names = self._stack or [self._current_module(phase)]

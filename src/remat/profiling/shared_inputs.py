@@ -14,12 +14,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from remat.profiling.region_record import RegionRecord, Storages
-from remat.profiling.step import StepMemory
+from remat.profiling.step import BackwardSpan, StepMemory
 from remat.solver.problem import SharedInput
 
 __all__ = [
     "SharedInputs",
     "first_region_shared_bytes",
+    "freed_before_peak",
     "in_order",
     "made_before_chain",
     "shared_gradient_bytes",
@@ -157,8 +158,10 @@ def shared_in_step(
     held outside the regions unless regions alone save it: none outside does
     (``saved_outside``, the storages ops outside the regions save) and the step let it go
     by the end of its backward. One not found in its first taker's call counts as made
-    later and held outside (an upper bound)."""
-    out, made_before, live = [], 0, 0
+    later and held outside (an upper bound). One that only regions hold, the first that
+    saves it frees in its backward: how much lower that backward peaks for it
+    (``freed_before_peak``)."""
+    fields, made_before, live = {}, 0, 0
     for key, nbytes in shared.sizes.items():
         at = _positions(calls, shared.takers[key][0], key)
         is_live = not at or bool(at & step.inputs_live_at_chain_backward)
@@ -169,21 +172,75 @@ def shared_in_step(
         )
         made_before += nbytes if at & step.inputs_made_before_chain else 0
         live += nbytes if is_live else 0
-        out.append(
-            SharedInput(
-                nbytes=nbytes,
-                takers=shared.takers[key],
-                saved_by=shared.saved_by[key],
-                held_outside=is_live and not (at and only_regions),
-                made_by=shared.made_by[key],
-            )
-        )
+        fields[key] = {
+            "nbytes": nbytes,
+            "takers": shared.takers[key],
+            "saved_by": shared.saved_by[key],
+            "held_outside": is_live and not (at and only_regions),
+            "made_by": shared.made_by[key],
+        }
+    firsts: dict[int, list[int]] = {}  # the first region saving each held by regions alone
+    for key, f in fields.items():
+        if f["saved_by"] and not f["held_outside"]:
+            firsts.setdefault(f["saved_by"][0], []).append(key)
+    for region, keys in firsts.items():
+        spans = step.backward_spans[region] if region < len(step.backward_spans) else None
+        # in an order of their own, which breaks ties between inputs freed together
+        keys.sort(key=lambda k: (fields[k]["takers"], fields[k]["saved_by"], shared.sizes[k]))
+        positions = {k: _positions(calls, shared.takers[k][0], k) for k in keys}
+        freed = freed_before_peak(spans or (), positions, shared.sizes)
+        for key in keys:
+            fields[key]["freed_before_peak"] = freed.get(key, 0)
+    out = [SharedInput(**f) for f in fields.values()]
     return in_order(out), made_before, live
+
+
+def freed_before_peak(
+    spans: Sequence[BackwardSpan],
+    positions: dict[int, set[tuple[int, int]]],
+    sizes: dict[int, int],
+) -> dict[int, int]:
+    """How much lower a stored region's backward (``spans``, from the measured step) peaks
+    because it frees the shared inputs (``positions``: where each sits, by storage) part-way
+    than it would with them held throughout, split between them in the order it frees
+    them (ties in the order of ``positions``): each the drop that freeing it adds to those
+    freed before. Together they are the whole drop, exactly; one it does not free gets
+    nothing."""
+    cut: dict[int, int] = {}  # per input it frees, the first span without it
+    for key, at in positions.items():
+        j = next((j for j, span in enumerate(spans) if span.freed & at), None)
+        if j is not None:
+            cut[key] = j
+    order = sorted(cut, key=cut.__getitem__)
+
+    def held_peak(held: Sequence[int]) -> int:
+        # the backward's peak with ``held`` live throughout: each counted from its cut on
+        return max(
+            span.peak + sum(sizes[k] for k in held if cut[k] <= j) for j, span in enumerate(spans)
+        )
+
+    out: dict[int, int] = {}
+    below = held_peak(()) if spans else 0
+    for n, key in enumerate(order):
+        above = held_peak(order[: n + 1])
+        out[key] = above - below
+        below = above
+    return out
 
 
 def in_order(shared: Sequence[SharedInput]) -> tuple[SharedInput, ...]:
     """Shared inputs in an order of their own (not of storage addresses, which differ
     between runs and devices): a meta profile then equals a CPU one."""
     return tuple(
-        sorted(shared, key=lambda t: (t.takers, t.saved_by, t.nbytes, t.held_outside, t.made_by))
+        sorted(
+            shared,
+            key=lambda t: (
+                t.takers,
+                t.saved_by,
+                t.nbytes,
+                t.held_outside,
+                t.made_by,
+                t.freed_before_peak,
+            ),
+        )
     )

@@ -8,16 +8,16 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from remat.measure.storage import iter_tensors, unique_storage_bytes
-from remat.measure.tracker import MemoryTracker
+from remat.measure.tracker import MemoryTracker, PeakWindow
 
-__all__ = ["StepMemory", "measure_step", "measure_step_peak", "state_kept"]
+__all__ = ["BackwardSpan", "StepMemory", "measure_step", "measure_step_peak", "state_kept"]
 
 
 @contextlib.contextmanager
@@ -52,6 +52,14 @@ def measure_step_peak(
     Gradients are cleared first: they are allocated by the step, so they count.
     """
     return measure_step(model, inputs, loss_fn, kwargs).peak
+
+
+class BackwardSpan(NamedTuple):
+    """A stretch of one region's backward in the measured step, between two frees of the
+    regions' inputs (``StepMemory.backward_spans``)."""
+
+    freed: frozenset[tuple[int, int]]  # the inputs, (region, position), freed just before it
+    peak: int  # the highest new bytes in it
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,6 +109,12 @@ class StepMemory:
         before_region_backward: per region, how far the step rose above what it held
             then between the end of the next region's backward and the start of its own:
             those ops' backward (``None``: not seen; the last region's is the tail's).
+        backward_spans: per region, its backward, from the end of the next region's (the
+            ops between them included; the last region's: from its start) until its input's
+            gradient is ready, cut where the regions' inputs are freed
+            (:class:`BackwardSpan`; ``None``: not seen whole). A stored region frees the
+            inputs only its autograd saves part-way through its backward (rotary tables
+            the first layer's attention saves), which may then peak without them.
     """
 
     peak: int
@@ -120,6 +134,7 @@ class StepMemory:
     beside_region_backward: tuple[int | None, ...] = ()
     left_between_regions: tuple[int | None, ...] = ()
     before_region_backward: tuple[int | None, ...] = ()
+    backward_spans: tuple[tuple[BackwardSpan, ...] | None, ...] = ()
 
 
 def measure_step(
@@ -185,6 +200,17 @@ class _StepWatch:
         self.left_between: dict[int, int] = {}  # what ops between regions still hold
         self.gap_from: set[int] = set()  # the regions whose backward has ended
         self.gap_peak: dict[int, int] = {}
+        # the regions' inputs by storage key while they live, and the positions of each
+        # (a token per storage: a key is reused once its storage is freed)
+        self.input_tokens: dict[int, int] = {}
+        self.input_positions: dict[int, set[tuple[int, int]]] = {}
+        self.finalizers: list[weakref.finalize] = []
+        # the region whose backward is followed now (``backward_spans``), its window, and
+        # per region its spans so far: [inputs freed just before, peak or None]
+        self.span_region: int | None = None
+        self.span_window: PeakWindow | None = None
+        self.spans: dict[int, list[list[Any]]] = {}
+        self.spans_whole: set[int] = set()
 
     # ------------------------------------------------------------------ hooks on and off
     def attach(
@@ -205,6 +231,11 @@ class _StepWatch:
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
+        for finalizer in self.finalizers:
+            finalizer.detach()
+        if self.span_window is not None:
+            self.tracker.close_window(self.span_window)
+            self.span_window = None
 
     # ------------------------------------------------------------------ the chain's ends
     def _before_first(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -283,11 +314,53 @@ class _StepWatch:
         for i, t in enumerate(leaves):
             if isinstance(t, Tensor):
                 self.region_inputs[(index, i)] = weakref.ref(t.untyped_storage())
+                self._watch_free(t.untyped_storage(), (index, i))
                 if not tracker.made_after(t, self.seen["allocations"]):
                     self.made_before.add((index, i))
                 self.made_after_region[(index, i)] = _last_region_ended(
                     tracker, t, self.region_ends
                 )
+
+    def _watch_free(self, storage: Any, at: tuple[int, int]) -> None:
+        key = storage._cdata
+        token = self.input_tokens.get(key)
+        if token is None:
+            token = self.input_tokens[key] = len(self.input_positions)
+            self.input_positions[token] = set()
+            self.finalizers.append(weakref.finalize(storage, self._input_freed, key, token))
+        self.input_positions[token].add(at)
+
+    def _input_freed(self, key: int, token: int) -> None:
+        if self.input_tokens.get(key) == token:
+            del self.input_tokens[key]
+        freed = self.input_positions[token]
+        if self.span_window is None or self.span_region is None:
+            return
+        spans = self.spans[self.span_region]
+        peak = self.span_window.take()
+        if peak is None:  # no op since the last cut: freed together with what it freed
+            spans[-1][0] = spans[-1][0] | freed
+        else:
+            spans[-1][1] = peak
+            spans.append([frozenset(freed), None])
+
+    def _follow_backward(self, index: int, whole: bool) -> None:
+        """End the span window of the region followed now (``whole``: its input's gradient
+        is ready, the ops before it run backward from here), and follow region ``index``."""
+        region, window = self.span_region, self.span_window
+        if window is not None and region is not None:
+            spans = self.spans[region]
+            peak = self.tracker.close_window(window)
+            if peak is not None:
+                spans[-1][1] = peak
+            elif len(spans) > 1:  # freed after its last op: it changed no peak
+                spans.pop()
+            if whole:
+                self.spans_whole.add(region)
+        self.span_region, self.span_window = None, None
+        if index >= 0 and index not in self.spans:
+            self.span_region, self.span_window = index, self.tracker.open_window()
+            self.spans[index] = [[frozenset(), None]]
 
     def _backward_ended(self, index: int) -> Callable[[Tensor], None]:
         # the ops between it and the region before run backward from here
@@ -295,6 +368,8 @@ class _StepWatch:
             if index not in self.gap_from:
                 self.gap_from.add(index)
                 self.tracker.start_window()
+                if self.span_region == index:
+                    self._follow_backward(index - 1, whole=True)
 
         return hook
 
@@ -337,6 +412,8 @@ class _StepWatch:
                 if o != output and (index, o) in self.taken_later
             ]
             self.backward_start[index] = (max(0, made - unique_storage_bytes([grad])), pending)
+            if self.span_region != index:  # the last region's, or the end of the next not seen
+                self._follow_backward(index, whole=False)
             if index + 1 in self.gap_from:  # the peak since the region after it ended
                 self.gap_peak[index] = tracker.window_peak_bytes - tracker.current_bytes
             inputs = _live_keys([list(self.region_inputs.values())])
@@ -371,6 +448,15 @@ class _StepWatch:
         )
         return max(0, made - part_built)
 
+    def _backward_spans(self, index: int) -> tuple[BackwardSpan, ...] | None:
+        if index not in self.spans_whole:
+            return None
+        return tuple(
+            BackwardSpan(freed, max(0, peak - self.existing))
+            for freed, peak in self.spans[index]
+            if peak is not None
+        )
+
     def memory(self, regions: int, after: int) -> StepMemory:
         seen, existing = self.seen, self.existing
 
@@ -397,6 +483,7 @@ class _StepWatch:
             beside_region_backward=tuple(self._beside_region_backward(i) for i in range(regions)),
             left_between_regions=tuple(self.left_between.get(i) for i in range(regions)),
             before_region_backward=tuple(self.gap_peak.get(i) for i in range(regions)),
+            backward_spans=tuple(self._backward_spans(i) for i in range(regions)),
             before_chain_at_chain_backward=new_or_none("before_chain_at_chain_backward"),
         )
 

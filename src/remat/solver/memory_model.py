@@ -27,6 +27,11 @@ is live during its forward, and in its backward only when a checkpoint holds it:
 runs with recompute or an op-level option (its own checkpoint), or when it heads a segment
 being rerun ("held" below). Its forward can then peak above its backward.
 
+The chain's shared inputs (``SharedInput``: a mask, rotary tables) are counted once, live
+in the backward while a region holds them (``shared_live``); the stored region that is the
+last to hold them frees them part-way through its backward and may peak after that, lower
+by what the measured step saw (``shared_freed``).
+
 So the peak is mostly reached in backward, while some region's saved activations are live
 (recomputed or not) together with everything held for the regions before it. The extra cost
 counts each leaf's ``recompute_cost`` once per run of its backward, and the regions of a
@@ -46,6 +51,7 @@ from remat.solver.problem import (
     Chain,
     Region,
     RegionOption,
+    SharedInput,
     option_index,
 )
 from remat.solver.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
@@ -61,6 +67,7 @@ __all__ = [
     "plan_from_choices",
     "plan_tree",
     "seg",
+    "shared_freed",
     "shared_live",
     "simulate",
 ]
@@ -184,6 +191,7 @@ def simulate(
     *,
     shared: Sequence[int] | None = None,
     forward_shared: int | None = None,
+    freed: Sequence[int] | None = None,
 ) -> tuple[int, float]:
     """Peak bytes and extra cost of running ``items`` on top of ``base`` live bytes
     (``held``: a checkpoint holds the input of the first item, as in a segment's rerun;
@@ -193,11 +201,15 @@ def simulate(
     ``shared``: per stop ``p``, the chain's shared inputs live while regions ``[0, p)`` have
     yet to run backward (``shared_live``; default: from ``items``, the whole chain's plan);
     ``forward_shared``: those live in the forward (default: per region, those made before
-    it, ``Chain.shared_bytes_in_forward``)."""
+    it, ``Chain.shared_bytes_in_forward``); ``freed``: per region, how much lower than
+    with ``shared`` its backward peaks, having freed shared inputs part-way
+    (``shared_freed``; default: from ``items``)."""
     if tail is None:
         tail = chain.tail_bytes
     if shared is None:
         shared = shared_live(chain, items)
+    if freed is None:
+        freed = shared_freed(chain, items)
 
     def in_forward(region: int) -> int:
         if forward_shared is None:
@@ -225,7 +237,7 @@ def simulate(
     for it, h, bwd in zip(reversed(items), reversed(kept), reversed(needs)):  # backward
         live -= h
         if it[0] == "leaf":
-            peak = max(peak, live + bwd + shared[it[1] + 1])
+            peak = max(peak, live + bwd + shared[it[1] + 1] - freed[it[1]])
             cost += regs[it[1]].menu()[it[2]].recompute_cost
         else:
             # its output's gradient, and later parameters', wait while it reruns its forward;
@@ -241,6 +253,7 @@ def simulate(
                 pending=waiting,
                 shared=[now] * (len(regs) + 1),
                 forward_shared=now,
+                freed=[0] * len(regs),
             )
             peak, cost = max(peak, p), cost + c
     return peak, cost
@@ -263,6 +276,30 @@ def shared_live(chain: Chain, items: Sequence[Item]) -> list[int]:
         for p in range(first, n + 1):
             live[p] += t.nbytes
     return live
+
+
+def shared_freed(chain: Chain, items: Sequence[Item]) -> list[int]:
+    """Per region, how much lower than ``shared_live`` counts its backward peaks under the
+    plan ``items``: a stored region that is the last to hold every shared input it is the
+    first to save (no checkpoint of a taker before it holds one) frees them part-way
+    through its backward, as the measured step did (``SharedInput.freed_before_peak``).
+    Where a checkpoint before it holds some of them, it is counted as holding them all
+    (its peak with some held may fall anywhere between)."""
+    n = len(chain)
+    out = [0] * n
+    firsts: dict[int, list[SharedInput]] = {}
+    for t in chain.shared_inputs:
+        if t.saved_by and not t.held_outside:
+            firsts.setdefault(t.saved_by[0], []).append(t)
+    if not any(t.freed_before_peak for ts in firsts.values() for t in ts):
+        return out
+    checkpointed: set[int] = set()
+    _mark_checkpointed(chain, items, False, checkpointed)
+    for region, ts in firsts.items():
+        held_before = any(j in checkpointed for t in ts for j in t.takers if j < region)
+        if region not in checkpointed and not held_before:
+            out[region] = sum(t.freed_before_peak for t in ts)
+    return out
 
 
 def _mark_checkpointed(

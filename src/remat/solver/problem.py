@@ -338,6 +338,13 @@ class SharedInput:
     attention adds and does not save, dies once the first odd layer's backward is done
     when those layers recompute, and with the forward when they are stored.
 
+    The first region that saves it (``saved_by[0]``), stored, with no checkpoint of a
+    taker before it holding it, is the last to hold it: its backward frees it part-way,
+    where autograd lets go of what saved it (the first attention of a layer saves the
+    rotary tables; the parameter gradients of the projections before it come after), and
+    may peak after that. ``freed_before_peak`` says by how much of its bytes that backward
+    then peaks lower than with it held throughout (as a checkpoint holds it).
+
     Attributes:
         nbytes: its bytes.
         takers: the regions that take it (indices into the chain, ascending).
@@ -346,6 +353,11 @@ class SharedInput:
         made_by: the region whose output it is (T5's first block makes the position bias
             the others take), counted there in its forward and here after it; ``-1``:
             made outside the regions, counted through the whole forward.
+        freed_before_peak: how much lower than with it held the backward of its first
+            saver peaks, stored, when it frees it (at most ``nbytes``; measured in the
+            step, where that backward frees it and the other shared inputs it is first to
+            save, whose figures add up to how much lower it peaks without them all:
+            ``memory_model.shared_freed`` counts them only when a plan lets it free all).
     """
 
     nbytes: int
@@ -353,9 +365,22 @@ class SharedInput:
     saved_by: tuple[int, ...] = ()
     held_outside: bool = False
     made_by: int = -1
+    freed_before_peak: int = 0
 
     def __post_init__(self) -> None:
         check_bytes("SharedInput", "nbytes", self.nbytes)
+        check_bytes("SharedInput", "freed_before_peak", self.freed_before_peak)
+        if self.freed_before_peak > self.nbytes:
+            raise ValueError(
+                f"SharedInput: freed_before_peak ({self.freed_before_peak}) is part of its "
+                f"bytes (nbytes={self.nbytes}), so at most nbytes"
+            )
+        if self.freed_before_peak and (not self.saved_by or self.held_outside):
+            raise ValueError(
+                f"SharedInput: freed_before_peak ({self.freed_before_peak}) needs a region "
+                f"that saves it (saved_by={self.saved_by!r}) and nothing outside holding it "
+                f"(held_outside={self.held_outside!r})"
+            )
         object.__setattr__(self, "takers", tuple(self.takers))
         object.__setattr__(self, "saved_by", tuple(self.saved_by))
         if not all(_is_index(i) for i in self.takers) or list(self.takers) != sorted(
