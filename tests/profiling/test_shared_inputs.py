@@ -10,7 +10,7 @@ from torch import nn
 import remat
 from conftest import assert_predicted_to_the_byte, every_plan, mean_square
 from remat.profiling.shared_inputs import freed_before_peak
-from remat.profiling.step import BackwardSpan
+from remat.profiling.step_memory import BackwardSpan
 
 
 class _RotaryLayer(nn.Module):

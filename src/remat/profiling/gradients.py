@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from remat.profiling.profile_data import RegionProfile
-from remat.profiling.step import StepMemory
+from remat.profiling.step_memory import StepMemory
 
 __all__ = ["GradientOrder", "with_gradient_bytes"]
 

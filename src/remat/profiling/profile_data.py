@@ -14,7 +14,8 @@ from typing import Any
 from remat.policy.op_level import OP_PRESETS
 from remat.solver.chain_dp import store_all_peak
 from remat.solver.op_menu import Op, saving_option, with_ops
-from remat.solver.problem import Chain, Region, SharedInput, offload_cost
+from remat.solver.problem import Chain, Region, offload_cost
+from remat.solver.shared_input import SharedInput
 
 __all__ = [
     "OP_ENGINE_CHOICES",

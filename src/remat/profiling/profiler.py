@@ -60,8 +60,9 @@ from remat.profiling.shared_inputs import (
     shared_in_step,
     shared_inputs,
 )
-from remat.profiling.step import StepMemory, measure_step, state_kept
-from remat.solver.problem import SharedInput
+from remat.profiling.step import measure_step, state_kept
+from remat.profiling.step_memory import StepMemory
+from remat.solver.shared_input import SharedInput
 from remat.targets.devices import Target, get_target
 from remat.targets.kernels import target_kernels
 

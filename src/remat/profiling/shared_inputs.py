@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from remat.profiling.region_record import RegionRecord, Storages
-from remat.profiling.step import BackwardSpan, StepMemory
-from remat.solver.problem import SharedInput
+from remat.profiling.step_memory import BackwardSpan, StepMemory
+from remat.solver.shared_input import SharedInput
 
 __all__ = [
     "SharedInputs",

@@ -16,7 +16,8 @@ from remat.solver.chain_dp import min_peak_bytes, pareto, solve_chain, store_all
 from remat.solver.heuristics import every_n_plan, greedy_plan, sqrt_plan
 from remat.solver.memory_model import evaluate, plan_from_choices, simulate
 from remat.solver.op_menu import Op, knapsack_dp, knapsack_milp, solve_ops, with_ops
-from remat.solver.problem import Chain, Region, RegionOption, SharedInput
+from remat.solver.problem import Chain, Region, RegionOption
+from remat.solver.shared_input import SharedInput
 from remat.solver.solution import Plan, RegionPlan
 
 __all__ = [

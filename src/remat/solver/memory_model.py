@@ -51,9 +51,9 @@ from remat.solver.problem import (
     Chain,
     Region,
     RegionOption,
-    SharedInput,
     option_index,
 )
+from remat.solver.shared_input import SharedInput
 from remat.solver.solution import Plan, RegionPlan, check_segments, offloaded_in_segments
 
 __all__ = [

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remat.errors import PlanError
-from remat.solver.problem import ACTIONS, OFFLOAD, OPS, Action, check_bytes, check_cost
+from remat.solver.problem import ACTIONS, OFFLOAD, OPS, Action
 from remat.solver.units import fmt_bytes, fmt_flops, fmt_seconds
+from remat.solver.validation import check_bytes, check_cost
 
 __all__ = ["Plan", "RegionPlan", "check_segments", "offloaded_in_segments"]
 
