@@ -14,9 +14,12 @@ interleaved rounds in this process):
 - ``remat@<method>``: ``remat.autoplan`` with the budget set to that method's measured peak,
   the head-to-head comparison at equal peak (``--no-match`` skips them).
 
-``--compile`` adds ``torch.compile`` with ``activation_memory_budget`` (1.0, 0.5, 0.1) to the
-existing JSON: their peaks come from the resident set, since a dispatch-mode tracker sees
-nothing inside a compiled graph (see ``_compile_budget.py``).
+``--compile`` compares compiled training instead (``_compile_side_by_side.py``): for each of
+``--compile-models``, ``torch.compile`` with ``activation_memory_budget`` in
+``--compile-budgets`` against ``remat.autoplan(..., compile=True)`` at the peak each budget
+measures, and at 25/50/75% of the compiled peak; peaks from the allocators' events
+(``remat.AllocationTracker``), times the median of per-round ratios to the compiled model
+without recomputation over ``--rounds`` interleaved rounds. It writes ``--compile-json``.
 
 ``sac_milp:<fraction>`` is PyTorch's own planner (``torch.distributed._tools``: SAC estimator +
 ``sac_milp``), run on CPU through ``_sac_milp.py`` (its op timer uses CUDA events; that file
@@ -37,6 +40,7 @@ import functools
 import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -94,37 +98,6 @@ def make_workload(label: str) -> Workload:
     if label == "hetero-12":
         return hetero_workload()
     raise ValueError(f"unknown model label {label!r}")
-
-
-def compile_rows(label: str, steps: int) -> dict[str, dict]:
-    """``torch.compile`` with ``activation_memory_budget`` 0.5 and 0.1, in a subprocess
-    that measures peaks from the resident set (see ``_compile_budget.py``)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    worker = Path(__file__).parent / "_compile_budget.py"
-    measured = {}
-    for budget in (1.0, 0.5, 0.1):  # one process each (see _compile_budget.py)
-        spec = {"model": label, "budget": budget, "steps": steps,
-                "bench_dir": str(Path(__file__).parent)}  # fmt: skip
-        done = subprocess.run([sys.executable, str(worker), json.dumps(spec)], env=env,
-                              capture_output=True, text=True, timeout=3600)  # fmt: skip
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            return {f"compile:{budget}": {"status": "failed", "error": done.stderr[-2000:]}}
-        measured[budget] = json.loads(lines[-1])
-    base = measured[1.0]["seconds"]
-    return {
-        f"compile:{budget}": {
-            "status": "ok",
-            "peak_bytes": r["peak_bytes"],
-            "ratio": r["seconds"] / base,
-            "note": "peak from the resident set; time relative to compile:1.0, separate processes",
-        }
-        for budget, r in measured.items()
-    }
 
 
 def torch_selective(workload: Workload) -> None:
@@ -351,25 +324,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="add torch.compile activation_memory_budget rows to the existing --json (Linux)",
+        help="compiled training: torch.compile's activation_memory_budget against remat's "
+        "compiled plans (writes --compile-json)",
     )
-    parser.add_argument("--compile-models", nargs="+", default=["gpt-12", "hetero-12"])
+    parser.add_argument("--compile-models", nargs="+", default=["gpt-12", "hetero-12", "gpt-48"])
+    parser.add_argument("--compile-budgets", default="0.9,0.7,0.5,0.3,0.1")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--compile-json", type=Path, default=RESULTS / "planner_compile.json")
     args = parser.parse_args(argv)
+    if args.compile:
+        return compile_main(args, argv)
     if args.markdown:
         document = json.loads(args.json.read_text())
         print(markdown(document["results"]))
         return document
-    if args.replot or args.compile:
+    if args.replot:
         document = json.loads(args.json.read_text())
-        if args.compile:
-            for result in document["results"]:
-                if result["model"] in args.compile_models:
-                    result["rows"].update(compile_rows(result["model"], args.steps))
-                    print(f"\n{result['model']}, with torch.compile rows:")
-                    print("\n".join(compare(result)))
-            document["not_run"].pop("torch.compile activation_memory_budget", None)
-            document["compile_command"] = "python benchmarks/planner.py --compile"
-            args.json.write_text(json.dumps(document, indent=2))
         plot(document["results"], args.plot)
         return document
 
@@ -393,12 +363,35 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/planner.py " + " ".join(argv or []),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "platform": platform.platform(), "threads": torch.get_num_threads()},
-        "not_run": {"torch.compile activation_memory_budget": "run with --compile"},
+        "not_run": {"torch.compile": "run with --compile (results/planner_compile.json)"},
         "results": results,
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2))
     plot(results, args.plot)
+    return document
+
+
+def compile_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """``--compile``: the side-by-side of compiled training (see _compile_side_by_side.py)."""
+    from _compile_side_by_side import side_by_side, table
+
+    budgets = [float(b) for b in args.compile_budgets.split(",") if b]
+    results = []
+    for model in args.compile_models:
+        print(f"\n{model} (compiled):", flush=True)
+        result = side_by_side(model, budgets, args.rounds)
+        results.append(result)
+        print("\n".join(table(result)), flush=True)
+    document = {
+        "benchmark": "planner --compile",
+        "command": "python benchmarks/planner.py " + " ".join(argv or sys.argv[1:]),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "platform": platform.platform(), "threads": torch.get_num_threads()},
+        "results": results,
+    }  # fmt: skip
+    args.compile_json.parent.mkdir(parents=True, exist_ok=True)
+    args.compile_json.write_text(json.dumps(document, indent=2))
     return document
 
 

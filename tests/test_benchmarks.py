@@ -148,3 +148,25 @@ def test_gpu_llama_plans_dry_run_measures_three_plans(tmp_path):
     for name, r in rows.items():
         assert measured[name] <= r["predicted_peak_bytes"], name
     assert max(measured["full"], measured["remat"]) < measured["none"]
+
+
+@pytest.mark.slow
+def test_planner_compile_side_by_side_runs(tmp_path):
+    """--compile on a tiny GPT: torch.compile's budget and remat's compiled plan at its
+    measured peak, each in its own process, peaks from the allocators' events."""
+    out = tmp_path / "compile.json"
+    table = run_planner("--compile", "--compile-models", "gpt-2", "--compile-budgets", "0.5",
+                        "--rounds", "2", "--compile-json", str(out))  # fmt: skip
+    (result,) = json.loads(out.read_text())["results"]
+    rows = result["rows"]
+    assert rows["compile:1.0"]["ratio"] == 1.0
+    assert rows["compile:0.5"]["peak_bytes"] < rows["compile:1.0"]["peak_bytes"]
+    ours = rows["remat@compile:0.5"]
+    assert ours["status"] == "ok", ours
+    # planned for compile's measured peak, and measured again in the timing process
+    assert ours["peak_bytes"] == ours["timed_peak_bytes"] <= rows["compile:0.5"]["peak_bytes"]
+    assert ours["budget_bytes"] == rows["compile:0.5"]["peak_bytes"]
+    assert 0 < ours["activation_share"] < 1 and len(ours["step_s"]) == 2
+    mine = rows["remat:75%"]
+    assert mine["status"] == "ok" and mine["peak_bytes"] <= mine["budget_bytes"]
+    assert "remat@compile:0.5" in table
