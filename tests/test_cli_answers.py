@@ -109,3 +109,28 @@ def test_fit_prints_a_table_and_writes_its_rows(tmp_path, capsys):
     assert rows[(best["batch"], "remat")]["fits"]
     assert not rows[(best["batch"] + 1, "remat")]["fits"]  # the next batch was profiled
     assert {"none", "full", "selective", "remat"} == {r["plan"] for r in doc["rows"]}
+
+
+def test_every_plan_says_its_budget_as_torch_compile_s(capsys):
+    code, out, _ = _plan(capsys, "--budget", "60%")
+    share = re.search(r"as torch.compile's activation_memory_budget: ([\d.]+) ", out)
+    assert code == 0 and share and 0 < float(share.group(1)) < 1, out
+
+
+def test_compile_needs_a_real_device(capsys):
+    code, _, err = _plan(capsys, "--budget", "60%", "--compile")
+    assert code == 2 and "--compile measures each plan compiled" in err
+
+
+@pytest.mark.slow
+def test_compile_plans_by_measuring_compiled_steps(capsys):
+    argv = ["plan", "--model", "gpt", "--layers", "3", "--d-model", "64", "--heads", "4"]
+    code = main([*argv, "--seq-len", "64", "--device", "cpu", "--budget", "60%", "--compile"])
+    out, _ = capsys.readouterr()
+    assert code == 0, out
+    measured = re.search(r"compiled: the step measures ([\d.]+) ([kMG])B under torch.compile, "
+                         r"within --budget 60% = ([\d.]+) ([kMG])B", out)  # fmt: skip
+    assert measured, out
+    unit = {"k": 1e3, "M": 1e6, "G": 1e9}
+    peak, budget = (float(measured.group(i)) * unit[measured.group(i + 1)] for i in (1, 3))
+    assert peak <= budget

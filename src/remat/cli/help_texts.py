@@ -61,6 +61,7 @@ examples:
   remat plan --model gpt --budget 40%
   remat plan --model gpt --layers 48 --budget 2GiB --json plan.json
   remat plan --model gpt --budget 45% --solver sqrt --verify
+  remat plan --model gpt --budget 50% --compile --verify
   remat plan --model examples/08_my_model.py:build --budget 50% --verify --json plan.json
   remat plan --model gpt --layers 24 --device meta --target h100 --budget 40%
   remat plan --model gpt --dtype bfloat16 --device meta --target l4 --optimizer adamw --budget 1GB

@@ -106,6 +106,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "--solver", default="auto", help="auto (optimal chain DP), sqrt, every-n, greedy"
     )
     plan.add_argument("--verify", action="store_true", help="apply, measure, check gradients")
+    plan.add_argument(
+        "--compile",
+        action="store_true",
+        help="plan for training under torch.compile: each plan measured compiled until its "
+        "peak fits (a percentage is of the compiled peak); needs cpu or cuda",
+    )
     plan.add_argument("--batch", type=int, help="batch size (default: the model's)")
     plan.add_argument(
         "--device",

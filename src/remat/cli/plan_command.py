@@ -4,6 +4,7 @@ prediction; with ``--verify``, apply it, measure the step and compare the gradie
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from remat.planner.sharding import shard_profile
 from remat.planner.training_state import OPTIMIZER_STATE_BYTES
 from remat.solver import SOLVERS
 from remat.solver.budget import looks_like_percent, parse_budget
+from remat.solver.compile_budget import activation_share
 from remat.solver.units import fmt_bytes, fmt_seconds
 from remat.targets.devices import Target, describe_targets, get_target
 
@@ -111,6 +113,11 @@ def _check(args: argparse.Namespace) -> _Checked:
     device = "meta" if args.device == "meta" else resolve_device(args.device)
     if device == "meta" and args.verify:
         raise ValueError("--verify runs the model: it needs --device cpu or cuda, not meta")
+    if args.compile and (device == "meta" or args.optimizer is not None):
+        raise ValueError(
+            "--compile measures each plan compiled on this machine: it needs --device cpu or "
+            "cuda, and a --budget for the step (no --optimizer, --world-size or meta)"
+        )
     target = None if args.target is None else get_target(args.target)
     if args.optimizer is not None:
         if args.optimizer not in OPTIMIZER_STATE_BYTES:
@@ -138,6 +145,8 @@ def _plan(args: argparse.Namespace, checked: _Checked) -> _Planned:
     plan. Raises ``BudgetError`` in ``--budget``'s quantity, with the changes that fit."""
     workload, whole = build_and_profile(args, checked, batch=args.batch, sizes=checked.sizes)
     prof = shard_profile(whole, workload.model, args.world_size)
+    if args.compile:
+        return _Planned(workload, prof, _compiled_plan(args, workload, prof))
     if args.optimizer is None:  # the budget is the step's new bytes, as the profile counts
         return _Planned(workload, prof, remat.plan(prof, args.budget, solver=args.solver))
     device = checked.budget_bytes or 0
@@ -166,6 +175,22 @@ def _plan(args: argparse.Namespace, checked: _Checked) -> _Planned:
     return _Planned(workload, prof, chosen, device_budget)
 
 
+def _compiled_plan(args: argparse.Namespace, workload: Any, prof: Any) -> Any:
+    """``remat.autoplan(..., compile=True)`` on a copy of the model: the plan whose
+    compiled step measures within the budget."""
+    result = remat.autoplan(
+        copy.deepcopy(workload.model), *workload.inputs, budget=args.budget,
+        loss_fn=workload.loss_of, solver=args.solver, profile=prof, compile=True,
+        **workload.kwargs,
+    )  # fmt: skip
+    print(
+        f"compiled: the step measures {fmt_bytes(result.measured_peak_bytes)} under "
+        f"torch.compile, within --budget {args.budget} = {fmt_bytes(result.budget_bytes)} "
+        f"({result.rounds} plan(s) compiled and measured)"
+    )
+    return result.plan
+
+
 def _print_plan(args: argparse.Namespace, checked: _Checked, planned: _Planned) -> None:
     prof, chosen, device_budget = planned.profile, planned.plan, planned.device_budget
     print(chosen.table(verbose=args.verbose))
@@ -185,6 +210,13 @@ def _print_plan(args: argparse.Namespace, checked: _Checked, planned: _Planned) 
             f"predicted (forward, backward as twice it, recomputation), "
             f"{chosen.extra_cost / plain if plain else 0:.1%} over no checkpointing"
         )
+    share = activation_share(prof.to_chain(), chosen)
+    print(
+        f"as torch.compile's activation_memory_budget: {share:.2f} (it keeps {share:.0%} of "
+        "the activations kept without recomputation)"
+    )
+    if args.compile:
+        return  # the compiled measurement said whether it fits
     if device_budget is not None:
         print(device_budget.verdict(chosen.predicted_peak_bytes))
     else:
