@@ -455,9 +455,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             text = f"{name} {p['excess']:+,} B"
             under_at[arch] = f"{under_at[arch]}, {text}" if arch in under_at else text
     profiled = [r for r in rows if r["status"] == "profiled"]
+    # A meta run that refuses with a PlanError naming what it cannot know (routing computed
+    # from the weights) answers as a CPU profile's PlanError does: said, not wrong.
     meta_differs = {
-        r["arch"]: _meta_difference(r["meta"]) for r in profiled if r["meta"]["status"] != "equal"
+        r["arch"]: _meta_difference(r["meta"])
+        for r in profiled
+        if r["meta"]["status"] not in ("equal", "plan error")
     }
+    refused = [r for r in profiled if r["meta"]["status"] == "plan error"]
+    meta_refused = {r["arch"]: short(r["meta"]["detail"]) for r in refused}
     return {
         "architectures": len(rows),
         "by status": {s: sum(r["status"] == s for r in rows) for s in _statuses(rows)},
@@ -473,6 +479,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "wrong gradients": [f"{a} {n}: {p['difference']}" for a, n, p in plans if not p["exact"]],
         "meta = CPU": sum(r["meta"]["status"] == "equal" for r in profiled),
         "meta differs": meta_differs,
+        "meta refused (PlanError)": meta_refused,
         "crashes": {r["arch"]: short(r["detail"]) for r in rows if r["status"] == "crash"}
         | {
             f"{r['arch']} {n}": short(p["detail"])
@@ -505,7 +512,8 @@ def _statuses(rows: list[dict[str, Any]]) -> list[str]:
 def gate(s: dict[str, Any]) -> bool:
     """True when the sweep found something that must not happen."""
     over = sum(s["over prediction"].values())
-    return bool(s["crashes"] or over or s["wrong gradients"] or s["meta differs"])
+    above = s["block-level above measured"]  # block-level plans are exact to the byte
+    return bool(s["crashes"] or over or above or s["wrong gradients"] or s["meta differs"])
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -526,6 +534,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{s['block-level measured']} |",
         f"| wrong gradients | {len(s['wrong gradients'])} |",
         f"| meta = CPU | {s['meta = CPU']} of {by.get('profiled', 0)} |",
+        f"| meta refused with a PlanError | {len(s['meta refused (PlanError)'])} |",
     ]
     for key in ("worst excess (bytes)", "worst excess (%)"):
         w = s[key]
@@ -540,6 +549,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ),
         ("Wrong gradients", s["wrong gradients"]),
         ("Meta differs", [f"{a}: {d[:300]}" for a, d in s["meta differs"].items()]),
+        ("Meta refused", [f"{a}: {d}" for a, d in s["meta refused (PlanError)"].items()]),
         ("Crashes", [f"{a}: {d[:200]}" for a, d in s["crashes"].items()]),
         ("PlanError", [f"{r['arch']}: {r['detail']}" for r in rows if r["status"] == "plan error"]),
         ("Not profiled", [f"{r['arch']} ({r['status']}): {short(r['detail'])}" for r in apart]),
