@@ -27,6 +27,7 @@ from remat.measure.training_call import (
 from remat.planner.applying import apply_plan, remove_plan
 from remat.planner.planning import plan, plan_from_choices, short_repr, split_budget
 from remat.policy.compiling import compiled_step_peak
+from remat.profiling.compiled_costs import compiled_costs
 from remat.profiling.profile_data import Profile
 from remat.profiling.profiler import profile as make_profile
 from remat.profiling.step import measure_step_peak, state_kept
@@ -50,7 +51,8 @@ class AutoPlan:
     Attributes:
         plan: the plan, applied to the model. When the un-checkpointed step already fits
             the budget, a plan that stores every region: nothing is checkpointed.
-        profile: the profile it was planned from (left out of ``repr()``: it is long).
+        profile: the profile it was planned from (left out of ``repr()``: it is long);
+            with ``compile=True``, its costs as a compiled backward pays them.
         budget_bytes: the budget in bytes.
         measured_peak_bytes: the applied plan's training-step peak, measured by the tracker
             (new bytes, parameters and inputs excluded); at most ``budget_bytes``.
@@ -130,7 +132,10 @@ def autoplan(
     ``torch.compile`` (:func:`remat.policy.compiling.compiled_step_peak`: each plan
     compiled after ``torch._dynamo.reset()``, its peak read from the allocators' events),
     and a percentage budget is of the compiled model's peak without recomputation. The
-    solver's costs and bytes stay eager; the measurements correct its budget as in eager.
+    solver plans with the costs a compiled backward pays
+    (:func:`remat.profiling.compiled_costs.compiled_costs`: matmuls, convolutions and
+    attention as profiled, the ops Inductor fuses free) and the eager bytes; the
+    measurements correct its budget as in eager.
     Compile the model afterwards with :func:`remat.compile`.
 
     Args:
@@ -167,6 +172,8 @@ def autoplan(
     _check_compile(compile, compile_options)
     loss_of = loss_fn or default_loss
     prof = profile or make_profile(model, *inputs, loss_fn=loss_of, **kwargs)
+    if compile:  # recomputing what Inductor fuses costs nothing: plan by the matmuls
+        prof = compiled_costs(prof)
     total, _ = split_budget(prof, budget)
 
     def measure(chosen: Plan) -> int:

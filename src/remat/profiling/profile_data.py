@@ -325,7 +325,7 @@ def with_preset_options(
         kept, cost = new.kept_bytes, new.recompute_cost
         inside = (
             region.input_bytes <= kept < region.saved_with_input_bytes
-            and 0 < cost < region.rerun_cost
+            and 0 <= cost < region.rerun_cost
         )
         dominated = any(o.kept_bytes <= kept and o.recompute_cost <= cost for o in options)
         if every or (inside and not dominated):

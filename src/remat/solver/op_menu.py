@@ -268,7 +268,9 @@ def with_ops(
     kept = []
     for e in entries:
         inside = region.input_bytes <= e.kept_bytes < region.saved_with_input_bytes
-        cheaper = region.store_only or 0 < e.recompute_cost < region.rerun_cost
+        # a free option (the ops it recomputes cost nothing: Inductor fuses them) beats
+        # store by its bytes alone
+        cheaper = region.store_only or 0 <= e.recompute_cost < region.rerun_cost
         if inside and cheaper:
             kept.append(e)
     built = [
