@@ -7,6 +7,7 @@ the modules that need them, never here.
 
 from remat.engine.checkpointing import CheckpointFunction, checkpoint, checkpoint_sequential
 from remat.errors import BudgetError, CheckpointError, PlanError, RematError
+from remat.measure.allocations import AllocationTracker
 from remat.measure.saved import SavedActivation, SavedActivationTable, saved_activations
 from remat.measure.tracker import MemoryTracker, TimelineEvent
 from remat.planner.applying import apply_plan
@@ -37,6 +38,7 @@ __all__ = [
     "checkpoint",
     "checkpoint_sequential",
     # measure
+    "AllocationTracker",
     "EstimateReport",
     "MemoryTracker",
     "SavedActivation",
