@@ -37,6 +37,7 @@ CASES = (
     "recompute-function",
     "ops-replay",
     "ops-tape",
+    "ops-regather",
     "offload",
     "segments",
     "apply-plan",
@@ -134,6 +135,8 @@ def treat(case: str, model: Llama) -> None:
         remat.apply(model, layers & remat.ops("save-matmuls", engine="replay"))
     elif case == "ops-tape":
         remat.apply(model, layers & remat.ops("save-matmuls", engine="tape"))
+    elif case == "ops-regather":
+        remat.apply(model, layers & regather())
     elif case == "offload":
         remat.apply(model, layers & remat.offload(0, store=remat.CpuStore()))
     elif case == "segments":
@@ -142,6 +145,24 @@ def treat(case: str, model: Llama) -> None:
         tokens, targets = batch(0)
         prof = remat.profile(model, tokens, loss_fn=lambda out: loss_of(out, targets))
         remat.apply_plan(model, remat.plan_from_choices(prof, ["recompute", "store"]))
+
+
+def regather() -> remat.Ops:
+    """Megatron's sequence-parallel saving on the replay engine: keep what backward reads
+    (the colwise matmuls' outputs, attention, the norms' and SwiGLU's pointwise outputs, the
+    residual sums), and all-gather the norms' sequence shards again in backward instead of
+    keeping the gathered copies the colwise matmuls save. The rowwise ``wo`` and ``w2``
+    (``mm`` calls 3 and 6 of a layer) are recomputed too: their outputs are partial sums
+    over the full sequence, not shards."""
+    c10d = torch.ops._c10d_functional
+    kept = remat.ops(save=["_scaled_dot_product_flash_attention_for_cpu", "add", "rsqrt",
+                           "mul", "silu"])  # fmt: skip
+    return remat.Ops(
+        save=kept.save,
+        recompute=frozenset({c10d.all_gather_into_tensor, c10d.wait_tensor}),
+        save_calls=frozenset(f"aten.mm.default#{k}" for k in (0, 1, 2, 4, 5)),
+        engine="replay",
+    )
 
 
 def parallelize(model: Llama, tp_mesh: Any) -> None:
