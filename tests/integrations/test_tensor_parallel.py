@@ -140,8 +140,9 @@ def _saved_bytes_in_one_process() -> int:
 
 
 def test_each_rank_holds_its_shards(tp_results, fsdp_tp_results):
-    """The weights are split over the tensor-parallel ranks, and the tracker counts a rank's
-    local activations (a DTensor's local shard), fewer than one process saves."""
+    """The weights are split over the tensor-parallel ranks, and the tracker's count of what
+    a rank saves is below one process's. (Not to the byte yet: under DTensor its
+    ``saved_bytes`` reads about 2 kB above the storages autograd really keeps.)"""
     whole = worker.HEADS * (worker.DIM // worker.HEADS)
     single = _saved_bytes_in_one_process()
     # FSDP2 shards the tensor-parallel shard again, on the same dim, over dp = 2
