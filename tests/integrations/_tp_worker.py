@@ -244,12 +244,41 @@ def run_case(case: str, rank: int, world: int, fsdp: bool) -> dict[str, Any]:
     wq = model.layers[0].attention.wq.weight
     result = {"losses": losses, "grads": grads, "applied": applied,
               "wq_local_rows": _local(wq).shape[0]}  # fmt: skip
-    if case == "none":  # what one rank's step holds, by the tracker
+    if case == "none":  # what one rank's step holds: by the tracker, and by autograd's hooks
         model.zero_grad(set_to_none=True)
         with remat.MemoryTracker() as tracker:
             loss_of(model(tokens), targets).backward()
         result["saved_bytes"] = tracker.saved_bytes
+        result["hooked_saved_bytes"] = hooked_saved_bytes(model, tokens, targets)
     return result
+
+
+def hooked_saved_bytes(model: nn.Module, tokens, targets) -> int:
+    """Bytes of the local storages autograd saves in one forward, parameters aside: an oracle
+    for the tracker that reads DTensors' local shards itself."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor
+
+    def key(t: torch.Tensor) -> torch.UntypedStorage:
+        # a DTensor holds its local shard; a collective's pending result its buffer
+        while isinstance(t, (DTensor, AsyncCollectiveTensor)):
+            t = t._local_tensor if isinstance(t, DTensor) else t.elem
+        return t.untyped_storage()
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = key(t)
+        # the parameters as the module holds them now (FSDP2 swaps in the gathered ones)
+        if st._cdata not in {key(p)._cdata for p in model.parameters()}:
+            saved[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(model(tokens), targets)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -140,13 +140,14 @@ def _saved_bytes_in_one_process() -> int:
 
 
 def test_each_rank_holds_its_shards(tp_results, fsdp_tp_results):
-    """The weights are split over the tensor-parallel ranks, and the tracker's count of what
-    a rank saves is below one process's. (Not to the byte yet: under DTensor its
-    ``saved_bytes`` reads about 2 kB above the storages autograd really keeps.)"""
+    """The weights are split over the tensor-parallel ranks, and the tracker counts what a
+    rank saves by its DTensors' local shards, never their global shape: to the byte what
+    autograd's hooks see, below what one process saves."""
     whole = worker.HEADS * (worker.DIM // worker.HEADS)
     single = _saved_bytes_in_one_process()
     # FSDP2 shards the tensor-parallel shard again, on the same dim, over dp = 2
     for results, shards in ((tp_results, 2), (fsdp_tp_results, 4)):
         for saved in results:
             assert saved["none"]["wq_local_rows"] == whole // shards
+            assert saved["none"]["saved_bytes"] == saved["none"]["hooked_saved_bytes"]
             assert 0 < saved["none"]["saved_bytes"] < single

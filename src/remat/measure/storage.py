@@ -13,13 +13,23 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["device_of", "iter_tensors", "storage_of", "tensors_of", "unique_storage_bytes"]
 
 
 def storage_of(t: Tensor) -> torch.UntypedStorage | None:
-    """The untyped storage behind ``t``, or ``None`` for tensors without one (sparse, nested)."""
+    """The untyped storage behind ``t``, or ``None`` for tensors without one (sparse, nested).
+
+    A wrapper subclass (a ``DTensor``) holds its memory in the tensors it wraps: its own
+    ``untyped_storage()`` is an empty shell of the *global* shape's size, so the storage of
+    its largest inner tensor (a DTensor's local shard) stands for it.
+    """
+    if is_traceable_wrapper_subclass(t):
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        stores = [s for s in map(storage_of, (i for i in inner if isinstance(i, Tensor))) if s]
+        return max(stores, key=lambda s: s.nbytes(), default=None)
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
