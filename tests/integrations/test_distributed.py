@@ -9,14 +9,12 @@ both, so the comparison is bitwise.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import _dist_worker as worker
 import pytest
 import torch
+from _ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -28,32 +26,8 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     """Every rank's saved results, from one launch of the workers for all cases."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("dist")
-    script = Path(worker.__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks share the machine's cores
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(WORLD), str(out / "init"), str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"distributed workers did not finish in {TIMEOUT_S} s")
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{log}"
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+    return run_ranks(Path(worker.__file__), WORLD, out, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

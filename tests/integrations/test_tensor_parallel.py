@@ -9,14 +9,12 @@ bit for bit (the same parallel computation: checkpointing must not change it).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import _tp_worker as worker
 import pytest
 import torch
+from _ranks import run_ranks
 
 import remat
 
@@ -28,39 +26,7 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 
 
 def _launch(tmp_path: Path, world: int, *extra: str) -> list[dict]:
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    script = Path(worker.__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                str(rank),
-                str(world),
-                str(tmp_path / "init"),
-                str(tmp_path),
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"tensor-parallel workers did not finish in {TIMEOUT_S} s")
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{log}"
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    return run_ranks(Path(worker.__file__), world, tmp_path, TIMEOUT_S, *extra)
 
 
 def _reference(batches: list[int]) -> dict:
