@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import shutil
 from collections.abc import Sequence
 from typing import Any
+
+import pytest
+import torch
 
 import remat
 from remat.bench.workloads import Workload, build_workload
@@ -63,3 +67,23 @@ def assert_predicted_to_the_byte(
         m = copy.deepcopy(model)
         remat.apply_plan(m, plan)
         assert measure_step_peak(m, inputs, mean_square) == plan.predicted_peak_bytes, choices
+
+
+# torch.compile's CPU backend (inductor) writes and builds C++.
+NEEDS_COMPILER = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="inductor on CPU needs a C++ compiler",
+)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters cleared around a compile test, and compiled dropout
+    drawing from the eager RNG (``fallback_random``), so that masks match an eager run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()

@@ -14,32 +14,17 @@ regions must run on ``torch.utils.checkpoint`` (a higher-order op dynamo traces)
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 
 import remat
-from conftest import tiny_gpt
+from conftest import NEEDS_COMPILER, tiny_gpt
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("g++") is None and shutil.which("c++") is None,
-        reason="inductor on CPU needs a C++ compiler",
-    ),
-]
+pytestmark = [pytest.mark.slow, NEEDS_COMPILER, pytest.mark.usefixtures("fresh_dynamo")]
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}
 STEPS = 2
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(fallback_random=True):
-        yield
-    torch._dynamo.reset()
 
 
 def train(model, loss_of, params, seed: int):

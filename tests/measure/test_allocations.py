@@ -4,22 +4,16 @@ the byte where every allocation is a tensor's storage, and see inside compiled c
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
 import remat
-from conftest import mean_square, tiny_gpt
+from conftest import NEEDS_COMPILER, mean_square, tiny_gpt
 from remat import RematError
 from remat.measure.allocations import AllocationTracker, allocated_step_peak
 from remat.profiling.step import measure_step_peak
-
-needs_compiler = pytest.mark.skipif(
-    shutil.which("g++") is None and shutil.which("c++") is None,
-    reason="inductor on CPU needs a C++ compiler",
-)
 
 
 def test_window_counts_new_blocks_only() -> None:
@@ -87,7 +81,7 @@ def test_kernel_workspaces_are_seen() -> None:
     assert at.peak_bytes >= mt.peak_bytes
 
 
-@needs_compiler
+@NEEDS_COMPILER
 @pytest.mark.slow
 def test_compiled_step_is_seen() -> None:
     """A compiled step allocates inside Inductor's code: the tracker sees it, within 1% of

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 
 import pytest
 import torch
@@ -14,29 +13,14 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import remat
-from conftest import tiny_gpt
+from conftest import NEEDS_COMPILER, tiny_gpt
 from remat import compile as remat_compile
 from remat.policy.compiling import compiled_step_peak
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("g++") is None and shutil.which("c++") is None,
-        reason="inductor on CPU needs a C++ compiler",
-    ),
-]
+pytestmark = [pytest.mark.slow, NEEDS_COMPILER, pytest.mark.usefixtures("fresh_dynamo")]
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}
 STEPS = 2
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._inductor.config.patch(fallback_random=True):  # eager's dropout masks
-        yield
-    torch._dynamo.reset()
 
 
 def train(model, loss_of, seed: int = 3):
